@@ -1,0 +1,35 @@
+# The two set-up commands of the README: `make train` and `make test`. Each creates .venv when it is
+# missing and installs the project into it first.
+PYTHON ?= python3
+VENV ?= .venv
+# Which torch to install. Without an NVIDIA GPU: the pinned release (a CPU build where the machine
+# provides one locally). With a GPU: the newest CUDA build. Override, e.g. TORCH="torch==2.5.1".
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+# Extra pip index for torch, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for a small CPU build.
+TORCH_INDEX ?=
+EXTRAS ?= dev,hf
+ARGS ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test lint clean
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(VENV)/bin/python -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/python train.py $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache
