@@ -24,11 +24,8 @@ from .positions import apply_rope, rope_angles
 
 class KVCache:
     """Keys and values of the positions seen so far, for one layer: (B, nh, block_size, hs) each.
-
-    With RoPE the keys are stored already rotated, so when the cache is full it can slide (drop the
-    oldest position) and relative positions stay correct. Learned and sinusoidal positions cannot
-    slide; generate() re-prefills instead (see model/generate.py).
-    """
+    With RoPE the keys are stored already rotated. When it is full, generate() empties and refills it
+    (see model/generate.py)."""
 
     def __init__(self, batch_size: int, n_head: int, max_len: int, head_size: int,
                  device: torch.device, dtype: torch.dtype) -> None:
@@ -44,12 +41,8 @@ class KVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs); return all valid keys and values (B, nh, S, hs)."""
         t = k.shape[2]
-        overflow = self.length + t - self.max_len
-        if overflow > 0:  # slide left: only reached with RoPE (relative positions survive the shift)
-            keep = self.length - overflow
-            self.k[:, :, :keep] = self.k[:, :, overflow:self.length].clone()
-            self.v[:, :, :keep] = self.v[:, :, overflow:self.length].clone()
-            self.length = keep
+        if self.length + t > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot add {t} to {self.length}")
         self.k[:, :, self.length:self.length + t] = k
         self.v[:, :, self.length:self.length + t] = v
         self.length += t

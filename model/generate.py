@@ -1,9 +1,10 @@
 """Autoregressive generation as small pure functions: sample one token from logits, and a generator
 that prefills a KV cache with the prompt and then decodes one token at a time.
 
-Past block_size tokens: with RoPE the cache slides (only relative positions matter, so they stay
-right); with learned or sinusoidal positions the context is cropped to the last block_size tokens
-and the cache is filled again, exactly as recomputing the cropped sequence would see it.
+Past block_size tokens the context is cropped to the last block_size tokens and the cache is filled
+again, which is exactly what recomputing the cropped sequence sees (the model never attends further
+back than it was trained to). With RoPE the refilled positions restart at 0; attention scores see
+only distances between tokens, so that changes nothing.
 
 Shapes: B batch, T time, V vocab.
 """
@@ -51,13 +52,14 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 @torch.no_grad()
 def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Yield max_new_tokens new tokens, each (B, 1), continuing the prompt idx (B, T)."""
+                    generator: torch.Generator | None = None,
+                    with_logits: bool = False) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """Yield max_new_tokens new tokens, each (B, 1), continuing the prompt idx (B, T); with
+    with_logits, yield (token, logits (B, V) it was picked from) pairs instead."""
     check_sampling_args(temperature, top_k, top_p)
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"the prompt must have shape (batch, time) with time >= 1, got {tuple(idx.shape)}")
     block_size = model.config.block_size
-    sliding = model.config.pos == "rope"
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         return sample_logits(logits, temperature, top_k, top_p, generator)
@@ -68,7 +70,7 @@ def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
             logits, _ = model(tokens[:, -block_size:])  # (B, T, V)
             nxt = pick(logits[:, -1, :])
             tokens = torch.cat([tokens, nxt], dim=1)
-            yield nxt
+            yield (nxt, logits[:, -1, :]) if with_logits else nxt
         return
 
     caches = model.new_caches(idx.shape[0])
@@ -78,13 +80,13 @@ def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
     for i in range(max_new_tokens):
         nxt = pick(logits)
         tokens = torch.cat([tokens, nxt], dim=1)
-        yield nxt
+        yield (nxt, logits) if with_logits else nxt
         if i == max_new_tokens - 1:
             break
-        if pos < block_size or sliding:
+        if pos < block_size:
             logits = model.step(nxt, caches, start_pos=pos)  # decode one token: (B, V)
             pos += 1
-        else:  # absolute positions cannot slide: refill the cache with the last block_size tokens
+        else:  # the context is full: refill the cache with the last block_size tokens
             for cache in caches:
                 cache.length = 0
             logits = model.step(tokens[:, -block_size:], caches, start_pos=0)

@@ -76,11 +76,11 @@ class GPT(nn.Module):
     def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Token ids (B, T) at absolute positions start_pos.. -> input embeddings (B, T, C)."""
         T = idx.shape[1]
+        if start_pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {start_pos + T} tokens is longer than model.block_size="
+                             f"{self.config.block_size}; crop the input to the last block_size tokens")
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos in ("learned", "sinusoidal"):
-            if start_pos + T > self.config.block_size:
-                raise ValueError(f"sequence of {start_pos + T} tokens is longer than model.block_size="
-                                 f"{self.config.block_size}; crop the input to the last block_size tokens")
             positions = torch.arange(start_pos, start_pos + T, device=idx.device)
             x = x + (self.wpe(positions) if self.config.pos == "learned" else self.pe[positions])  # (B, T, C)
         return x

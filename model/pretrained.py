@@ -1,0 +1,159 @@
+"""Loading a model from anywhere, and our pickle-free export format.
+
+`load_pretrained(path)` accepts, and tells apart by what is on disk:
+  - our checkpoint file, or a run directory holding best.pt / last.pt    -> source "checkpoint"
+  - our export directory (config.json with "format": "causalgpt")        -> source "export"
+  - a local Hugging Face GPT-2 directory (config.json, model_type gpt2)  -> source "hf"
+and returns a checkpoint-like dict {"model", "model_config", "tokenizer", "source"} (a checkpoint
+keeps its other keys too), so everything downstream (model_from_checkpoint, sample.py, a
+fine-tune's init_from) treats the three alike.
+
+The export format is what we recommend sharing, because loading it runs no pickle:
+    model.safetensors   the state dict (the tied LM head stored once, as wte.weight)
+    config.json         {"format": "causalgpt", "format_version": 1, "model_config": {...}}
+    tokenizer.json      the tokenizer exactly as the checkpoint holds it (a `tokenizers` JSON, or
+                        our small char-vocabulary JSON), absent when the checkpoint has none
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from .config import ModelConfig
+from .gpt import GPT
+from .hf import is_hf_gpt2_dir, load_hf_dir
+
+EXPORT_FORMAT = "causalgpt"
+EXPORT_VERSION = 1
+WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
+
+
+def save_export(ckpt: dict[str, Any], out_dir: str | os.PathLike) -> list[str]:
+    """Write ckpt's model, model_config and tokenizer in the export format; returns the file names."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig(**ckpt["model_config"])  # validates before anything is written
+    from safetensors.torch import save_file
+    sd = dict(ckpt["model"])
+    if cfg.tie_weights:  # safetensors refuses two names for one tensor; the loader ties it again
+        sd.pop("lm_head.weight", None)
+    save_file({k: v.detach().contiguous() for k, v in sd.items()}, out_dir / WEIGHTS_FILE,
+              metadata={"format": "pt", "causalgpt_format_version": str(EXPORT_VERSION)})
+    config = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "model_config": cfg.to_dict()}
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if ckpt.get("tokenizer"):
+        (out_dir / TOKENIZER_FILE).write_text(ckpt["tokenizer"], encoding="utf-8")
+    return sorted(p.name for p in out_dir.iterdir())
+
+
+def is_export_dir(path: Path) -> bool:
+    """True for a directory whose config.json carries our format marker."""
+    return _read_json(path / CONFIG_FILE).get("format") == EXPORT_FORMAT
+
+
+def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """An export directory as a checkpoint-like dict."""
+    path = Path(path).expanduser()
+    config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    if config.get("format_version") != EXPORT_VERSION:
+        raise CheckpointError(f"{path / CONFIG_FILE} has format_version {config.get('format_version')}, "
+                              f"this code reads version {EXPORT_VERSION}; use the causalgpt release that wrote it")
+    model_config = ModelConfig(**config["model_config"]).to_dict()
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"export {path} has no {WEIGHTS_FILE}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        sd = load_file(weights, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({e})") from e
+    if model_config["tie_weights"] and "wte.weight" in sd:
+        sd["lm_head.weight"] = sd["wte.weight"]
+    tok = path / TOKENIZER_FILE
+    return {"model": sd, "model_config": model_config,
+            "tokenizer": tok.read_text(encoding="utf-8") if tok.is_file() else None, "source": "export"}
+
+
+def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Our checkpoint or run dir, our export dir, or a local HF GPT-2 dir, as a checkpoint-like dict:
+    {"model": state dict, "model_config": dict, "tokenizer": JSON string or None, "source": ...}.
+    Raises CheckpointError (a ValueError) naming the path when it is none of these."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; {_ACCEPTED}")
+    if is_export_dir(path):
+        return load_export(path, device)
+    if is_hf_gpt2_dir(path):
+        return load_hf_dir(path, device)
+    if path.is_dir() and "model_type" in _read_json(path / CONFIG_FILE):
+        model_type = _read_json(path / CONFIG_FILE)["model_type"]
+        raise CheckpointError(f"{path / CONFIG_FILE}: model_type={model_type!r}; of Hugging Face models "
+                              "only GPT-2 (model_type 'gpt2') loads")
+    try:
+        ckpt = load_checkpoint(path, map_location=device)
+    except CheckpointError as e:
+        if path.is_dir():  # say what else a directory could have been
+            raise CheckpointError(f"{e}; {_ACCEPTED}") from e
+        raise
+    return {**ckpt, "tokenizer": ckpt.get("tokenizer"), "source": "checkpoint"}
+
+
+_ACCEPTED = ("pass a checkpoint (.pt), a run directory, an export directory (scripts/export.py) "
+             "or a Hugging Face GPT-2 directory")
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object file, or {} when it is absent or not a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
+    """The GPT at path (anything load_pretrained accepts), in eval mode. Overrides change how it runs
+    (attn="explicit", dropout=0.1 for a fine-tune), not its weights. The tokenizer JSON comes along
+    as `model.tokenizer_json` (data.tokenizer.tokenizer_from_json turns it into a tokenizer)."""
+    ckpt = load_pretrained(path, device)
+    model = model_from_checkpoint(ckpt, device, **overrides)
+    model.tokenizer_json = ckpt["tokenizer"]
+    return model.eval()
+
+
+def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Check that out may be written: absent, empty, or overwrite=True. Raises ValueError otherwise."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"out={out} exists and is not empty; pick another directory or pass overwrite=true")
+    return out
+
+
+def write_dir(out: Path, write: Any) -> list[str]:
+    """Call write(tmp_dir) on a fresh directory beside out, then move its files into out. A failed
+    write leaves out as it was; overwriting replaces our files by name and keeps any others."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if not out.exists():
+            os.replace(tmp, out)
+        else:
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(p.name for p in out.iterdir())
