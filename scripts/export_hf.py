@@ -1,0 +1,71 @@
+"""Export a trained model as a Hugging Face GPT-2 directory that transformers loads as is.
+
+    python scripts/export_hf.py ckpt=outputs/2024-01-01/12-00-00 out=exports/my-gpt2-hf
+    # then, anywhere:  GPT2LMHeadModel.from_pretrained("exports/my-gpt2-hf")
+    #                  AutoTokenizer.from_pretrained("exports/my-gpt2-hf")
+
+Writes config.json, generation_config.json, model.safetensors and, when the model has a tokenizer,
+tokenizer.json + tokenizer_config.json. Only models GPT-2 can express export (pre-LN, learned
+positions, tied weights, biases, causal); any other is refused with the setting that prevents it
+(scripts/export.py exports every model in our own format).
+
+verify=true (the default) reloads the directory with transformers and compares its logits with
+ours on random tokens (fp32, CPU); a difference above 1e-4 is an error (exit 1).
+Needs the optional extra: pip install -e '.[hf]'. A bad input prints one `error: ...` line, exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for `model` and `scripts`
+
+from scripts.export import fail, parse_args  # noqa: E402
+
+TOLERANCE = 1e-4
+
+
+def verify(ckpt: dict, out: Path) -> float:
+    """Max |logit difference| between our model and transformers' reload of out, on random tokens."""
+    import torch
+    import transformers
+
+    from model.checkpoint import model_from_checkpoint
+    ours = model_from_checkpoint(ckpt, "cpu").eval()
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    cfg = ours.config
+    idx = torch.randint(0, cfg.vocab_size, (2, min(cfg.block_size, 32)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return (ours(idx)[0] - theirs(idx).logits).abs().max().item()
+
+
+def main(argv: list[str]) -> None:
+    usage = "python scripts/export_hf.py ckpt=<checkpoint, run dir or export> out=<dir> [overwrite=true] [verify=false]"
+    args = parse_args(argv, {"ckpt": None, "out": None, "overwrite": False, "verify": True}, usage)
+    from model.checkpoint import CheckpointError
+    from model.hf import check_gpt2_expressible, require_transformers, save_hf
+    from model.pretrained import load_pretrained, prepare_out_dir, write_dir
+    try:
+        out = prepare_out_dir(args["out"], args["overwrite"])
+        require_transformers()
+        ckpt = load_pretrained(args["ckpt"])
+        check_gpt2_expressible(ckpt["model_config"])
+        files = write_dir(out, lambda tmp: save_hf(ckpt, tmp))
+    except (ImportError, CheckpointError, ValueError) as e:
+        fail(str(e))
+    print(f"exported {ckpt['source']} {args['ckpt']} to {out}: {', '.join(files)}")
+    if "tokenizer.json" not in files:
+        print("note: the model has no tokenizer, so the directory has none; AutoTokenizer will not load it")
+    if args["verify"]:
+        diff = verify(ckpt, out)
+        if diff > TOLERANCE:
+            print(f"error: transformers' logits differ from ours by {diff:.2e} (> {TOLERANCE}); please report "
+                  "this as a bug", file=sys.stderr)
+            raise SystemExit(1)
+        print(f"verified: transformers reloads it; max |logit difference| vs ours = {diff:.2e} (fp32, CPU)")
+    print(out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
