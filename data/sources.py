@@ -1,0 +1,390 @@
+"""Where raw text comes from: tiny Shakespeare, the Python standard library, local files, HF datasets.
+
+`open_corpus(cfg)` returns a `Corpus`: the name of the source actually used, a JSON-able identity
+of its content (what the cache fingerprint hashes, computed without reading everything), and
+`docs(split)`, a fresh iterator over the documents of the train or val split on every call.
+
+Splits:
+- text sources (shakespeare_char, python_stdlib, files) are cut by characters exactly as nanoGPT
+  does: the first int(n * (1 - val_fraction)) characters train, the rest validate, so val losses
+  on Shakespeare compare with nanoGPT's;
+- hf uses the dataset's own validation split when data.hf_val_split names one, else holds out the
+  last val_fraction of the documents (streaming: every round(1/val_fraction)-th document).
+
+`datasets` is imported only inside the hf code path, so training on prepared data never needs it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import sys
+import sysconfig
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data.config import DataConfig, DataError
+
+log = logging.getLogger(__name__)
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_CHARS = 1_115_394
+DOWNLOAD_TIMEOUT_S = 15.0
+
+
+@dataclass
+class Corpus:
+    """A source of documents, split into train and val."""
+
+    name: str  # the source actually used (differs from cfg.source after a fallback)
+    identity: dict[str, Any]  # JSON-able content identity; the cache fingerprint hashes it
+    docs_fn: Callable[[str], Iterator[str]] = field(repr=False)
+    info: dict[str, Any] = field(default_factory=dict)  # recorded in meta.json
+    streaming: bool = False  # documents come from a stream that may not fit in memory
+
+    def docs(self, split: str) -> Iterator[str]:
+        """A fresh iterator over the documents of split ("train" or "val")."""
+        if split not in ("train", "val"):
+            raise DataError(f"split {split!r} is not valid; use train or val")
+        return self.docs_fn(split)
+
+
+def open_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
+    """The corpus cfg asks for; for shakespeare_char without network, the fallback (with a warning)."""
+    match cfg.source:
+        case "shakespeare_char":
+            return _shakespeare(cfg, cache_root)
+        case "python_stdlib":
+            return _python_stdlib(cfg)
+        case "files":
+            return _files(cfg)
+        case "hf":
+            return _hf(cfg, cache_root)
+        case _:  # DataConfig.__post_init__ already refuses these; kept for configs built by hand
+            raise DataError(f"data.source={cfg.source!r} is not a known source")
+
+
+# --- text sources: whole text in memory, split by characters ------------------------------------
+
+
+def _text_corpus(name: str, identity: dict, load: Callable[[], list[str]], cfg: DataConfig, info: dict) -> Corpus:
+    cache: list[list[str]] = []
+
+    def docs(split: str) -> Iterator[str]:
+        if not cache:
+            cache.append(load())
+        texts = cache[0]
+        total = sum(len(t) for t in texts)
+        if total == 0:
+            raise DataError(f"the {name} corpus has no text; give a non-empty input")
+        cut = int(total * (1 - cfg.val_fraction))  # nanoGPT: data[: int(n * 0.9)]
+        pos = 0
+        for text in texts:
+            lo, hi = pos, pos + len(text)
+            pos = hi
+            if split == "train" and lo < cut and text:
+                yield text[: cut - lo]
+            elif split == "val" and hi > cut and text:
+                yield text[max(cut - lo, 0) :]
+
+    return Corpus(name=name, identity=identity, docs_fn=docs, info=info)
+
+
+def decode_utf8(data: bytes, where: str, errors: str) -> str:
+    """Bytes to text; a bad byte under errors=strict is a DataError naming the file and offset."""
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where}: not UTF-8 at byte offset {e.start} ({e.reason}); fix the file or set data.errors=replace"
+        ) from None
+
+
+def fetch_url(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
+    """Download url (tests monkeypatch this to simulate being offline)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def _shakespeare(cfg: DataConfig, cache_root: Path) -> Corpus:
+    if cfg.path is not None:
+        paths = cfg.paths
+        if len(paths) != 1:
+            raise DataError(f"data.path for shakespeare_char must be one file, got {len(paths)} paths")
+        path = Path(paths[0]).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.path={paths[0]!r}: no such file; point it at a copy of tiny Shakespeare")
+        raw = path.read_bytes()
+        sha = hashlib.sha256(raw).hexdigest()
+        if sha != SHAKESPEARE_SHA256:
+            # The user's own file is their choice: train on it, but say that numbers will not match.
+            _warn(
+                f"{path} is not the canonical tiny Shakespeare (sha256 {sha[:12]}..., expected "
+                f"{SHAKESPEARE_SHA256[:12]}...); using it anyway, but val losses will not compare with nanoGPT's"
+            )
+        where = str(path)
+    else:
+        cached = cache_root / "raw" / "tinyshakespeare.txt"
+        raw = cached.read_bytes() if cached.is_file() else b""
+        if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
+            try:
+                raw = _download_shakespeare(cached)
+            except ShakespeareUnavailable as e:
+                if cfg.fallback is None:
+                    raise DataError(
+                        f"tiny Shakespeare is not cached and could not be downloaded ({e}); "
+                        "download it and pass data.path=/path/to/input.txt"
+                    ) from None
+                _warn(
+                    f"tiny Shakespeare is not cached and could not be downloaded ({e}); using the offline "
+                    f"{cfg.fallback} corpus instead. To train on Shakespeare offline, copy {SHAKESPEARE_URL} "
+                    "to this machine and pass data.path=/path/to/input.txt"
+                )
+                corpus = _python_stdlib(cfg)
+                corpus.info.update(requested_source="shakespeare_char", fallback_reason=str(e))
+                return corpus
+        sha, where = SHAKESPEARE_SHA256, str(cached)
+    text = decode_utf8(raw, where, cfg.errors)
+    return _text_corpus(
+        "shakespeare_char", {"sha256": sha}, lambda: [text], cfg, {"path": where, "sha256": sha, "chars": len(text)}
+    )
+
+
+class ShakespeareUnavailable(Exception):
+    """Download failed or gave the wrong bytes (internal: turned into a fallback or a DataError)."""
+
+
+def _download_shakespeare(dest: Path) -> bytes:
+    log.info("downloading tiny Shakespeare from %s", SHAKESPEARE_URL)
+    try:
+        raw = fetch_url(SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S)
+    except (urllib.error.URLError, OSError) as e:  # URLError, timeouts and resets are all OSErrors
+        raise ShakespeareUnavailable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
+    if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
+        raise ShakespeareUnavailable("the download has the wrong sha256 checksum")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the destination and rename, so a concurrent reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tinyshakespeare.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+    os.replace(tmp, dest)
+    return raw
+
+
+def _warn(message: str) -> None:
+    # Both: logging for log files and the console handler, warnings so it shows without logging set up.
+    log.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _python_stdlib(cfg: DataConfig) -> Corpus:
+    """pydoc's topic texts, then the standard library's .py files in sorted path order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+    files: list[Path] = []
+    for root, dirs, names in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in skip)  # sorted in place: os.walk's order is the fs's
+        files += [Path(root) / n for n in sorted(names) if n.endswith(".py")]
+    identity = {
+        "python": sys.version,
+        "stdlib": str(stdlib),
+        "max_chars": cfg.max_chars,
+        "files": hashlib.sha256(
+            "\n".join(f"{p.relative_to(stdlib)}:{p.stat().st_size}" for p in files).encode()
+        ).hexdigest(),
+    }
+
+    def load() -> list[str]:
+        try:
+            from pydoc_data.topics import topics
+        except ImportError:  # some distributions strip pydoc_data; the .py files are enough
+            topics = {}
+        texts = [topics[k] for k in sorted(topics)]
+        budget = cfg.max_chars if cfg.max_chars is not None else sys.maxsize
+        texts = _take_chars(texts, budget)
+        budget -= sum(len(t) for t in texts)
+        for path in files:
+            if budget <= 0:
+                break
+            # A few stdlib files declare other encodings; replacing keeps the corpus offline-safe.
+            text = path.read_bytes().decode("utf-8", errors="replace")[:budget]
+            texts.append(text)
+            budget -= len(text)
+        return texts
+
+    info = {"stdlib": str(stdlib), "python": sys.version.split()[0], "max_chars": cfg.max_chars}
+    return _text_corpus("python_stdlib", identity, load, cfg, info)
+
+
+def _take_chars(texts: list[str], budget: int) -> list[str]:
+    out = []
+    for t in texts:
+        if budget <= 0:
+            break
+        out.append(t[:budget])
+        budget -= len(out[-1])
+    return out
+
+
+def resolve_files(patterns: list[str]) -> list[Path]:
+    """Files named by paths, globs or directories (recursively, hidden names skipped), sorted per entry."""
+    found: list[Path] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise DataError(f"data.path={pattern!r}: the glob matches no files; check the pattern")
+        elif os.path.isdir(expanded):
+            matches = sorted(
+                p
+                for p in Path(expanded).rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(expanded).parts)
+            )
+            if not matches:
+                raise DataError(f"data.path={pattern!r}: the directory holds no files; add text files to it")
+        elif os.path.isfile(expanded):
+            if os.path.getsize(expanded) == 0:
+                raise DataError(f"data.path={pattern!r}: the file is empty; give a file with text")
+            matches = [Path(expanded)]
+        else:
+            raise DataError(f"data.path={pattern!r}: no such file or directory; check the path")
+        found += matches
+    return list(dict.fromkeys(p.resolve() for p in found))  # de-duplicated, order kept
+
+
+def _files(cfg: DataConfig) -> Corpus:
+    files = resolve_files(cfg.paths)
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    identity = {"files": stats, "errors": cfg.errors}
+
+    def load() -> list[str]:
+        texts = [decode_utf8(p.read_bytes(), str(p), cfg.errors) for p in files]
+        if not any(texts):
+            raise DataError(f"data.path={cfg.path!r}: all {len(files)} files are empty; give files with text")
+        return texts
+
+    info = {"files": len(files), "bytes": sum(s[1] for s in stats), "first": str(files[0])}
+    return _text_corpus("files", identity, load, cfg, info)
+
+
+# --- Hugging Face datasets ----------------------------------------------------------------------
+
+
+def _hf(cfg: DataConfig, cache_root: Path) -> Corpus:
+    local = Path(cfg.hf_name).expanduser()
+    identity: dict[str, Any] = {
+        k: getattr(cfg, k) for k in ("hf_name", "hf_config", "hf_split", "hf_val_split", "text_field", "streaming")
+    }
+    # A hub dataset is identified by name alone; local inputs also by their files' sizes and times.
+    if cfg.path is not None:
+        identity["data_files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve_files(cfg.paths)]
+    if local.is_dir():
+        identity["local"] = sorted(
+            (str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns) for p in local.rglob("*") if p.is_file()
+        )
+    loaded: dict[str, Any] = {}
+
+    def load(split: str) -> Any:
+        if split not in loaded:
+            loaded[split] = _load_hf_split(cfg, split, cache_root)
+        return loaded[split]
+
+    def docs(split: str) -> Iterator[str]:
+        if cfg.hf_val_split is not None:
+            yield from _texts(load(cfg.hf_split if split == "train" else cfg.hf_val_split), cfg.text_field)
+        elif cfg.streaming:
+            k = max(2, round(1 / cfg.val_fraction))
+            for i, text in enumerate(_texts(load(cfg.hf_split), cfg.text_field)):
+                if (i % k == k - 1) == (split == "val"):
+                    yield text
+        else:
+            ds = load(cfg.hf_split)
+            n = len(ds)
+            n_val = max(1, round(n * cfg.val_fraction))
+            if n_val >= n:
+                raise DataError(
+                    f"dataset {cfg.hf_name!r} has {n} document(s), too few to hold out a val split; "
+                    "add documents or name a validation split with data.hf_val_split"
+                )
+            rows = range(n - n_val) if split == "train" else range(n - n_val, n)
+            yield from _texts(ds.select(rows), cfg.text_field)
+
+    info = {"hf_name": cfg.hf_name, "hf_config": cfg.hf_config, "streaming": cfg.streaming}
+    return Corpus(name="hf", identity=identity, docs_fn=docs, info=info, streaming=cfg.streaming)
+
+
+def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path) -> Any:
+    import datasets  # lazily: only this source needs it
+
+    local = Path(cfg.hf_name).expanduser()
+    try:
+        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(
+                        f"{cfg.hf_name} has no split {split!r}; it has {', '.join(ds)} (set data.hf_split / data.hf_val_split)"
+                    )
+                ds = ds[split]
+            elif split != cfg.hf_split:
+                raise DataError(f"{cfg.hf_name} holds a single split, so it has no {split!r}; unset data.hf_val_split")
+            return ds.to_iterable_dataset() if cfg.streaming else ds
+        kwargs: dict[str, Any] = {"split": split, "streaming": cfg.streaming}
+        if cfg.path is not None:
+            kwargs["data_files"] = [str(p) for p in resolve_files(cfg.paths)]
+            if not cfg.streaming:
+                # Arrow copies of the user's local files go to our cache, not the shared HF cache.
+                kwargs["cache_dir"] = str(cache_root / "hf")
+        return datasets.load_dataset(cfg.hf_name, cfg.hf_config, **kwargs)
+    except DataError:
+        raise
+    except (OSError, ValueError) as e:  # not found, no network, unknown split or config
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"could not load dataset {cfg.hf_name!r} (config {cfg.hf_config!r}, split {split!r}): {first_line}; "
+            "check data.hf_name, data.hf_config and the split names"
+        ) from e
+
+
+def _texts(ds: Any, text_field: str) -> Iterator[str]:
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and text_field not in columns:
+        raise DataError(
+            f"the dataset has no field {text_field!r}; its fields are {', '.join(columns)} (set data.text_field)"
+        )
+    if columns is not None and hasattr(ds, "iter") and not _is_iterable_dataset(ds):
+        batches = (b[text_field] for b in ds.select_columns([text_field]).iter(batch_size=1000))
+        values: Iterator[Any] = (v for batch in batches for v in batch)
+    else:
+        values = (_field(example, text_field) for example in ds)
+    for value in values:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"field {text_field!r} holds {type(value).__name__}, not text; set data.text_field")
+        if value:
+            yield value
+
+
+def _field(example: dict, text_field: str) -> Any:
+    if text_field not in example:
+        raise DataError(
+            f"the dataset has no field {text_field!r}; its fields are {', '.join(example)} (set data.text_field)"
+        )
+    return example[text_field]
+
+
+def _is_iterable_dataset(ds: Any) -> bool:
+    import datasets
+
+    return isinstance(ds, datasets.IterableDataset)

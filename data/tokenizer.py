@@ -1,0 +1,270 @@
+"""Tokenizers behind one interface: character-level (as nanoGPT) and byte-level BPE (`tokenizers`).
+
+- `CharTokenizer`: the vocabulary is the sorted set of characters of the whole text, exactly as
+  nanoGPT's shakespeare_char builds it, so ids match nanoGPT's; encoding is a numpy lookup table
+  over code points, not a Python loop per character.
+- `HFTokenizer`: a `tokenizers.Tokenizer`, either a byte-level BPE trained here on the training
+  split (`train_bpe`, kind "bpe") or any tokenizer.json loaded by path or hub name ("pretrained").
+
+`to_json()` / `tokenizer_from_json()` let the trainer store the tokenizer inside each checkpoint so
+that sampling needs no data directory. `StreamDecoder` turns generated ids into text one token at
+a time without ever emitting half of a multi-byte UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer as _RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from data.config import DataError
+
+log = logging.getLogger(__name__)
+
+EOT = "<|endoftext|>"
+UNK = "<unk>"
+TOKENIZER_FILE = "tokenizer.json"
+# End-of-document tokens of common pretrained tokenizers, tried in this order.
+_EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
+
+
+class TokenizerUnavailable(DataError):
+    """A pretrained tokenizer named by hub name could not be fetched (prepare may fall back to BPE)."""
+
+
+class Tokenizer:
+    """The interface every tokenizer here implements."""
+
+    kind: str  # char | bpe | pretrained
+    vocab_size: int
+    eot_id: int | None  # the id placed between documents, None when the vocabulary has none
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_arrays([text])[0].tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [a.tolist() for a in self.encode_arrays(texts)]
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Encode many texts to int64 arrays; the fast path prepare uses (no Python int lists)."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        raise NotImplementedError
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character: ids are positions in the sorted character set (+ <unk> last, if asked)."""
+
+    kind = "char"
+
+    def __init__(self, chars: str, unk: bool = False) -> None:
+        if len(set(chars)) != len(chars) or list(chars) != sorted(chars):
+            raise DataError("a char vocabulary must be sorted unique characters; rebuild it with CharTokenizer.from_text")
+        if not chars:
+            raise DataError("the text is empty, so the char vocabulary is empty; give a non-empty corpus")
+        self.chars = chars
+        self.unk = unk
+        self.unk_id = len(chars) if unk else None
+        self.vocab_size = len(chars) + int(unk)
+        self.eot_id = None  # nanoGPT's char vocabulary has no separator token; documents are concatenated
+        codepoints = np.frombuffer(chars.encode("utf-32-le"), dtype="<u4")
+        # Lookup table code point -> id, -1 for characters outside the vocabulary.
+        self._lut = np.full(int(codepoints.max()) + 1, -1, dtype=np.int64)
+        self._lut[codepoints] = np.arange(len(chars))
+
+    @classmethod
+    def from_text(cls, texts: Iterable[str], unk: bool = False) -> CharTokenizer:
+        """The sorted characters of all the texts (nanoGPT: sorted(set(data)) over the whole file)."""
+        seen = np.zeros(0x110000, dtype=bool)
+        for text in texts:
+            # A histogram over code points is much faster than set(text) on large texts.
+            for start in range(0, len(text), 1 << 24):
+                cps = np.frombuffer(text[start : start + (1 << 24)].encode("utf-32-le", "surrogatepass"), "<u4")
+                seen[np.unique(cps) if len(cps) < 4096 else np.flatnonzero(np.bincount(cps))] = True
+        return cls("".join(map(chr, np.flatnonzero(seen))), unk=unk)
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        return [self._encode_one(t) for t in texts]
+
+    def _encode_one(self, text: str) -> np.ndarray:
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        ids = self._lut[np.minimum(cps, len(self._lut) - 1)]
+        bad = (ids < 0) | (cps >= len(self._lut))
+        if bad.any():
+            if self.unk_id is None:
+                ch = chr(int(cps[np.argmax(bad)]))
+                raise DataError(
+                    f"character {ch!r} (U+{ord(ch):04X}) is not in the char vocabulary; remove it from the "
+                    "text, or prepare the data with data.unk=true to map unknown characters to <unk>"
+                )
+            ids[bad] = self.unk_id
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if 0 <= i < len(self.chars):
+                out.append(self.chars[i])
+            elif i == self.unk_id:
+                out.append(UNK)
+            else:
+                raise DataError(f"token id {i} is outside the char vocabulary of size {self.vocab_size}")
+        return "".join(out)
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": "char", "chars": self.chars, "unk": self.unk}, ensure_ascii=False)
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` (byte-level BPE trained here, or any pretrained tokenizer.json)."""
+
+    def __init__(self, tok: _RustTokenizer, kind: str) -> None:
+        self.tok = tok
+        self.kind = kind
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.eot_id = next((i for t in _EOT_CANDIDATES if (i := tok.token_to_id(t)) is not None), None)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        # encode_batch_fast skips offset tracking; the batch is split across the library's threads.
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self.tok.to_str()
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int, *, progress: bool = False) -> HFTokenizer:
+    """Train a GPT-2 style byte-level BPE (with <|endoftext|>) on an iterator of texts."""
+    tok = _RustTokenizer(models.BPE())
+    # add_prefix_space=False keeps encode(a + b) == encode(a) + encode(b) at the line boundaries
+    # prepare splits long documents on, so chunked parallel encoding equals encoding the whole.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bpe = HFTokenizer(tok, "bpe")
+    if bpe.vocab_size < vocab_size:
+        log.info("BPE stopped at %d tokens (asked %d): the text has no more pairs to merge", bpe.vocab_size, vocab_size)
+    return bpe
+
+
+def load_pretrained(name_or_path: str) -> HFTokenizer:
+    """A tokenizer.json by file or directory path; a name that is not a path is fetched from the hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if path.is_file():
+        try:
+            return HFTokenizer(_RustTokenizer.from_file(str(path)), "pretrained")
+        except Exception as e:  # the Rust binding raises plain Exception for any parse error
+            raise DataError(f"{path} is not a valid tokenizer.json ({e}); point data.tokenizer_path at one") from e
+    # Hub names look like "gpt2" or "org/name"; anything else that does not exist is a wrong path.
+    if path.suffix == ".json" or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise DataError(f"data.tokenizer_path={name_or_path!r}: no such file; give the path of a tokenizer.json")
+    try:
+        return HFTokenizer(_RustTokenizer.from_pretrained(name_or_path), "pretrained")
+    except Exception as e:  # the Rust binding raises plain Exception (offline, unknown name, ...)
+        raise TokenizerUnavailable(
+            f"could not fetch tokenizer {name_or_path!r} from the hub ({str(e).splitlines()[0]}); "
+            "give data.tokenizer_path=/path/to/tokenizer.json"
+        ) from e
+
+
+def tokenizer_from_json(s: str, kind: str | None = None) -> Tokenizer:
+    """Rebuild a tokenizer from `to_json()` output. `kind` labels a `tokenizers` JSON (bpe or
+    pretrained); without it, a BPE model is labelled bpe and anything else pretrained."""
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise DataError(f"tokenizer JSON is not valid JSON ({e}); re-save it with save_tokenizer") from e
+    if isinstance(obj, dict) and obj.get("kind") == "char":
+        return CharTokenizer(obj["chars"], unk=bool(obj.get("unk", False)))
+    try:
+        tok = _RustTokenizer.from_str(s)
+    except Exception as e:  # the Rust binding raises plain Exception for any parse error
+        raise DataError(f"tokenizer JSON is neither a char vocabulary nor a tokenizers file ({e})") from e
+    if kind is None:
+        kind = "bpe" if obj.get("model", {}).get("type") == "BPE" else "pretrained"
+    return HFTokenizer(tok, kind)
+
+
+def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
+    """Write tok as tokenizer.json in directory; returns the file."""
+    path = Path(directory) / TOKENIZER_FILE
+    path.write_text(tok.to_json(), encoding="utf-8")
+    return path
+
+
+def load_tokenizer(prepared_dir: str | Path) -> Tokenizer:
+    """The tokenizer of a prepared data directory (its tokenizer.json, labelled by meta.json)."""
+    prepared_dir = Path(prepared_dir)
+    path = prepared_dir / TOKENIZER_FILE
+    if not path.is_file():
+        raise DataError(f"{prepared_dir} has no {TOKENIZER_FILE}; prepare it with python -m data.prepare")
+    kind = None
+    meta = prepared_dir / "meta.json"
+    if meta.is_file():
+        kind = json.loads(meta.read_text(encoding="utf-8")).get("tokenizer")
+    return tokenizer_from_json(path.read_text(encoding="utf-8"), kind=kind)
+
+
+class StreamDecoder:
+    """Decode a stream of ids into text pieces, never splitting a multi-byte character.
+
+    A byte-level BPE token can hold part of a UTF-8 sequence; decoding it alone gives U+FFFD. Like
+    vLLM's incremental detokenizer, we decode a short window of ids and hold text back while it
+    ends in U+FFFD; the window starts at the last clean boundary, so tokenizers whose decoding
+    depends on neighbours still give exactly decode(all ids) when the pieces are joined.
+    """
+
+    # After this many held-back ids the bytes are truly invalid (UTF-8 needs at most 4): emit them.
+    _MAX_PENDING = 8
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the decode window (a clean boundary)
+        self._read = 0  # ids before this were emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text (possibly empty)."""
+        self._ids.append(int(token_id))
+        prefix_text = self.tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self.tokenizer.decode(self._ids[self._prefix :])
+        if text.endswith("\ufffd") and len(self._ids) - self._read < self._MAX_PENDING:
+            return ""
+        new = text[len(prefix_text) :]
+        # Drop ids before the window so a long generation does not decode an ever-growing list.
+        self._ids = self._ids[self._read :]
+        self._prefix, self._read = 0, len(self._ids)
+        return new
+
+    def flush(self) -> str:
+        """Return whatever is held back (invalid bytes decode as U+FFFD) and reset."""
+        prefix_text = self.tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self.tokenizer.decode(self._ids[self._prefix :])
+        self._ids, self._prefix, self._read = [], 0, 0
+        return text[len(prefix_text) :]
