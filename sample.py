@@ -1,0 +1,309 @@
+"""sample.py: turn a checkpoint into text, and show that the causal mask keeps the future out.
+
+    python sample.py                                    # the newest run under outputs/, streamed
+    python sample.py ckpt=outputs/2026-01-01/12-00-00 prompt="ROMEO:" num_samples=3 temperature=0.8
+    echo "To be" | python sample.py prompt=- temperature=0    # greedy, prompt from standard input
+    python sample.py mode=leakage model=tiny            # the leakage check on a random-init preset
+    python sample.py mode=leakage ckpt=<run dir>        # ... on a trained model (exit 1 if it leaks)
+    python sample.py mode=attention prompt="To be, or not to be"   # attention heatmaps per head
+
+Every option is documented in SampleConfig below; configs/sample.yaml chooses the defaults. The
+console belongs to this file: generated text goes to stdout, everything else (progress, warnings,
+tokens/s) to stderr, so `python sample.py > out.txt` keeps just the text. User errors end as one
+line, `error: ...`, and exit status 2 (cli.main_guard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import cli
+from causality.attention_maps import write_attention_maps
+from causality.leakage import LeakageSettings, run_leakage_check
+from causality.loading import Loaded, load_from_checkpoint, random_init
+from causality.plots import plot_influence
+from causality.prompt import encode_prompt, labels, read_prompt, start_token
+from causality.report import fmt, format_report, summary
+from causality.runtime import autocast, compile_for_generation, dtype_name, resolve
+from causality.stream import check_sampling, stream_sample
+from engine.config import LoggerConfig
+from model import ModelConfig
+
+log = logging.getLogger("sample")
+MODES = ("generate", "leakage", "attention")
+
+
+@dataclass
+class LeakageConfig:
+    # Random futures tried per position in the perturbation test.
+    trials: int = 3
+    # The influence map (one backward pass per position and probe) covers the first this-many tokens.
+    influence_len: int = 32
+    # Random probe vectors per position for ||d h_t / d x_s||; null = exact (n_embd probes, slower).
+    probes: int | None = 8
+    # Greedy tokens generated with and without the KV cache.
+    gen_tokens: int = 32
+    # Largest change at past positions still counted as no leak (0.0: exact, right for fp32).
+    tolerance: float = 0.0
+    # The mask-off control must change the past by more than this, or the check is inconclusive.
+    control_min: float = 1e-4
+
+
+@dataclass
+class SampleConfig:
+    # generate: text from a checkpoint; leakage: the causal-mask check; attention: heatmaps per head.
+    mode: str = "generate"
+    # A checkpoint file or run directory (best.pt, else last.pt); null = the newest run under outputs_dir.
+    ckpt: str | None = None
+    # Where training runs are looked for when ckpt is null.
+    outputs_dir: str = "outputs"
+    # A model preset instead of a checkpoint (model=tiny): random init, for mode=leakage|attention.
+    # Its vocabulary defaults to 65 (tiny Shakespeare's characters): model.vocab_size=... to change it.
+    model: ModelConfig | None = None
+    # The prompt; "-" reads standard input; "" starts from the end-of-text (or newline) token.
+    prompt: str = ""
+    # A UTF-8 file to read the prompt from (instead of prompt).
+    prompt_file: str | None = None
+    # Continuations to generate, one after the other.
+    num_samples: int = 1
+    # Tokens generated per sample.
+    max_new_tokens: int = 200
+    # Softmax temperature; 0 is greedy (the most likely token every time).
+    temperature: float = 0.8
+    # Keep only the k most likely tokens (null: all); clamped to the vocabulary size.
+    top_k: int | None = 200
+    # Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (null: off).
+    top_p: float | None = None
+    # Seeds sampling (and random-init weights): the same seed gives the same text.
+    seed: int = 1337
+    # auto | cpu | cuda | mps, and auto | fp32 | bf16 | fp16 (autocast), as in train.py.
+    device: str = "auto"
+    precision: str = "auto"
+    # CPU threads for torch; 0 = torch's default (all cores). On a busy machine 1 is often faster
+    # for batch-1 decoding: the per-token matmuls are too small to split.
+    threads: int = 0
+    # torch.compile the prefill/decode step (pays off on GPU for long generations).
+    compile: bool = False
+    # Reuse keys and values of past positions (KV cache); false recomputes the whole sequence per token.
+    use_cache: bool = True
+    # mode=leakage|attention: prompt length (tokens) when no prompt is given; a sample from the model
+    # (random tokens for a random-init model) is used, cut to the context.
+    seq_len: int = 64
+    # Where leakage/attention write their files; null = <run dir>/<mode>/<time>, or outputs_dir/<mode>/<time>.
+    out_dir: str | None = None
+    leakage: LeakageConfig = field(default_factory=LeakageConfig)
+    # logger=wandb logs the heatmaps as W&B images (offline unless logged in); logger=none (default) does not.
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(name="none"))
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not valid; choose one of {list(MODES)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = all cores), got {self.threads}")
+        for name in ("num_samples", "max_new_tokens", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ckpt and self.model is not None:
+            raise ValueError("give ckpt=... (a trained model) or model=<preset> (random init), not both")
+
+
+def register_configs() -> None:
+    """The schemas of the config groups (cli) and of this root config, in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+    cli.register_configs()
+    ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+
+
+# ---- the three modes ---------------------------------------------------------------------------
+def load(cfg: SampleConfig, device: torch.device) -> Loaded:
+    if cfg.model is not None:
+        if cfg.mode == "generate":
+            raise ValueError(f"model={cfg.model.preset or 'custom'} builds an untrained model: use it with "
+                             "mode=leakage or mode=attention; for text give ckpt=... (train one: python train.py)")
+        return random_init(cfg.model, cfg.seed, device)
+    return load_from_checkpoint(cfg.ckpt, cfg.outputs_dir, device)
+
+
+def generate(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: torch.dtype,
+             stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    tok, model = loaded.tokenizer, loaded.model
+    if tok is None:
+        raise ValueError(f"checkpoint {loaded.source} holds no tokenizer, so its ids cannot be turned into text")
+    top_k = check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, model.config.vocab_size)
+    text = read_prompt(cfg.prompt, cfg.prompt_file, stdin)
+    ids = encode_prompt(tok, text, model.config.block_size)
+    shown = tok.decode(ids) if text else ""  # the (possibly cropped) prompt; not the start token
+    if cfg.compile:
+        compile_for_generation(model)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def write(piece: str) -> None:
+        stdout.write(piece)
+        stdout.flush()  # show each piece as soon as its token exists
+
+    tokens, seconds = 0, 0.0
+    for i in range(cfg.num_samples):
+        if i:
+            write("\n---------------\n")
+        write(shown)
+        sample = stream_sample(model, tok, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               top_k=top_k, top_p=cfg.top_p, use_cache=cfg.use_cache, generator=generator,
+                               write=write, autocast=autocast(device, dtype))
+        tokens, seconds = tokens + len(sample.new_ids), seconds + sample.seconds
+    write("\n")
+    print(f"{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s "
+          f"(KV cache {'on' if cfg.use_cache else 'off'}, {device.type}, {dtype_name(dtype)}"
+          f"{', compiled' if cfg.compile else ''})", file=stderr)
+    return 0
+
+
+def analysis_prompt(cfg: SampleConfig, loaded: Loaded, device: torch.device, stdin: TextIO) -> torch.Tensor:
+    """The prompt of the leakage and attention modes (1, T): the user's, or seq_len tokens sampled
+    from the model (random tokens when there is no tokenizer to sample text with)."""
+    model, tok = loaded.model, loaded.tokenizer
+    text = read_prompt(cfg.prompt, cfg.prompt_file, stdin)
+    n = min(cfg.seq_len, model.config.block_size)
+    if text:
+        if tok is None:
+            raise ValueError(f"{loaded.source} has no tokenizer to encode the prompt; leave prompt empty")
+        ids = encode_prompt(tok, text, model.config.block_size)
+        return torch.tensor([ids], device=device)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    if tok is None:
+        return torch.randint(0, model.config.vocab_size, (1, n), generator=g, device=device)
+    start = torch.tensor([[start_token(tok)]], device=device)
+    return model.generate(start, n - 1, temperature=1.0, generator=g) if n > 1 else start  # (1, n)
+
+
+def out_dir_for(cfg: SampleConfig, loaded: Loaded) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    base = loaded.run_dir if loaded.run_dir is not None else Path(cfg.outputs_dir)
+    return base / cfg.mode / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def leakage(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: torch.dtype,
+            stdin: TextIO, stdout: TextIO) -> int:
+    idx = analysis_prompt(cfg, loaded, device, stdin)
+    settings = LeakageSettings(**dataclasses.asdict(cfg.leakage), seed=cfg.seed)
+    report = run_leakage_check(loaded.model, idx, settings, autocast(device, dtype))
+    out = out_dir_for(cfg, loaded)
+    lab = labels(loaded.tokenizer, idx[0].tolist())
+    png = plot_influence(report.masked.influence, report.unmasked.influence, out / "influence.png",
+                         lab[:report.masked.influence.shape[0]])
+    data = summary(report, source=loaded.source, device=device.type, precision=dtype_name(dtype),
+                   prompt_ids=idx[0].tolist(), files={"influence": str(png)})
+    (out / "leakage.json").write_text(json.dumps(data, indent=1))
+    header = (f"Causal-mask leakage check: {loaded.source}, {device.type}, {dtype_name(dtype)}, "
+              f"prompt of {idx.shape[1]} tokens")
+    stdout.write(format_report(report, header) + "\n")
+    stdout.write(f"files: {png} (heatmaps), {out / 'leakage.json'} (every number)\n")
+    log_images(cfg, out, {"influence": png}, {"verdict": report.verdict, "max_past_change_mask_on":
+                                              report.masked.max_past_change})
+    return report.exit_code
+
+
+def attention(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: torch.dtype,
+              stdin: TextIO, stdout: TextIO) -> int:
+    idx = analysis_prompt(cfg, loaded, device, stdin)
+    out = out_dir_for(cfg, loaded)
+    maps = write_attention_maps(loaded.model, idx, out, labels(loaded.tokenizer, idx[0].tolist()),
+                                autocast(device, dtype))
+    upper = maps.max_above_diagonal
+    (out / "attention.json").write_text(json.dumps({
+        "source": loaded.source, "prompt_ids": idx[0].tolist(), "max_weight_above_diagonal": upper,
+        "causal": loaded.model.config.causal, "grid": str(maps.grid_file),
+        "heads": {f"layer{layer}_head{head}": str(p) for (layer, head), p in maps.head_files.items()}}, indent=1))
+    n_layer, n_head = maps.weights.shape[:2]
+    stdout.write(f"attention weights of {loaded.source} for a {idx.shape[1]}-token prompt: {n_layer} layers x "
+                 f"{n_head} heads\nlargest weight any token gives a later token: {fmt(upper)}"
+                 f"{' (exactly zero: the causal mask)' if upper == 0 else ''}\n"
+                 f"files: {maps.grid_file} (all heads), {out}/layer<L>_head<H>.png, {out / 'attention.json'}\n")
+    images = {"attention/grid": maps.grid_file}
+    images.update({f"attention/layer{layer}_head{head}": p for (layer, head), p in maps.head_files.items()})
+    log_images(cfg, out, images, {"max_weight_above_diagonal": upper})
+    return 0 if upper == 0 or not loaded.model.config.causal else 1
+
+
+def log_images(cfg: SampleConfig, out: Path, images: dict[str, Path], values: dict[str, Any]) -> None:
+    """Log the PNGs to W&B (logger=wandb): online when logged in, offline otherwise (files in out/wandb)."""
+    from engine.metrics import wandb_mode  # the trainer's rule for online/offline/disabled
+    mode = wandb_mode(cfg.logger)
+    if mode == "disabled":
+        return
+    import wandb
+    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.logger.run_name,
+                     tags=list(cfg.logger.tags), mode=mode, dir=str(out), job_type=cfg.mode,
+                     config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    run.log({name: wandb.Image(str(path)) for name, path in images.items()})
+    run.summary.update(values)
+    run.finish()
+    log.info("logged %d image(s) to W&B (%s)", len(images), mode)
+
+
+# ---- entry point -------------------------------------------------------------------------------
+def run(cfg: SampleConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+        stderr: TextIO = sys.stderr) -> int:
+    """Run one mode; returns the exit status (leakage: 0 pass, 1 leak, 3 inconclusive)."""
+    device, dtype = resolve(cfg.device, cfg.precision)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    loaded = load(cfg, device)
+    match cfg.mode:
+        case "generate":
+            return generate(cfg, loaded, device, dtype, stdin, stdout, stderr)
+        case "leakage":
+            return leakage(cfg, loaded, device, dtype, stdin, stdout)
+        case "attention":
+            return attention(cfg, loaded, device, dtype, stdin, stdout)
+        case _:
+            raise ValueError(f"mode={cfg.mode!r} is not valid; choose one of {list(MODES)}")
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Progress as bare lines; warnings and errors prefixed, one line each."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def setup_console_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ConsoleFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    for noisy in ("matplotlib", "PIL"):  # their debug/info chatter is not ours to show
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@hydra.main(config_path=cli.CONFIG_DIR, config_name="sample", version_base="1.3")
+@cli.main_guard
+def main(dcfg: DictConfig) -> None:
+    setup_console_logging()
+    cfg: SampleConfig = OmegaConf.to_object(dcfg)  # the one conversion: validated dataclasses from here on
+    try:
+        code = run(cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:  # `python sample.py | head`: the reader left, nothing more to say
+        sys.stderr.close()
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    register_configs()
+    main()
