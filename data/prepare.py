@@ -57,7 +57,7 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 # Long documents are cut into pieces of about this many characters so that a batch of pieces can
 # be encoded in parallel even when the corpus is one big file.
-PIECE_CHARS = 1 << 17
+PIECE_CHARS = 1 << 15
 # Characters per encode_batch call: enough pieces to keep every thread busy, bounded memory.
 BATCH_CHARS = 1 << 23
 # A piece may end only after a newline that has non-space characters on both sides: byte-level

@@ -357,34 +357,23 @@ def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path) -> Any:
 
 
 def _texts(ds: Any, text_field: str) -> Iterator[str]:
-    columns = getattr(ds, "column_names", None)
+    columns = getattr(ds, "column_names", None)  # None for streams whose features are unknown
     if columns is not None and text_field not in columns:
         raise DataError(
             f"the dataset has no field {text_field!r}; its fields are {', '.join(columns)} (set data.text_field)"
         )
-    if columns is not None and hasattr(ds, "iter") and not _is_iterable_dataset(ds):
-        batches = (b[text_field] for b in ds.select_columns([text_field]).iter(batch_size=1000))
-        values: Iterator[Any] = (v for batch in batches for v in batch)
-    else:
-        values = (_field(example, text_field) for example in ds)
-    for value in values:
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise DataError(f"field {text_field!r} holds {type(value).__name__}, not text; set data.text_field")
-        if value:
-            yield value
-
-
-def _field(example: dict, text_field: str) -> Any:
-    if text_field not in example:
-        raise DataError(
-            f"the dataset has no field {text_field!r}; its fields are {', '.join(example)} (set data.text_field)"
-        )
-    return example[text_field]
-
-
-def _is_iterable_dataset(ds: Any) -> bool:
-    import datasets
-
-    return isinstance(ds, datasets.IterableDataset)
+    if columns is not None:
+        ds = ds.select_columns([text_field])  # skip decoding the other columns
+    # Batches of columns: several times faster than one dict per example.
+    for batch in ds.iter(batch_size=1000):
+        if text_field not in batch:
+            raise DataError(
+                f"the dataset has no field {text_field!r}; its fields are {', '.join(batch)} (set data.text_field)"
+            )
+        for value in batch[text_field]:
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise DataError(f"field {text_field!r} holds {type(value).__name__}, not text; set data.text_field")
+            if value:
+                yield value

@@ -1,0 +1,131 @@
+"""Benchmark of data preparation throughput (tokens/s), one JSON line per case.
+
+Builds a corpus of about --mb megabytes by repeating --input (tiny Shakespeare), then times
+`data.prepare.prepare` from an empty cache for each case:
+
+- char / bpe: the text as one local file (source=files);
+- hf_stream_bpe: the same text as a local jsonl, one document per paragraph, read by
+  `datasets` with streaming=true;
+- char_python_loop: nanoGPT's way, a Python list comprehension over the characters, as a
+  reference for the numpy lookup table.
+
+Each tokenizer case runs with all cores (num_proc=0: the `tokenizers` thread pool) and with one
+thread (num_proc=1), i.e. the same work in one thread. Every run is a fresh subprocess with a fresh
+cache; the reported figure is the median of --runs runs. tokens/s counts all tokens written
+(train + val) over the whole prepare() call: reading, tokenizer training and encoding.
+
+    python scripts/bench_prepare.py --input /path/to/tinyshakespeare.txt --mb 100 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CASES = ("char", "bpe", "hf_stream_bpe", "char_python_loop")
+
+
+def build_inputs(src: Path, mb: float, workdir: Path) -> tuple[Path, Path]:
+    text = src.read_text(encoding="utf-8")
+    repeats = max(1, round(mb * 1e6 / len(text.encode())))
+    big = workdir / "corpus.txt"
+    big.write_text(text * repeats, encoding="utf-8")
+    jsonl = workdir / "corpus.jsonl"
+    paragraphs = [p + "\n\n" for p in text.split("\n\n")]
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for _ in range(repeats):
+            f.writelines(json.dumps({"text": p}) + "\n" for p in paragraphs)
+    return big, jsonl
+
+
+def run_one(case: str, threads: int, workdir: Path, vocab_size: int) -> dict:
+    """One timed run in this (fresh) process."""
+    sys.path.insert(0, str(REPO))
+    from data.config import DataConfig
+    from data.prepare import prepare, read_meta
+
+    cache = tempfile.mkdtemp(dir=workdir, prefix="cache-")
+    if case == "char_python_loop":
+        text = (workdir / "corpus.txt").read_text(encoding="utf-8")
+        t0 = time.perf_counter()
+        stoi = {c: i for i, c in enumerate(sorted(set(text)))}
+        import numpy as np
+
+        ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+        seconds, tokens, build = time.perf_counter() - t0, len(ids), {}
+    else:
+        common = dict(cache_dir=cache, num_proc=threads)
+        cfg = {
+            "char": DataConfig(source="files", path=str(workdir / "corpus.txt"), **common),
+            "bpe": DataConfig(source="files", path=str(workdir / "corpus.txt"), tokenizer="bpe",
+                              vocab_size=vocab_size, **common),
+            "hf_stream_bpe": DataConfig(source="hf", hf_name="json", path=str(workdir / "corpus.jsonl"),
+                                        streaming=True, tokenizer="bpe", vocab_size=vocab_size, **common),
+        }[case]
+        t0 = time.perf_counter()
+        meta = read_meta(prepare(cfg, progress=False))
+        seconds = time.perf_counter() - t0
+        tokens, build = meta["tokens"]["train"] + meta["tokens"]["val"], meta["build_seconds"]
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "build_seconds": build,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", type=Path, required=True, help="a text file, e.g. tiny Shakespeare")
+    parser.add_argument("--mb", type=float, default=100.0, help="corpus size to build, in megabytes")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--one", nargs=2, metavar=("CASE", "THREADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # child mode: one timed run
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.workdir, args.vocab_size)))
+        return
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        workdir = Path(tmp)
+        big, _ = build_inputs(args.input, args.mb, workdir)
+        mb = big.stat().st_size / 1e6
+        for case in args.cases.split(","):
+            for threads in (0, 1) if case != "char_python_loop" else (1,):
+                runs = []
+                for _ in range(args.runs):
+                    cmd = [sys.executable, __file__, "--one", case, str(threads), "--workdir", str(workdir),
+                           "--vocab-size", str(args.vocab_size), "--input", str(args.input)]
+                    done = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                    runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                median = statistics.median(r["seconds"] for r in runs)
+                tokens = runs[0]["tokens"]
+                print(json.dumps({
+                    "case": case,
+                    "threads": "all" if threads == 0 else threads,
+                    "cpus": os.cpu_count(),
+                    "corpus_mb": round(mb, 1),
+                    "tokens": tokens,
+                    "median_s": round(median, 2),
+                    "tokens_per_s": round(tokens / median),
+                    "mb_per_s": round(mb / median, 2),
+                    "runs_s": [round(r["seconds"], 2) for r in runs],
+                    "build_seconds": runs[[r["seconds"] for r in runs].index(median)]["build_seconds"]
+                    if args.runs % 2 else runs[0]["build_seconds"],
+                    "max_rss_mb": round(max(r["max_rss_mb"] for r in runs)),
+                }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
