@@ -1,0 +1,164 @@
+"""Schemas of the training configs: the root `TrainConfig` (configs/train.yaml) and the `optim/`
+and `logger/` groups (`OptimConfig`, `LoggerConfig`).
+
+Each field is documented where it is declared; the YAML files only choose values. cli.py registers
+these dataclasses with Hydra's ConfigStore, so a typo (`optim.lrr=1`) or a wrong type
+(`optim.lr=fast`) is refused by Hydra before anything runs. train.py converts the composed config
+into these objects once (`OmegaConf.to_object`), which also runs the `__post_init__` checks below.
+No Hydra import here: engine code takes plain dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from data.config import DataConfig
+from model import ModelConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SWITCHES = ("auto", "true", "false")
+DISTRIBUTED = ("ddp", "fsdp")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """Lower-cased value if it is one of choices, else a ValueError naming the valid ones."""
+    v = str(value).lower()
+    if v not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+    return v
+
+
+@dataclass
+class OptimConfig:
+    # Peak learning rate, reached at the end of warmup.
+    lr: float = 1e-3
+    # Learning rate at the end of the decay (nanoGPT's min_lr, usually lr / 10).
+    min_lr: float = 1e-4
+    # AdamW weight decay; applied to 2-D weights (matmuls, embeddings) only, never biases or norms.
+    weight_decay: float = 0.1
+    # AdamW (beta1, beta2).
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    # AdamW epsilon.
+    eps: float = 1e-8
+    # Linear warmup from ~0 to lr over this many steps.
+    warmup_iters: int = 100
+    # cosine: warmup, then cosine decay to min_lr at decay_iters; wsd: warmup, constant lr, then a
+    # linear decay to min_lr over the last decay_fraction of the run; constant: warmup then lr.
+    schedule: str = "cosine"
+    # Step at which cosine reaches min_lr (nanoGPT's lr_decay_iters); null means max_iters.
+    decay_iters: int | None = None
+    # wsd only: the fraction of max_iters spent in the final decay.
+    decay_fraction: float = 0.2
+    # Fused AdamW kernel: null = where it is fastest (CUDA, and CPU: see BENCHMARKS_TRAIN.md).
+    fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.schedule = _choice("optim.schedule", self.schedule, SCHEDULES)
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim.lr={self.lr} and optim.min_lr={self.min_lr} need 0 <= min_lr <= lr, lr > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if self.warmup_iters < 0 or self.weight_decay < 0 or self.eps <= 0:
+            raise ValueError("optim.warmup_iters and optim.weight_decay must be >= 0 and optim.eps > 0")
+        if self.decay_iters is not None and self.decay_iters <= 0:
+            raise ValueError(f"optim.decay_iters={self.decay_iters} must be positive, or null for max_iters")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
+
+
+@dataclass
+class LoggerConfig:
+    # wandb (Weights & Biases, plus metrics.jsonl) or none (metrics.jsonl and the console only).
+    name: str = "wandb"
+    # W&B project and entity (team or user; null = your default entity).
+    project: str = "causalgpt"
+    entity: str | None = None
+    # W&B run name; null = the run directory's name.
+    run_name: str | None = None
+    # auto: online when logged in (WANDB_API_KEY or ~/.netrc), offline otherwise (`wandb sync`
+    # later); the WANDB_MODE environment variable, when set, wins over auto.
+    mode: str = "auto"
+    # W&B tags.
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.name = _choice("logger.name", self.name, LOGGERS)
+        self.mode = _choice("logger.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class TrainConfig:
+    # The config groups; their YAML files bring their own schemas (ModelConfig, DataConfig).
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    # ---- where ------------------------------------------------------------------------------------
+    # Run directory (checkpoints, metrics.jsonl, wandb/); null = Hydra's output directory.
+    out_dir: str | None = None
+    # null: start fresh; auto: continue from out_dir's last.pt when there is one; or a path to a
+    # checkpoint file or run directory (its last.pt) to continue from, writing into out_dir.
+    resume: str | None = None
+    # Start from the weights of a checkpoint (file or run dir), with a fresh optimizer and step 0:
+    # fine-tuning. Ignored when resuming.
+    init_from: str | None = None
+
+    # ---- the loop (nanoGPT's names) ---------------------------------------------------------------
+    # Optimisation steps; each sees batch_size * gradient_accumulation_steps * world_size sequences.
+    max_iters: int = 2000
+    # Sequences per micro-batch per process. The context length is model.block_size.
+    batch_size: int = 12
+    gradient_accumulation_steps: int = 1
+    # Clip the gradient norm to this (0 = no clipping; the norm is logged either way).
+    grad_clip: float = 1.0
+    # Evaluate train and val loss every eval_interval steps (and at the end) on eval_iters fixed batches.
+    eval_interval: int = 250
+    eval_iters: int = 20
+    # At the end, also report val loss on this many fixed batches (a larger, steadier number); 0 = off.
+    final_eval_iters: int = 0
+    # Console/metrics.jsonl/W&B line every log_interval steps.
+    log_interval: int = 10
+    # Write last.pt every ckpt_interval steps (0 = only at the end and on SIGTERM/Ctrl-C).
+    ckpt_interval: int = 250
+    # Generate this many tokens at each eval (logged to W&B and metrics.jsonl); 0 = no samples.
+    sample_tokens: int = 200
+    # Stop with an error after this many steps with a NaN/inf loss or gradient (each is skipped).
+    max_bad_steps: int = 5
+    seed: int = 1337
+
+    # ---- the runtime ------------------------------------------------------------------------------
+    # auto picks cuda > mps > cpu.
+    device: str = "auto"
+    # auto: bf16 on CUDA that supports it, fp16 (with a GradScaler) on older CUDA, fp32 elsewhere.
+    precision: str = "auto"
+    # torch.compile the model: auto = on CUDA only (on CPU its compile time rarely pays off).
+    compile: str = "auto"
+    # Under torchrun: ddp (replicate, all-reduce gradients) or fsdp (FSDP2 fully_shard).
+    distributed: str = "ddp"
+    # CPU threads for torch (0 = the cores available to this process, divided among local ranks).
+    threads: int = 0
+    # Peak FLOP/s of the device for MFU; null = looked up by GPU name (none on CPU: no MFU logged).
+    peak_flops: float | None = None
+
+    def __post_init__(self) -> None:
+        self.device = _choice("device", self.device, DEVICES)
+        self.precision = _choice("precision", self.precision, PRECISIONS)
+        self.compile = _choice("compile", self.compile, SWITCHES)
+        self.distributed = _choice("distributed", self.distributed, DISTRIBUTED)
+        for name in ("max_iters", "eval_interval", "batch_size", "gradient_accumulation_steps",
+                     "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        for name in ("eval_iters", "final_eval_iters", "ckpt_interval", "sample_tokens", "max_bad_steps",
+                     "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")

@@ -1,0 +1,162 @@
+"""The one runtime-setup function: rank, world size, device, precision, autocast, compile.
+
+The same train.py runs on a CPU, one GPU, or under `torchrun --nproc_per_node=N` (one process per
+device). `setup_runtime` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), joins the
+process group (gloo on CPU, nccl on CUDA), picks the device and the mixed-precision dtype, and
+returns everything the loop needs in one `Runtime`. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s by GPU name (vendor data sheets), for MFU. `peak_flops=` overrides it.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+              "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Runtime:
+    rank: int  # global rank (0 in a single process)
+    local_rank: int  # rank on this machine: picks the GPU
+    world_size: int
+    device: torch.device
+    precision: str  # resolved: bf16 | fp16 | fp32
+    compile: bool
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The autocast dtype (fp32: no autocast, weights and activations in float32)."""
+        return DTYPES[self.precision]
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for forward passes (weights stay fp32; matmuls run in dtype)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def peak_flops(self, override: float | None = None) -> float | None:
+        """Peak FLOP/s for MFU: the override, else the table above by GPU name, else None (CPU)."""
+        if override:
+            return float(override)
+        if self.device_type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            for key, flops in PEAK_FLOPS.items():
+                if key in name:
+                    return flops if self.precision != "fp32" else None  # fp32 peaks differ: no guess
+        return None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def any_flag(self, *flags: bool) -> list[bool]:
+        """Per flag, whether it is set on any rank (one small all-reduce; free in one process).
+        Used so that every rank stops, or skips a step, together."""
+        if not self.distributed:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def close(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pick_device(name: str) -> torch.device:
+    match name:
+        case "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            if torch.backends.mps.is_available():
+                return torch.device("mps")
+            return torch.device("cpu")
+        case "cuda" | "mps" | "cpu":
+            available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                         "cpu": True}[name]
+            if not available:
+                raise ValueError(f"device={name} was asked for but is not available here; use device=auto or cpu")
+            return torch.device(name)
+        case _:
+            raise ValueError(f"device={name!r} is not valid; choose one of ['auto', 'cpu', 'cuda', 'mps']")
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    match name:
+        case "auto":
+            if device.type == "cuda":
+                return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "fp32"  # CPU autocast to bf16 is slower than fp32 on most CPUs, and mps is patchy
+        case "bf16" | "fp16" | "fp32":
+            return name
+        case _:
+            raise ValueError(f"precision={name!r} is not valid; choose one of ['auto', 'bf16', 'fp16', 'fp32']")
+
+
+def setup_runtime(device: str = "auto", precision: str = "auto", compile: str = "auto",
+                  threads: int = 0) -> Runtime:
+    """Join torchrun's process group if launched by it, and resolve device, precision and compile."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        # TF32 matmuls and convolutions: ~free speed for the fp32 parts on Ampere and newer.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        if dev.type == "mps":
+            raise ValueError("torchrun with device=mps is not supported; use device=cpu (gloo) or CUDA")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=(
+            dev if dev.type == "cuda" else None))
+    if dev.type == "cpu":
+        _set_cpu_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    resolved = pick_precision(precision, dev)
+    match compile:
+        case "auto":
+            do_compile = dev.type == "cuda"
+        case "true" | "false":
+            do_compile = compile == "true"
+        case _:
+            raise ValueError(f"compile={compile!r} is not valid; choose one of ['auto', 'true', 'false']")
+    rt = Runtime(rank, local_rank, world_size, dev, resolved, do_compile)
+    log.info("runtime: rank %d/%d, device %s, precision %s, compile %s, %d CPU threads",
+             rank, world_size, dev, resolved, do_compile, torch.get_num_threads())
+    return rt
+
+
+def _set_cpu_threads(threads: int, local_world_size: int) -> None:
+    """threads=0: the cores this process may use, shared among the ranks on this machine. torchrun
+    sets OMP_NUM_THREADS=1 by default (to avoid oversubscription), which would waste the cores
+    when only a few ranks run on a many-core machine; an explicit OMP_NUM_THREADS from the user wins."""
+    if threads == 0:
+        if os.environ.get("OMP_NUM_THREADS") and "TORCHELASTIC_RUN_ID" not in os.environ:
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // max(1, local_world_size))
+    torch.set_num_threads(threads)

@@ -1,0 +1,72 @@
+"""Shared fixtures for the training tests: a small corpus on disk, a private data cache, and the
+real Hydra configs composed with small overrides (the model shrunk to a few thousand parameters).
+
+Tests never touch ~/.cache, the network or /work/shared: the corpus is generated here and the
+prepared data lives in a session temp dir (prepared once, then a cache hit for every test).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import cli
+from engine.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_WORDS = ("the king and queen walk to the castle . a cat sat on the mat while the dog ran in the "
+          "garden ; my lord , what news from rome ? none , good sir , but rain and wind .").split()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~40 kB of word salad with real structure (words, punctuation, lines): learnable in steps."""
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12))) for _ in range(1200)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture
+def tiny_overrides(corpus: Path, data_cache: Path, tmp_path: Path) -> list[str]:
+    """Overrides that make a run take a second or two: a 1-layer, 32-wide model, context 16,
+    batch 4, the test corpus, no W&B, everything written under tmp_path/run."""
+    return [
+        "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
+        "batch_size=4", "data=files", f"data.path={corpus}", f"data.cache_dir={data_cache}",
+        "logger=none", "device=cpu", "max_iters=20", "eval_interval=10", "eval_iters=2",
+        "log_interval=5", "sample_tokens=8", "final_eval_iters=0", "threads=1",
+        f"out_dir={tmp_path / 'run'}",
+    ]
+
+
+def compose_train(overrides: list[str]) -> TrainConfig:
+    """configs/train.yaml composed with overrides, as train.py's main would get it."""
+    cli.register_configs()
+    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
+        dcfg = compose(config_name="train", overrides=overrides)
+    return OmegaConf.to_object(dcfg)
+
+
+def run_script(args: list[str], env: dict | None = None, timeout: float = 120,
+               **kwargs) -> subprocess.CompletedProcess:
+    """Run `python <args>` (or torchrun when args[0] is it) from the repository root, quietly:
+    no W&B, no tqdm bars, one thread."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(ROOT), **(env or {})}
+    cmd = args if args[0].endswith("torchrun") else [sys.executable, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs)
