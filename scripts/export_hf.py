@@ -48,9 +48,9 @@ def main(argv: list[str]) -> None:
     from model.pretrained import load_pretrained, prepare_out_dir, write_dir
     try:
         out = prepare_out_dir(args["out"], args["overwrite"])
-        require_transformers()
         ckpt = load_pretrained(args["ckpt"])
-        check_gpt2_expressible(ckpt["model_config"])
+        check_gpt2_expressible(ckpt["model_config"])  # refuse before the slow transformers import
+        require_transformers()
         files = write_dir(out, lambda tmp: save_hf(ckpt, tmp))
     except (ImportError, CheckpointError, ValueError) as e:
         fail(str(e))
