@@ -29,10 +29,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import cli
-from causality.attention_maps import write_attention_maps
 from causality.leakage import LeakageSettings, run_leakage_check
 from causality.loading import Loaded, load_from_checkpoint, random_init
-from causality.plots import plot_influence
 from causality.prompt import encode_prompt, labels, read_prompt, start_token
 from causality.report import fmt, format_report, summary
 from causality.runtime import autocast, compile_for_generation, dtype_name, resolve
@@ -195,6 +193,7 @@ def out_dir_for(cfg: SampleConfig, loaded: Loaded) -> Path:
 
 def leakage(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: torch.dtype,
             stdin: TextIO, stdout: TextIO) -> int:
+    from causality.plots import plot_influence  # matplotlib: imported only by the modes that draw
     idx = analysis_prompt(cfg, loaded, device, stdin)
     settings = LeakageSettings(**dataclasses.asdict(cfg.leakage), seed=cfg.seed)
     report = run_leakage_check(loaded.model, idx, settings, autocast(device, dtype))
@@ -216,6 +215,7 @@ def leakage(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: torc
 
 def attention(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: torch.dtype,
               stdin: TextIO, stdout: TextIO) -> int:
+    from causality.attention_maps import write_attention_maps  # matplotlib, as above
     idx = analysis_prompt(cfg, loaded, device, stdin)
     out = out_dir_for(cfg, loaded)
     maps = write_attention_maps(loaded.model, idx, out, labels(loaded.tokenizer, idx[0].tolist()),
