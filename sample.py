@@ -79,8 +79,8 @@ class SampleConfig:
     max_new_tokens: int = 200
     # Softmax temperature; 0 is greedy (the most likely token every time).
     temperature: float = 0.8
-    # Keep only the k most likely tokens (null: all); clamped to the vocabulary size.
-    top_k: int | None = 200
+    # Keep only the k most likely tokens (null: all); clamped to the vocabulary size, with a warning.
+    top_k: int | None = None
     # Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (null: off).
     top_p: float | None = None
     # Seeds sampling (and random-init weights): the same seed gives the same text.

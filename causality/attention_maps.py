@@ -63,6 +63,6 @@ def write_attention_maps(model: GPT, idx: torch.Tensor, out_dir: str | Path, lab
             maps.head_files[(layer + 1, head + 1)] = plot_attention(maps.weights[layer, head], path, labels, title)
     maps.grid_file = plot_attention_grid(
         maps.weights, out_dir / "grid.png",
-        f"attention weights, {n_layer} layers x {n_head} heads, {idx.shape[1]} tokens ({mask}; white = exactly 0)")
+        f"attention weights: {n_layer} layers x {n_head} heads, {idx.shape[1]} tokens\n({mask}; white = exactly 0)")
     log.info("wrote %d attention heatmaps and grid.png to %s", n_layer * n_head, out_dir)
     return maps

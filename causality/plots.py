@@ -97,9 +97,9 @@ def plot_attention(weights: torch.Tensor, path: str | Path, labels: list[str] | 
 
 
 def grid_inches(n_layer: int, n_head: int) -> tuple[float, float]:
-    """(width, height) of the grid of all heads: 1.6 in per panel, at most 24 in wide."""
+    """(width, height) of the grid of all heads: 1.6 in per panel, 5 to 24 in wide, room for a title."""
     panel = min(1.6, 24.0 / n_head)
-    return n_head * panel + 0.5, n_layer * panel + 0.8
+    return max(5.0, n_head * panel + 0.5), n_layer * panel + 1.0
 
 
 def plot_attention_grid(weights: torch.Tensor, path: str | Path, title: str) -> Path:
