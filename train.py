@@ -128,10 +128,12 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
                                             for s, v in losses.items()}}
             if cfg.sample_tokens and (rt.is_main or lockstep):
                 ids = generate_sample(model, prompt, cfg.sample_tokens, rt, seed=cfg.seed + loop.step)
-                record["sample"] = tokenizer.decode(ids)
+                # A model.vocab_size set above the data's may emit ids the tokenizer lacks: drop them.
+                record["sample"] = tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
                 logger.log_samples(loop.step, [record["sample"]])
             logger.log(record)
-            bar.write(f"step {loop.step}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items()))
+            if rt.is_main:
+                bar.write(f"step {loop.step}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items()))
             if losses.get("val", math.inf) < loop.best_val:
                 loop.best_val = losses["val"]
                 save("best.pt")
@@ -242,6 +244,8 @@ def main(dcfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     cfg: TrainConfig = OmegaConf.to_object(dcfg)  # the one conversion: plain dataclasses from here on
     cfg.out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
+    if int(os.environ.get("RANK", "0")) != 0:  # one voice on the console: rank 0's
+        logging.getLogger().setLevel(logging.WARNING)
     with logging_redirect_tqdm():
         result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

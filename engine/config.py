@@ -111,7 +111,7 @@ class TrainConfig:
     init_from: str | None = None
 
     # ---- the loop (nanoGPT's names) ---------------------------------------------------------------
-    # Optimisation steps; each sees batch_size * gradient_accumulation_steps * world_size sequences.
+    # Optimisation steps (0: only evaluate, e.g. with init_from); each sees batch_size * gradient_accumulation_steps * world_size sequences.
     max_iters: int = 2000
     # Sequences per micro-batch per process. The context length is model.block_size.
     batch_size: int = 12
@@ -121,7 +121,8 @@ class TrainConfig:
     # Evaluate train and val loss every eval_interval steps (and at the end) on eval_iters fixed batches.
     eval_interval: int = 250
     eval_iters: int = 20
-    # At the end, also report val loss on this many fixed batches (a larger, steadier number); 0 = off.
+    # At the end, also report val loss on this many fixed batches (a larger, steadier number than
+    # eval_iters gives); -1 = the whole val split in order; 0 = off.
     final_eval_iters: int = 0
     # Console/metrics.jsonl/W&B line every log_interval steps.
     log_interval: int = 10
@@ -152,13 +153,14 @@ class TrainConfig:
         self.precision = _choice("precision", self.precision, PRECISIONS)
         self.compile = _choice("compile", self.compile, SWITCHES)
         self.distributed = _choice("distributed", self.distributed, DISTRIBUTED)
-        for name in ("max_iters", "eval_interval", "batch_size", "gradient_accumulation_steps",
-                     "log_interval"):
+        for name in ("eval_interval", "batch_size", "gradient_accumulation_steps", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
-        for name in ("eval_iters", "final_eval_iters", "ckpt_interval", "sample_tokens", "max_bad_steps",
+        for name in ("max_iters", "eval_iters", "ckpt_interval", "sample_tokens", "max_bad_steps",
                      "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.final_eval_iters < -1:
+            raise ValueError(f"final_eval_iters={self.final_eval_iters}: use N batches, 0 (off) or -1 (whole val split)")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")

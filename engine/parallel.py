@@ -68,13 +68,23 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tup
     rank 0 gets the tensors). The optimizer's state is keyed by parameter name, not position."""
     model = unwrap_model(model)
     msd = get_model_state_dict(model, options=_FULL)
-    osd = get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer is not None else None
-    return msd, osd
+    if optimizer is None:
+        return msd, None
+    if not optimizer.state:
+        # Before the first step: get_optimizer_state_dict would initialise the state by running a
+        # step with lr=0, which bumps Adam's step counter (its bias correction) in the live optimizer.
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+                  for g in optimizer.param_groups]
+        return msd, {"state": {}, "param_groups": groups}
+    return msd, get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
     """Load a full, name-keyed optimizer state (from full_state) into this rank's optimizer (its
     shards under FSDP). Weights are loaded into the plain model before wrapping, with load_state_dict."""
+    if not optim_sd["state"]:  # saved before the first step: the fresh optimizer is that state already
+        return
     set_optimizer_state_dict(unwrap_model(model), optimizer, optim_sd,
                              options=StateDictOptions(full_state_dict=True))
 

@@ -1,0 +1,138 @@
+"""Configs and the command line: the real YAML files compose into typed dataclasses; typos and wrong
+types are refused by Hydra with its own message; experiments hold the recipes they promise; the
+learning-rate schedules, weight-decay groups, run-directory stamp and the one-line error guard."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import socket
+
+import pytest
+import torch
+from conftest import compose_train, run_script
+from hydra.errors import ConfigCompositionException
+
+import cli
+from engine.config import OptimConfig, TrainConfig
+from engine.optim import lr_at, param_groups
+from model import GPT, ModelConfig
+
+
+def test_defaults_compose_to_typed_dataclasses():
+    cfg = compose_train([])
+    assert isinstance(cfg, TrainConfig) and isinstance(cfg.model, ModelConfig) and isinstance(cfg.optim, OptimConfig)
+    assert cfg.model.preset == "tiny" and cfg.model.n_layer == 4  # filled from the preset
+    assert cfg.data.source == "shakespeare_char" and cfg.logger.name == "wandb"
+    assert cfg.device == "auto" and cfg.precision == "auto" and cfg.compile == "auto"
+    assert cfg.ckpt_interval == cfg.eval_interval
+
+
+def test_experiment_shakespeare_char_is_nanogpts_baseline():
+    cfg = compose_train(["experiment=shakespeare_char"])
+    m, o = cfg.model, cfg.optim
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (6, 6, 384, 256, 0.2)
+    assert (cfg.batch_size, cfg.max_iters, cfg.eval_interval, cfg.eval_iters) == (64, 5000, 250, 200)
+    assert (o.lr, o.min_lr, o.warmup_iters, o.betas, o.weight_decay, cfg.grad_clip) == (
+        1e-3, 1e-4, 100, [0.9, 0.99], 0.1, 1.0)
+    # An override on the command line still wins over the experiment.
+    assert compose_train(["experiment=shakespeare_char", "model.n_layer=8"]).model.n_layer == 8
+
+
+@pytest.mark.parametrize("name", ["shakespeare_char_cpu", "tinystories", "gpt2_124m"])
+def test_other_experiments_compose(name):
+    cfg = compose_train([f"experiment={name}"])
+    if name == "gpt2_124m":  # ~0.5 M tokens a step on one process
+        assert cfg.batch_size * cfg.model.block_size * cfg.gradient_accumulation_steps == 524_288
+        assert cfg.data.streaming and cfg.model.n_layer == 12
+    if name == "tinystories":
+        assert cfg.data.tokenizer == "bpe"
+
+
+def test_typo_and_wrong_type_are_refused_by_hydra():
+    with pytest.raises(ConfigCompositionException, match="n_layr"):
+        compose_train(["model.n_layr=3"])
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_train(["optim.lr=fast"])
+    assert "Value 'fast' of type 'str' could not be converted to Float" in str(e.value.__cause__)
+
+
+def test_cli_typo_prints_hydras_message_without_running(tmp_path):
+    r = run_script(["train.py", "model.n_layr=3", f"hydra.run.dir={tmp_path}/run"], timeout=60)
+    assert r.returncode == 1
+    assert "Could not override 'model.n_layr'" in r.stderr and "Key 'n_layr' not in 'ModelConfig'" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_validation_errors_are_one_line_exit_2(tmp_path):
+    r = run_script(["train.py", "precision=fp8", "logger=none", f"hydra.run.dir={tmp_path}/run"], timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: precision='fp8' is not valid; choose one of")
+    assert "Traceback" not in r.stderr
+
+
+def test_main_guard_turns_user_errors_into_one_line(capsys):
+    @cli.main_guard
+    def task():
+        raise ValueError("data.path=/nope does not exist\nsecond line")
+
+    with pytest.raises(SystemExit) as e:
+        task()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: data.path=/nope does not exist second line\n"
+
+
+def test_cosine_schedule():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_iters=10, schedule="cosine")
+    lrs = [lr_at(s, cfg, max_iters=110) for s in range(120)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)  # linear warmup
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)  # half way: (max + min) / 2
+    assert lrs[110] == lrs[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warmup
+
+
+def test_wsd_and_constant_schedules():
+    wsd = OptimConfig(lr=1.0, min_lr=0.0, warmup_iters=10, schedule="wsd", decay_fraction=0.2)
+    lrs = [lr_at(s, wsd, max_iters=100) for s in range(101)]
+    assert all(v == 1.0 for v in lrs[10:80])  # stable phase
+    assert lrs[90] == pytest.approx(0.5) and lrs[100] == pytest.approx(0.0)  # linear decay
+    const = OptimConfig(lr=0.3, min_lr=0.0, warmup_iters=0, schedule="constant")
+    assert {lr_at(s, const, 50) for s in range(50)} == {0.3}
+
+
+def test_weight_decay_only_on_2d_weights():
+    model = GPT(ModelConfig(preset="tiny", n_layer=2, vocab_size=50))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == model.num_params()  # the tied embedding / LM head counted once
+    with pytest.raises(ValueError, match="optim.schedule='linear' is not valid"):
+        OptimConfig(schedule="linear")
+
+
+def test_run_stamp_is_shared_by_all_torchrun_processes(monkeypatch):
+    """Two 'ranks' whose clocks disagree get one stamp: the first stored in torchrun's store wins."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                       timeout=datetime.timedelta(seconds=10))
+    for key, value in {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                       "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "t1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("CAUSALGPT_RUN_STAMP", raising=False)
+    clock = iter(["2030-01-01/00-00-00", "2030-01-01/00-00-07", "2030-01-01/00-00-09"])
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt: next(clock))
+    assert cli.run_stamp() == cli.run_stamp() == "2030-01-01/00-00-00"
+    monkeypatch.setenv("CAUSALGPT_RUN_STAMP", "mine")
+    assert cli.run_stamp() == "mine"
+    monkeypatch.delenv("CAUSALGPT_RUN_STAMP")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    with pytest.raises(ValueError, match="CAUSALGPT_RUN_STAMP"):
+        cli.run_stamp()
+
+
+def test_register_configs_is_idempotent():
+    cli.register_configs()
+    cli.register_configs()
+    assert math.isfinite(compose_train(["optim.lr=3e-4"]).optim.lr)
