@@ -219,11 +219,17 @@ def _read_weights(f: Path, device: str | torch.device) -> dict[str, torch.Tensor
 
 # ---- tokenizers -----------------------------------------------------------------------------------
 def tokenizer_json_from_hf_dir(path: Path) -> str | None:
-    """The directory's tokenizer.json, else one built from GPT-2's vocab.json + merges.txt, else None."""
+    """The directory's tokenizer.json, else one built from GPT-2's vocab.json + merges.txt, else None.
+
+    Returned in `tokenizers`' canonical form (Tokenizer.to_str), the same string data/ stores for a
+    run prepared with this tokenizer.json, so a fine-tune can check the two match by equality."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     if (path / "tokenizer.json").is_file():
-        return (path / "tokenizer.json").read_text(encoding="utf-8")
+        try:
+            return Tokenizer.from_file(str(path / "tokenizer.json")).to_str()
+        except Exception as e:  # the Rust binding raises plain Exception for any parse error
+            raise CheckpointError(f"{path / 'tokenizer.json'} is not a valid tokenizer.json ({e})") from e
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
         tok = Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()

@@ -132,7 +132,8 @@ def test_ours_to_hf_to_ours_gives_identical_weights(tmp_path):
     assert all(torch.equal(back["model"][k], v) for k, v in ckpt["model"].items())
     arch = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "norm", "pos", "activation", "tie_weights")
     assert {k: back["model_config"][k] for k in arch} == {k: ckpt["model_config"][k] for k in arch}
-    assert tokenizer_from_json(back["tokenizer"]).encode(TEXT) == bpe.encode(TEXT)
+    # Canonical form: the same string data/ stores, so a fine-tune's tokenizer check is an equality.
+    assert back["tokenizer"] == bpe.to_json()
 
 
 @pytest.mark.parametrize("setting", [{"norm": "post"}, {"pos": "rope"}])
