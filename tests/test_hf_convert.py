@@ -10,8 +10,14 @@ from safetensors.torch import save_file
 
 from model import GPT, ModelConfig
 from model.checkpoint import CheckpointError
-from model.hf import (check_gpt2_expressible, from_hf_state_dict, model_config_from_hf, to_hf_config,
-                      to_hf_state_dict, tokenizer_json_from_hf_dir)
+from model.hf import (
+    check_gpt2_expressible,
+    from_hf_state_dict,
+    model_config_from_hf,
+    to_hf_config,
+    to_hf_state_dict,
+    tokenizer_json_from_hf_dir,
+)
 from model.pretrained import from_pretrained, load_pretrained
 
 # The four released GPT-2 sizes, as their config.json files give them.
