@@ -64,9 +64,9 @@ def compose_train(overrides: list[str]) -> TrainConfig:
 
 def run_script(args: list[str], env: dict | None = None, timeout: float = 120,
                **kwargs) -> subprocess.CompletedProcess:
-    """Run `python <args>` (or torchrun when args[0] is it) from the repository root, quietly:
-    no W&B, no tqdm bars, one thread."""
-    full_env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
+    """Run `python <args>` from the repository root (`torchrun <args>` when args[0] is "torchrun"),
+    with W&B off and one thread per process."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": str(ROOT), **(env or {})}
-    cmd = args if args[0].endswith("torchrun") else [sys.executable, *args]
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", *args[1:]] if args[0] == "torchrun" else args)]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs)

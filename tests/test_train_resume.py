@@ -1,0 +1,122 @@
+"""Resume: a run killed with SIGKILL and resumed with resume=auto ends bit-identical to a run that was
+never interrupted; SIGTERM saves last.pt and exits cleanly; a corrupted last.pt is a one-line error
+naming the file, with best.pt untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, compose_train, run_script
+
+import train
+from model.checkpoint import CheckpointError
+
+# Runs train.py as `python train.py ...` would, except that the first save of last.pt at step >= 16
+# kills the process with SIGKILL before writing: no handler, no cleanup, the work since step 8 lost.
+KILLER = """
+import os, runpy, signal, sys
+import model.checkpoint as mc
+real_save = mc.save_checkpoint
+def save_or_die(path, payload):
+    if path.name == "last.pt" and payload["step"] >= 16:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(path, payload)
+mc.save_checkpoint = save_or_die
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_is_bit_identical(tiny_overrides, tmp_path):
+    # Dropout and two accumulation micro-batches: the RNG and both data streams must come back exactly.
+    recipe = [*tiny_overrides, "max_iters=24", "eval_interval=8", "ckpt_interval=8", "log_interval=4",
+              "model.dropout=0.1", "gradient_accumulation_steps=2", "optim.warmup_iters=4"]
+    reference = train.train(compose_train([*recipe, f"out_dir={tmp_path / 'ref'}"]))
+    assert reference["step"] == 24
+
+    run = tmp_path / "killed"
+    args = [a for a in recipe if not a.startswith("out_dir=")] + [f"out_dir={run}"]
+    killed = run_script(["-c", KILLER, *args])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 8  # the step-16 save never happened
+
+    resumed = run_script(["train.py", *args, "resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+    want = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    got = torch.load(run / "last.pt", weights_only=True)
+    assert got["step"] == want["step"] == 24
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), f"{name} differs after resume"
+    for name, state in want["optimizer"]["state"].items():
+        for key, tensor in state.items():
+            assert torch.equal(got["optimizer"]["state"][name][key], tensor), f"optimizer {name}.{key}"
+    assert got["best_val"] == want["best_val"] and got["loader_state"] == want["loader_state"]
+    # The curve continues where the checkpoint was: the replayed steps log the same losses, once each.
+    strip = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_ms", "mem_mb")}
+             for r in _records(run)]
+    assert strip == [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_ms", "mem_mb")}
+                     for r in _records(tmp_path / "ref")]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_pt_and_exits_cleanly(tiny_overrides, tmp_path):
+    args = [a for a in tiny_overrides if not a.startswith("out_dir=")]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "max_iters=100000", "ckpt_interval=0",
+                             "eval_interval=100000", "log_interval=1", f"out_dir={run}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"})
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # wait until it is training (a few steps logged)
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in out + err and "stopped early" in out
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert 3 <= last["step"] < 100000
+    assert last["loader_state"]["step"] == last["step"]
+
+
+def test_corrupted_last_pt_is_a_clear_error_and_best_pt_survives(tiny_overrides, tmp_path):
+    train.train(compose_train(tiny_overrides))
+    run = tmp_path / "run"
+    best_before = (run / "best.pt").read_bytes()
+    last = run / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a truncated file
+    with pytest.raises(CheckpointError, match=f"checkpoint {last} is corrupt"):
+        train.train(compose_train([*tiny_overrides, "resume=auto"]))
+    # On the command line: one line, exit status 2, no traceback.
+    args = [a for a in tiny_overrides if not a.startswith("out_dir=")]
+    r = run_script(["train.py", *args, f"out_dir={run}", "resume=auto"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {last} is corrupt")
+    assert (run / "best.pt").read_bytes() == best_before
+
+
+def test_resume_from_another_run_directory_continues_its_state(tiny_overrides, tmp_path):
+    first = train.train(compose_train(tiny_overrides))
+    second = train.train(compose_train([*tiny_overrides, "max_iters=30", f"resume={first['run_dir']}",
+                                        f"out_dir={tmp_path / 'continued'}"]))
+    assert second["step"] == 30
+    ckpt = torch.load(tmp_path / "continued" / "last.pt", weights_only=True)
+    assert ckpt["tokens_seen"] == 30 * 4 * 16 and ckpt["loader_state"]["step"] == 30
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train.train(compose_train([*tiny_overrides, f"resume={tmp_path / 'nope.pt'}"]))
