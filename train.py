@@ -12,6 +12,7 @@ Configs: configs/train.yaml, documented field by field in engine/config.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ from engine.signals import StopRequest
 from engine.state import LoopState, TrainingError, check_resumable, restore_rng, resume_path, save_state
 from model import GPT, ModelConfig
 from model.checkpoint import load_checkpoint
+from model.pretrained import load_pretrained
 
 log = logging.getLogger("train")
 
@@ -220,13 +222,24 @@ def _with_vocab(model_cfg: ModelConfig, vocab_size: int) -> ModelConfig:
 
 
 def _init_from(path: str, model_cfg: ModelConfig, tokenizer_json: str) -> tuple[ModelConfig, dict]:
-    """Fine-tuning: the architecture and weights of a checkpoint (file or run dir), with this run's
-    dropout; the optimizer and step start fresh. The data must use the checkpoint's tokenizer."""
-    src = load_checkpoint(path)
-    if src.get("tokenizer") and src["tokenizer"] != tokenizer_json:
-        raise ValueError(f"init_from={path} was trained with another tokenizer than this run's data; prepare "
-                         "the data with the checkpoint's tokenizer (data.tokenizer=pretrained data.tokenizer_path=...)")
+    """Fine-tuning: the architecture and weights of our checkpoint or run dir, our export, or a
+    Hugging Face GPT-2 directory, with this run's dropout; optimizer and step start fresh. The data
+    must have been prepared with the model's tokenizer, or the token ids would mean other things."""
+    src = load_pretrained(path)
+    if src.get("tokenizer") and not _same_vocabulary(src["tokenizer"], tokenizer_json):
+        raise ValueError(f"init_from={path} uses another tokenizer than this run's data; prepare the data "
+                         f"with the model's tokenizer (data.tokenizer=pretrained data.tokenizer_path=...)")
     return ModelConfig(**{**src["model_config"], "dropout": model_cfg.dropout}), src["model"]
+
+
+def _same_vocabulary(a: str, b: str) -> bool:
+    """Whether two tokenizer JSONs map text to the same ids: equal, or the same `tokenizers` model
+    (vocabulary and merges) and special tokens, whatever the formatting of the files."""
+    if a == b:
+        return True
+    ja, jb = json.loads(a), json.loads(b)
+    keys = ("model", "added_tokens", "pre_tokenizer", "normalizer")
+    return "model" in ja and all(ja.get(k) == jb.get(k) for k in keys)
 
 
 def _peak_memory_mb(rt: Runtime) -> float:
