@@ -107,7 +107,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def trace(self, idx: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
@@ -148,6 +148,13 @@ class GPT(nn.Module):
         new = list(generate_tokens(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, use_cache=use_cache, generator=generator))
         return torch.cat([idx, *new], dim=1) if new else idx
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu", **overrides) -> GPT:
+        """Our checkpoint or run directory, our safetensors export, or a local Hugging Face GPT-2
+        directory (see model/pretrained.py); the tokenizer JSON is attached as `.tokenizer_json`."""
+        from .pretrained import from_pretrained  # model/pretrained.py imports this module
+        return from_pretrained(path, device, **overrides)
 
     # ---- sizes ------------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

@@ -190,3 +190,10 @@ def test_missing_sizes_and_vocab_are_reported():
 def test_too_long_input_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="block_size"):
         make()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_targets_may_be_a_non_contiguous_slice():
+    model = make()
+    seq = torch.randint(0, VOCAB, (2, 9))
+    _, loss = model(seq[:, :-1], seq[:, 1:])
+    assert torch.isfinite(loss)
