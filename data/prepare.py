@@ -10,8 +10,8 @@ Token files are flat arrays of uint16 (vocabularies up to 65,536 ids) or uint32,
 by <|endoftext|> when the tokenizer has one, readable with np.memmap (see data/loader.py).
 
 A build happens in a temporary directory beside the final one and is renamed into place only when
-complete, under an exclusive lock, so an interrupted run or two concurrent runs never leave a
-half-written directory that looks valid.
+complete, under an exclusive lock (`.<name>.lock` in the cache root), so an interrupted run or two
+concurrent runs never leave a half-written directory that looks valid.
 
 Run it as `python -m data.prepare data=tinystories data.vocab_size=4096`: the last line printed is
 the prepared directory.
@@ -61,7 +61,8 @@ PIECE_CHARS = 1 << 15
 # Characters per encode_batch call: enough pieces to keep every thread busy, bounded memory.
 BATCH_CHARS = 1 << 23
 # A piece may end only after a newline that has non-space characters on both sides: byte-level
-# BPE's pre-tokenizer always splits there, so encoding the pieces gives the ids of the whole.
+# BPE's pre-tokenizer always splits there, so encoding the pieces gives the ids of the whole (for
+# pretrained tokenizers with other pre-tokenizers this is very nearly, not provably, the same).
 _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
@@ -91,7 +92,10 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
     """Prepare (or find in the cache) the token files cfg describes; returns their directory."""
     cache_root = resolve_cache_dir(cfg.cache_dir)
-    cache_root.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the cache dir {cache_root} ({e.strerror}); set data.cache_dir or CAUSALGPT_CACHE") from e
     corpus = open_corpus(cfg, cache_root)
     plan, pretrained = _tokenizer_plan(cfg)
     fingerprint = _fingerprint(cfg, corpus, plan)

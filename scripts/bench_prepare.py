@@ -75,11 +75,13 @@ def run_one(case: str, threads: int, workdir: Path, vocab_size: int) -> dict:
         meta = read_meta(prepare(cfg, progress=False))
         seconds = time.perf_counter() - t0
         tokens, build = meta["tokens"]["train"] + meta["tokens"]["val"], meta["build_seconds"]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "seconds": seconds,
+        "cpu_s": usage.ru_utime + usage.ru_stime,  # whole process; > seconds means several threads ran
         "tokens": tokens,
         "build_seconds": build,
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "max_rss_mb": usage.ru_maxrss / 1024,
     }
 
 
@@ -121,6 +123,8 @@ def main() -> None:
                     "tokens_per_s": round(tokens / median),
                     "mb_per_s": round(mb / median, 2),
                     "runs_s": [round(r["seconds"], 2) for r in runs],
+                    "cpu_s": [round(r["cpu_s"], 1) for r in runs],
+                    "load_avg_1m": round(os.getloadavg()[0], 1),
                     "build_seconds": runs[[r["seconds"] for r in runs].index(median)]["build_seconds"]
                     if args.runs % 2 else runs[0]["build_seconds"],
                     "max_rss_mb": round(max(r["max_rss_mb"] for r in runs)),

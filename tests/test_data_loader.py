@@ -29,7 +29,7 @@ def draw(loader: BatchLoader, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def same(a, b) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b, strict=True))
 
 
 def test_batches_are_shifted_windows_of_the_split(prepared):
@@ -67,7 +67,7 @@ def test_ranks_draw_different_windows_and_resume_from_rank0_state(prepared):
     r0 = BatchLoader(prepared, "train", 4, 8, seed=1, rank=0, world_size=2)
     r1 = BatchLoader(prepared, "train", 4, 8, seed=1, rank=1, world_size=2)
     b0, b1 = draw(r0, 3), draw(r1, 3)
-    assert not any(torch.equal(x0, x1) for (x0, _), (x1, _) in zip(b0, b1))
+    assert not any(torch.equal(x0, x1) for (x0, _), (x1, _) in zip(b0, b1, strict=True))
     # Only rank 0 saves; rank 1 restored from it continues its own stream.
     again = BatchLoader(prepared, "train", 4, 8, seed=1, rank=1, world_size=2)
     again.load_state_dict(r0.state_dict())
