@@ -287,3 +287,47 @@ def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k != "CAUSALGPT_CACHE"}
+
+
+def test_pretrained_tokenizer_by_path_and_hub_fallback_to_bpe(cache, corpus_file, tmp_path, monkeypatch):
+    bpe_dir = prepare(DataConfig(source="files", path=str(corpus_file), tokenizer="bpe", vocab_size=300),
+                      progress=False)
+    cfg = DataConfig(source="files", path=str(corpus_file), tokenizer="pretrained",
+                     tokenizer_path=str(bpe_dir / "tokenizer.json"))
+    out = prepare(cfg, progress=False)
+    assert read_meta(out)["tokenizer"] == "pretrained"
+    assert (out / "train.bin").read_bytes() == (bpe_dir / "train.bin").read_bytes()
+
+    def offline(name):
+        raise Exception(f"cannot reach the hub for {name}")  # what the Rust binding raises
+
+    monkeypatch.setattr("data.tokenizer._RustTokenizer.from_pretrained", offline)
+    cfg = DataConfig(source="files", path=str(corpus_file), tokenizer="pretrained", tokenizer_path="gpt2",
+                     vocab_size=300)
+    with pytest.warns(UserWarning, match="could not fetch tokenizer 'gpt2'.*training a byte-level BPE with 300"):
+        fallback = prepare(cfg, progress=False)
+    assert read_meta(fallback)["tokenizer"] == "bpe" and fallback.name.startswith("files-bpe-")
+
+
+def test_every_data_preset_composes_with_the_schema():
+    hydra = pytest.importorskip("hydra")
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(group="data", name="schema", node=DataConfig)
+    presets = sorted(p.stem for p in (REPO / "configs" / "data").glob("*.yaml"))
+    assert {"shakespeare_char", "python_stdlib", "files", "hf", "tinystories", "fineweb_edu"} <= set(presets)
+    with hydra.initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        for name in presets:
+            cfg = hydra.compose(config_name="prepare", overrides=[f"data={name}"])
+            if name in ("files", "hf"):  # these need a path / a dataset name from the user
+                with pytest.raises(DataError, match="needs data"):
+                    OmegaConf.to_object(cfg.data)
+            else:
+                data_cfg = OmegaConf.to_object(cfg.data)
+                assert isinstance(data_cfg, DataConfig) and data_cfg.name == name
+        assert OmegaConf.to_object(hydra.compose(config_name="prepare")).get("data").source == "shakespeare_char"
+        from hydra.errors import ConfigCompositionException
+
+        with pytest.raises(ConfigCompositionException, match="pth"):
+            hydra.compose(config_name="prepare", overrides=["data.pth=x"])
