@@ -206,7 +206,7 @@ def leakage(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: torc
     (out / "leakage.json").write_text(json.dumps(data, indent=1))
     header = (f"Causal-mask leakage check: {loaded.source}, {device.type}, {dtype_name(dtype)}, "
               f"prompt of {idx.shape[1]} tokens")
-    stdout.write(format_report(report, header) + "\n")
+    stdout.write(format_report(report, header, dtype) + "\n")
     stdout.write(f"files: {png} (heatmaps), {out / 'leakage.json'} (every number)\n")
     log_images(cfg, out, {"influence": png}, {"verdict": report.verdict, "max_past_change_mask_on":
                                               report.masked.max_past_change})

@@ -129,7 +129,7 @@ def run_leakage_check(model: GPT, idx: torch.Tensor, settings: LeakageSettings |
     """Run the three tests on model and on its mask-off copy, for the prompt idx (1, T), T >= 2."""
     s = settings or LeakageSettings()
     if idx.shape[1] < 2:
-        raise ValueError("the leakage check needs a prompt of at least 2 tokens (leakage.seq_len >= 2)")
+        raise ValueError("the leakage check needs a prompt of at least 2 tokens (seq_len >= 2, or a longer prompt)")
     masked = _checks("mask on" if model.config.causal else "as configured (causal=False)", model, idx, s,
                      autocast, other_impl=True)
     unmasked = _checks("mask removed", variant(model, causal=False), idx, s, autocast, other_impl=False)

@@ -14,8 +14,6 @@ import torch
 
 from .leakage import LeakageReport, ModelChecks
 
-FP32_EPS = torch.finfo(torch.float32).eps
-
 
 def fmt(x: float) -> str:
     """Exact zeros print as 0.0 (they are exact, not rounded); anything else in scientific notation."""
@@ -87,21 +85,25 @@ def _consistency_lines(r: LeakageReport) -> list[str]:
     return lines
 
 
-def format_report(r: LeakageReport, header: str) -> str:
+def format_report(r: LeakageReport, header: str, dtype: torch.dtype = torch.float32) -> str:
     """The printed report: the three tests side by side with the control, then the verdict."""
     lines = [header, ""] + _perturbation_table(r) + [""] + _influence_lines(r) + [""] + _consistency_lines(r)
-    lines += ["", verdict_line(r)]
+    lines += ["", verdict_line(r, dtype)]
     return "\n".join(lines)
 
 
-def verdict_line(r: LeakageReport) -> str:
+def verdict_line(r: LeakageReport, dtype: torch.dtype = torch.float32) -> str:
+    """One line: PASS / LEAK / INCONCLUSIVE, with the numbers that justify it. dtype: the precision
+    the forward passes ran in, whose resolution puts the mask-off numbers in scale."""
     leak_off = r.unmasked.perturbation.max_past
+    eps = torch.finfo(dtype).eps
+    dtype_word = str(dtype).removeprefix("torch.")
     match r.verdict:
         case "PASS":
             return (f"PASS: with the mask nothing reaches the past from the future (largest change 0.0"
                     f"{'' if r.settings.tolerance == 0 else f', tolerance {fmt(r.settings.tolerance)}'}); "
                     f"the same tests on the same weights without the mask find changes up to {fmt(leak_off)} "
-                    f"(float32 resolution {fmt(FP32_EPS)}).")
+                    f"({dtype_word} resolution {fmt(eps)}).")
         case "LEAK":
             return "LEAK: information from the future reaches earlier positions: " + "; ".join(r.leaks)
         case _:
