@@ -144,6 +144,13 @@ def generate(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: tor
     shown = tok.decode(ids) if text else ""  # the (possibly cropped) prompt; not the start token
     if cfg.compile:
         compile_for_generation(model)
+        # One greedy generation of the same length compiles every shape the timed ones will meet
+        # (prefill, decode at each cache length, the re-prefill past block_size), so tokens/s
+        # measures the compiled code; greedy draws nothing from the sampling generator.
+        log.info("compiling: one warm-up generation of %d tokens (kept out of tokens/s)", cfg.max_new_tokens)
+        with autocast(device, dtype):
+            model.generate(torch.tensor([ids], device=device), cfg.max_new_tokens, temperature=0.0,
+                           use_cache=cfg.use_cache)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def write(piece: str) -> None:
