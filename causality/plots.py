@@ -43,8 +43,9 @@ def _label_axes(ax, labels: list[str] | None, n: int, xlabel: str, ylabel: str) 
         ax.set_xticklabels([str(i) for i in ticks], fontsize=7)
         ax.set_yticklabels([str(i) for i in ticks], fontsize=7)
     else:
-        ax.set_xticklabels([labels[i] for i in ticks], rotation=90, fontsize=7)
-        ax.set_yticklabels([f"{labels[i]} {i}" for i in ticks], fontsize=7)
+        shown = [labels[i].replace("$", r"\$") for i in ticks]  # a pair of $ would start matplotlib's mathtext
+        ax.set_xticklabels(shown, rotation=90, fontsize=7)
+        ax.set_yticklabels([f"{text} {i}" for text, i in zip(shown, ticks, strict=True)], fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
 
