@@ -7,6 +7,13 @@
     python sample.py mode=leakage ckpt=<run dir>        # ... on a trained model (exit 1 if it leaks)
     python sample.py mode=attention prompt="To be, or not to be"   # attention heatmaps per head
 
+Hydra's override grammar wants quotes around text with non-ASCII characters, newlines or
+brackets: `python sample.py "prompt='Où est-il ?'"`, or use prompt=- (stdin) or prompt_file=.
+
+Exit status: 0 done; 2 a user error (one line on stderr); mode=leakage 1 when information from the
+future reaches the past, 3 when the mask-off control shows no leakage either (inconclusive);
+mode=attention 1 when a causal model gives weight to a later token.
+
 Every option is documented in SampleConfig below; configs/sample.yaml chooses the defaults. The
 console belongs to this file: generated text goes to stdout, everything else (progress, warnings,
 tokens/s) to stderr, so `python sample.py > out.txt` keeps just the text. User errors end as one
@@ -262,7 +269,7 @@ def log_images(cfg: SampleConfig, out: Path, images: dict[str, Path], values: di
 # ---- entry point -------------------------------------------------------------------------------
 def run(cfg: SampleConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
         stderr: TextIO = sys.stderr) -> int:
-    """Run one mode; returns the exit status (leakage: 0 pass, 1 leak, 3 inconclusive)."""
+    """Run one mode; returns the exit status (see the top of this file)."""
     device, dtype = resolve(cfg.device, cfg.precision)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
