@@ -16,13 +16,8 @@ import torch
 
 from data.tokenizer import Tokenizer, tokenizer_from_json
 from model import GPT, ModelConfig
-from model.checkpoint import (
-    CHECKPOINT_NAMES,
-    CheckpointError,
-    load_checkpoint,
-    model_from_checkpoint,
-    resolve_checkpoint,
-)
+from model.checkpoint import CHECKPOINT_NAMES, CheckpointError, model_from_checkpoint, resolve_checkpoint
+from model.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +58,16 @@ def find_latest_run(root: str | os.PathLike) -> Path:
 
 def load_from_checkpoint(ckpt: str | os.PathLike | None, outputs_dir: str | os.PathLike,
                          device: torch.device) -> Loaded:
-    """Load a checkpoint file or run directory (None: the newest run under outputs_dir)."""
+    """Load a checkpoint file or run directory (None: the newest run under outputs_dir), our
+    safetensors export (scripts/export.py) or a local Hugging Face GPT-2 directory."""
     target = Path(ckpt) if ckpt else find_latest_run(outputs_dir)
-    path = resolve_checkpoint(target)  # a run directory -> its best.pt or last.pt
-    payload = load_checkpoint(path, map_location="cpu")
+    payload = load_pretrained(target, device="cpu")
+    is_checkpoint = payload["source"] == "checkpoint"
+    path = resolve_checkpoint(target) if is_checkpoint else target  # a run directory -> best.pt or last.pt
     model = model_from_checkpoint(payload, device=device).eval()
     tokenizer = tokenizer_from_json(payload["tokenizer"]) if payload.get("tokenizer") else None
-    log.info("loaded %s (step %s)", path, payload.get("step"))
-    return Loaded(model, tokenizer, str(path), run_dir_of(path), payload.get("step"))
+    log.info("loaded %s (%s, step %s)", path, payload["source"], payload.get("step"))
+    return Loaded(model, tokenizer, str(path), run_dir_of(path) if is_checkpoint else None, payload.get("step"))
 
 
 def random_init(config: ModelConfig, seed: int, device: torch.device) -> Loaded:

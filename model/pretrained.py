@@ -89,7 +89,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     Raises CheckpointError (a ValueError) naming the path when it is none of these."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist; {_ACCEPTED}")
+        raise CheckpointError(f"checkpoint {path} does not exist; {_ACCEPTED}")
     if is_export_dir(path):
         return load_export(path, device)
     if is_hf_gpt2_dir(path):
