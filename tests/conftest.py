@@ -70,3 +70,15 @@ def run_script(args: list[str], env: dict | None = None, timeout: float = 120,
                 "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, *(["-m", "torch.distributed.run", *args[1:]] if args[0] == "torchrun" else args)]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need CUDA: skip them cleanly on a machine without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
