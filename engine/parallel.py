@@ -13,12 +13,6 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 from model.checkpoint import unwrap_model
 
@@ -60,24 +54,42 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def is_sharded(model: nn.Module) -> bool:
+    """True for an FSDP2-sharded model (its parameters are DTensors)."""
+    return any(hasattr(p, "full_tensor") for p in unwrap_model(model).parameters())
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
-    """Full model and optimizer state dicts on CPU (collective under FSDP: call on every rank;
-    rank 0 gets the tensors). The optimizer's state is keyed by parameter name, not position."""
+    """Full model and optimizer state dicts on CPU, the optimizer's keyed by parameter name (not
+    position), so that one process, DDP and FSDP read each other's checkpoints. Under FSDP this is a
+    collective (call on every rank) that gathers the shards."""
     model = unwrap_model(model)
-    msd = get_model_state_dict(model, options=_FULL)
+    if is_sharded(model):
+        # torch.distributed.checkpoint is imported only here: it costs ~0.7 s of start-up otherwise.
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(model, options=options)
+        # Before the first step get_optimizer_state_dict would initialise the state by running a step
+        # with lr=0, which bumps Adam's step counter (its bias correction) in the live optimizer.
+        if optimizer is None or not optimizer.state:
+            return model_sd, None if optimizer is None else _named_optim_state(model, optimizer.state_dict(), optimizer)
+        return model_sd, get_optimizer_state_dict(model, optimizer, options=options)
+    model_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if optimizer is None:
-        return msd, None
-    if not optimizer.state:
-        # Before the first step: get_optimizer_state_dict would initialise the state by running a
-        # step with lr=0, which bumps Adam's step counter (its bias correction) in the live optimizer.
-        names = {id(p): n for n, p in model.named_parameters()}
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
-                  for g in optimizer.param_groups]
-        return msd, {"state": {}, "param_groups": groups}
-    return msd, get_optimizer_state_dict(model, optimizer, options=_FULL)
+        return model_sd, None
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                   for i, s in sd["state"].items()}
+    return model_sd, _named_optim_state(model, sd, optimizer)
+
+
+def _named_optim_state(model: nn.Module, sd: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() (keyed by position across groups) re-keyed by parameter name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {order[i]: s for i, s in sd["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
@@ -85,8 +97,20 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, opt
     shards under FSDP). Weights are loaded into the plain model before wrapping, with load_state_dict."""
     if not optim_sd["state"]:  # saved before the first step: the fresh optimizer is that state already
         return
-    set_optimizer_state_dict(unwrap_model(model), optimizer, optim_sd,
-                             options=StateDictOptions(full_state_dict=True))
+    model = unwrap_model(model)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    missing = set(index) - set(n for g in optim_sd["param_groups"] for n in g["params"])
+    if missing:
+        raise ValueError(f"the checkpoint's optimizer state lacks parameters {sorted(missing)[:3]}...; "
+                         "it was written for another model")
+    optimizer.load_state_dict({
+        "state": {index[n]: s for n, s in optim_sd["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_sd["param_groups"]]})
 
 
 def gather_objects(obj: object, rt: Runtime) -> list:
