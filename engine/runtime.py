@@ -158,7 +158,7 @@ def _keep_freed_memory() -> None:
     A training step frees and re-allocates the same activation buffers (MBs each) every step. By
     default glibc serves blocks above its mmap threshold with fresh mmaps and trims the heap after
     large frees, so each step page-faults its activations in again (about 2,000 faults a step for
-    the tiny model): measured 47 -> 42 ms a step on 2 cores (BENCHMARKS_TRAIN.md). Memory is not
+    the tiny model): measured 47 -> 42 ms a step on 2 cores (BENCHMARKS.md). Memory is not
     returned to the system until exit, which a training process does not need anyway.
     """
     try:

@@ -2,7 +2,7 @@
 
     python scripts/bench_train.py                                   # nanoGPT's CPU recipe: 4/4/128, T=64, B=12
     python scripts/bench_train.py --preset gpt2 --batch-size 16 --precision bf16 --compile true   # a GPU
-    python scripts/bench_train.py --data /work/shared/data/tinyshakespeare.txt --steps 200
+    python scripts/bench_train.py --data path/to/tinyshakespeare.txt --steps 200
 
 Each step is train.py's optimisation step (forward and backward under autocast, GradScaler for fp16,
 gradient clipping, AdamW, the per-step loss sync of the NaN guard), timed one by one; the output has

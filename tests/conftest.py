@@ -1,7 +1,7 @@
 """Shared fixtures for the training tests: a small corpus on disk, a private data cache, and the
 real Hydra configs composed with small overrides (the model shrunk to a few thousand parameters).
 
-Tests never touch ~/.cache, the network or /work/shared: the corpus is generated here and the
+Tests never touch ~/.cache, the network or files outside the repository: the corpus is generated here and the
 prepared data lives in a session temp dir (prepared once, then a cache hit for every test).
 """
 
