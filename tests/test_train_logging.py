@@ -61,10 +61,12 @@ def test_wandb_mode_follows_config_environment_and_login(monkeypatch):
         assert wandb_mode(LoggerConfig()) == expected
 
 
-def test_logger_none_does_not_import_wandb(tiny_overrides, monkeypatch):
+def test_logger_none_does_not_import_wandb(tiny_overrides, monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
     monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` now raises ImportError
-    train.train(compose_train([*tiny_overrides, "max_iters=2"]))
+    train.train(compose_train([*tiny_overrides, "max_iters=2"]))  # would fail on an import of wandb
+    assert sys.modules["wandb"] is None
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()  # the run still logged, without W&B
 
 
 def test_metrics_jsonl_drops_the_replayed_part_on_resume(tmp_path):
