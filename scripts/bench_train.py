@@ -1,6 +1,6 @@
 """Training-step throughput: a fixed configuration run for N steps after a warm-up, one JSON line out.
 
-    python scripts/bench_train.py                                   # nanoGPT's CPU recipe: 4/4/128, T=64, B=12
+    python scripts/bench_train.py --norm pre --bias false           # nanoGPT's CPU recipe: 4/4/128, T=64, B=12
     python scripts/bench_train.py --preset gpt2 --batch-size 16 --precision bf16 --compile true   # a GPU
     python scripts/bench_train.py --data path/to/tinyshakespeare.txt --steps 200
 
@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-embd", type=int), p.add_argument("--block-size", type=int)
     p.add_argument("--norm", choices=["post", "pre"]), p.add_argument("--pos", choices=["learned", "sinusoidal", "rope"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "explicit"])
+    p.add_argument("--bias", default="true", choices=["true", "false"], help="biases in Linear/LayerNorm")
     p.add_argument("--vocab-size", type=int, default=65, help="for random data (default: tiny Shakespeare's 65)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per step")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {k: v for k, v in dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                                        block_size=args.block_size, norm=args.norm, pos=args.pos).items()
                  if v is not None}
-    base = ModelConfig(preset=args.preset, attn=args.attn, **overrides)
+    base = ModelConfig(preset=args.preset, attn=args.attn, bias=args.bias == "true", **overrides)
     next_batch, vocab = make_batches(args, base.block_size, rt.device)
     torch.manual_seed(args.seed)
     cfg = ModelConfig(**{**base.to_dict(), "vocab_size": max(vocab, base.vocab_size or 0)})
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
         or platform.machine(),
         "torch": torch.__version__, "dtype": rt.precision, "compile": rt.compile, "attn": args.attn,
         "threads": torch.get_num_threads(), "fused_adamw": optimizer.defaults.get("fused"),
-        "model": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "norm", "pos")},
+        "model": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "norm",
+                                               "pos", "bias")},
         "params": model.num_params(), "batch_size": args.batch_size, "accum": args.accum,
         "steps": args.steps, "warmup_s": round(warmup_s, 3),
         "ms_per_iter_median": round(1000 * median, 3), "ms_per_iter_mean": round(1000 * statistics.mean(times), 3),
