@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import cli
+from data.config import DataError
 from data.loader import BatchLoader
 from data.prepare import prepare, read_meta
 from data.tokenizer import load_tokenizer
@@ -69,6 +70,7 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
     if ckpt is not None:
         check_resumable(ckpt, ckpt_path)
         model_cfg = ModelConfig(**ckpt["model_config"])  # the checkpoint's architecture wins
+        _warn_if_changed(ckpt, _with_vocab(cfg.model, meta["vocab_size"]), meta)
     elif cfg.init_from:
         model_cfg, init_weights = _init_from(cfg.init_from, cfg.model, tokenizer.to_json())
     else:
@@ -89,14 +91,15 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
 
     # Micro-batch g = rank * accum + micro of every step comes from stream g of world * accum streams,
     # so a step sees the same windows however it is split between processes and accumulation.
-    T, accum, n_streams = model_cfg.block_size, cfg.gradient_accumulation_steps, rt.world_size * cfg.gradient_accumulation_steps
+    T, accum = model_cfg.block_size, cfg.gradient_accumulation_steps
+    n_streams = rt.world_size * accum
     streams = [BatchLoader(prepared, "train", cfg.batch_size, T, device=rt.device, seed=cfg.seed,
                            rank=rt.rank * accum + m, world_size=n_streams) for m in range(accum)]
     for loader in streams:
         loader.load_state_dict(ckpt["loader_state"] if ckpt is not None else {"step": 0, "seed": cfg.seed})
     eval_sets = {s: fixed_batches(prepared, s, cfg.batch_size, T, cfg.eval_iters, rt) for s in ("train", "val")}
     lockstep = rt.distributed and cfg.distributed == "fsdp"
-    prompt = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")[:1] or [0]
+    prompt = _sample_prompt(tokenizer)
 
     static = {"model_config": model_cfg.to_dict(), "tokenizer": tokenizer.to_json(),
               "config": dataclasses.asdict(cfg), "data": {"prepared_dir": str(prepared), "meta": meta}}
@@ -240,6 +243,28 @@ def _same_vocabulary(a: str, b: str) -> bool:
     ja, jb = json.loads(a), json.loads(b)
     keys = ("model", "added_tokens", "pre_tokenizer", "normalizer")
     return "model" in ja and all(ja.get(k) == jb.get(k) for k in keys)
+
+
+def _warn_if_changed(ckpt: dict, model_cfg: ModelConfig, meta: dict) -> None:
+    """Resuming keeps the checkpoint's model; say so when this run's config or data differ from it."""
+    changed = {k: (v, model_cfg.to_dict()[k]) for k, v in ckpt["model_config"].items()
+               if model_cfg.to_dict().get(k) != v}
+    if changed:
+        log.warning("resuming with the checkpoint's model; ignoring changed model settings %s",
+                    ", ".join(f"model.{k}: {old} -> {new}" for k, (old, new) in changed.items()))
+    if ckpt.get("data", {}).get("meta", {}).get("fingerprint") != meta.get("fingerprint"):
+        log.warning("resuming on other data than the checkpoint was trained on (prepared data fingerprint "
+                    "differs): the data order cannot match an uninterrupted run")
+
+
+def _sample_prompt(tokenizer) -> list[int]:
+    """The first token of the eval samples: end-of-text when the vocabulary has one, else a newline."""
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id]
+    try:
+        return tokenizer.encode("\n")[:1] or [0]
+    except DataError:  # a char vocabulary without "\n"
+        return [0]
 
 
 def _peak_memory_mb(rt: Runtime) -> float:

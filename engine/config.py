@@ -55,7 +55,7 @@ class OptimConfig:
     decay_iters: int | None = None
     # wsd only: the fraction of max_iters spent in the final decay.
     decay_fraction: float = 0.2
-    # Fused AdamW kernel: null = where it is fastest (CUDA, and CPU: see BENCHMARKS.md).
+    # Fused AdamW kernel; null = fused on CUDA and CPU (on CPU no faster than foreach: BENCHMARKS.md).
     fused: bool | None = None
 
     def __post_init__(self) -> None:

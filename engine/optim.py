@@ -31,7 +31,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
     """AdamW over param_groups(model). fused=None picks the fused kernel: one kernel for all
-    parameters on CUDA, and the fastest of torch's CPU implementations too (BENCHMARKS.md)."""
+    parameters on CUDA; on CPU it measured the same as foreach (BENCHMARKS.md) and is used too."""
     fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              eps=cfg.eps, fused=fused)

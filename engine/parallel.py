@@ -67,13 +67,18 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tup
     if is_sharded(model):
         # torch.distributed.checkpoint is imported only here: it costs ~0.7 s of start-up otherwise.
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(model, options=options)
-        # Before the first step get_optimizer_state_dict would initialise the state by running a step
-        # with lr=0, which bumps Adam's step counter (its bias correction) in the live optimizer.
-        if optimizer is None or not optimizer.state:
-            return model_sd, None if optimizer is None else _named_optim_state(model, optimizer.state_dict(), optimizer)
+        if optimizer is None:
+            return model_sd, None
+        if not optimizer.state:
+            # Before the first step get_optimizer_state_dict would initialise the state by running a
+            # step with lr=0, which bumps Adam's step counter (its bias correction) in the live optimizer.
+            return model_sd, _named_optim_state(model, optimizer.state_dict(), optimizer)
         return model_sd, get_optimizer_state_dict(model, optimizer, options=options)
     model_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if optimizer is None:

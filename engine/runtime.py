@@ -19,9 +19,11 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s by GPU name (vendor data sheets), for MFU. `peak_flops=` overrides it.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-              "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+# Dense bf16/fp16 tensor-core peak FLOP/s by GPU name (vendor data sheets), for MFU; the first
+# matching name wins, so specific names come first. `peak_flops=` overrides it.
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+              ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+              ("V100", 125e12)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -64,7 +66,7 @@ class Runtime:
             return float(override)
         if self.device_type == "cuda":
             name = torch.cuda.get_device_name(self.device)
-            for key, flops in PEAK_FLOPS.items():
+            for key, flops in PEAK_FLOPS:
                 if key in name:
                     return flops if self.precision != "fp32" else None  # fp32 peaks differ: no guess
         return None
@@ -157,9 +159,9 @@ def _keep_freed_memory() -> None:
 
     A training step frees and re-allocates the same activation buffers (MBs each) every step. By
     default glibc serves blocks above its mmap threshold with fresh mmaps and trims the heap after
-    large frees, so each step page-faults its activations in again (about 2,000 faults a step for
-    the tiny model): measured 47 -> 42 ms a step on 2 cores (BENCHMARKS.md). Memory is not
-    returned to the system until exit, which a training process does not need anyway.
+    large frees, so each step page-faults its activations in again: about 2,000 faults a step for
+    the tiny model, gone with this (BENCHMARKS.md, training). Freed memory then stays with the
+    process until it exits, which a training process does not mind.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -171,9 +173,9 @@ def _keep_freed_memory() -> None:
 
 
 def _set_cpu_threads(threads: int, local_world_size: int) -> None:
-    """threads=0: the cores this process may use, shared among the ranks on this machine. torchrun
-    sets OMP_NUM_THREADS=1 by default (to avoid oversubscription), which would waste the cores
-    when only a few ranks run on a many-core machine; an explicit OMP_NUM_THREADS from the user wins."""
+    """threads=N: exactly N. threads=0: an explicit OMP_NUM_THREADS outside torchrun is respected;
+    otherwise the cores this process may use, shared among the ranks on this machine. (torchrun
+    exports OMP_NUM_THREADS=1 to every worker, which would leave cores idle with few ranks.)"""
     if threads == 0:
         if os.environ.get("OMP_NUM_THREADS") and "TORCHELASTIC_RUN_ID" not in os.environ:
             return

@@ -36,11 +36,11 @@ def plot(records: list[dict], out: Path, log_y: bool = False, title: str | None 
     for key, label, style in SERIES:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
-            ax.plot(*zip(*points), label=label, **style)
+            ax.plot(*zip(*points, strict=True), label=label, **style)
     lrs = [(r["step"], r["lr"]) for r in records if r.get("lr") is not None]
     if lrs:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*lrs), color="grey", ls="--", lw=1, label="lr")
+        ax2.plot(*zip(*lrs, strict=True), color="grey", ls="--", lw=1, label="lr")
         ax2.set_ylabel("learning rate")
         ax2.legend(loc="center right", fontsize=8)
     ax.set_xlabel("step")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import socket
 
 import pytest
 import torch
@@ -104,7 +103,7 @@ def test_cosine_schedule():
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55)  # half way: (max + min) / 2
     assert lrs[110] == lrs[119] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warmup
+    assert all(a >= b for a, b in zip(lrs[10:-1], lrs[11:], strict=True))  # monotone decay after warmup
 
 
 def test_wsd_and_constant_schedules():
@@ -150,3 +149,14 @@ def test_register_configs_is_idempotent():
     cli.register_configs()
     cli.register_configs()
     assert math.isfinite(compose_train(["optim.lr=3e-4"]).optim.lr)
+
+
+def test_peak_flops_for_mfu_by_gpu_name(monkeypatch):
+    from engine.runtime import Runtime
+    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA L40S", "Tesla T4"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    gpu = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cuda"), precision="bf16", compile=True)
+    assert [gpu.peak_flops() for _ in range(5)] == [989e12, 756e12, 312e12, 362e12, None]
+    assert gpu.peak_flops(override=1e12) == 1e12
+    cpu = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), precision="fp32", compile=False)
+    assert cpu.peak_flops() is None and cpu.peak_flops(override=2e11) == 2e11  # no MFU on CPU unless given

@@ -45,7 +45,7 @@ def _torchrun(args: list[str], tmp_path: Path):
 @pytest.mark.slow
 def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(recipe, tmp_path):
     single = train.train(compose_train([*recipe, "gradient_accumulation_steps=2", f"out_dir={tmp_path / 'one'}"]))
-    other_windows = train.train(compose_train([*recipe, "batch_size=8", f"out_dir={tmp_path / 'other'}"]))
+    train.train(compose_train([*recipe, "batch_size=8", f"out_dir={tmp_path / 'other'}"]))
 
     # DDP: no out_dir, so the run directory comes from Hydra (hydra.run.dir with the shared stamp).
     _torchrun([*recipe, f"hydra.run.dir={tmp_path}/ddp/${{run_stamp:}}"], tmp_path)

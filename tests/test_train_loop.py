@@ -134,3 +134,11 @@ def test_model_vocab_size_is_filled_from_data_and_checked(tiny_overrides):
         train.train(compose_train([*tiny_overrides, "model.vocab_size=5"]))
     result = train.train(compose_train([*tiny_overrides, "model.vocab_size=40", "max_iters=1"]))
     assert torch.load(result["checkpoint"], weights_only=True)["model_config"]["vocab_size"] == 40
+
+
+def test_init_from_refuses_data_with_another_tokenizer(trained, tiny_overrides, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("0123456789 xyz\n" * 400, encoding="utf-8")  # another character set
+    overrides = [*tiny_overrides, f"data.path={other}", f"init_from={trained[1]['run_dir']}"]
+    with pytest.raises(ValueError, match="uses another tokenizer than this run's data"):
+        train.train(compose_train(overrides))

@@ -1,0 +1,11 @@
+"""The training engine: small helpers that train.py's loop calls. No Hydra here (they take dataclasses).
+
+- config.py     TrainConfig, OptimConfig, LoggerConfig: the schemas of configs/train.yaml, optim/, logger/
+- runtime.py    setup_runtime(): rank, world size, device, precision, autocast, compile, CPU threads
+- parallel.py   DDP / FSDP2 wrapping, gradient-sync toggling, full (unsharded) state dicts
+- optim.py      AdamW with decay on 2-D weights only; warmup + cosine / WSD / constant schedules
+- state.py      checkpoint payloads, RNG states, what resume= means, LoopState, TrainingError
+- evaluate.py   loss over fixed batches (DDP/FSDP-aware), a generated sample
+- metrics.py    metrics.jsonl and Weights & Biases (imported lazily)
+- signals.py    SIGTERM / Ctrl-C: save last.pt, then stop cleanly
+"""
