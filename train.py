@@ -163,8 +163,9 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
             loss_sum += loss.detach()
             scaler.scale(loss / accum).backward()
         scaler.unscale_(optimizer)  # so the norm and clipping see true gradients (fp16)
-        grad_norm = clip_grad_norm(model, cfg.grad_clip).item()
-        train_loss = loss_sum.item() / accum  # one host sync per step, for the NaN guard below
+        norm = clip_grad_norm(model, cfg.grad_clip)
+        # One host sync per step, for the NaN guard below.
+        train_loss, grad_norm = torch.stack([loss_sum / accum, norm.to(loss_sum)]).tolist()
         # fp16 overflows are the GradScaler's business (it skips those steps itself); a non-finite
         # loss, or norm without a scaler, means divergence: skip the update, on every rank alike.
         bad = not math.isfinite(train_loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm))
@@ -287,10 +288,13 @@ def main(dcfg: DictConfig) -> float | None:
     with logging_redirect_tqdm():
         result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        how = "stopped early (resume with resume=auto)" if result["stopped"] else "done"
         final = f", final val {result['final_val']:.4f}" if "final_val" in result else ""
-        print(f"\n{how}: step {result['step']}, best val {result['best_val']:.4f}{final}")
+        print(f"\n{'stopped early' if result['stopped'] else 'done'}: step {result['step']}, "
+              f"best val {result['best_val']:.4f}{final}")
         print(f"checkpoint: {result['checkpoint']}")
+        if result["stopped"]:  # the same overrides, pointed at this run's directory
+            keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "out_dir="))]
+            print(f"resume:     python train.py {' '.join([*keep, 'resume=auto', 'out_dir=' + result['run_dir']])}")
         print(f"try it:     python sample.py ckpt={result['run_dir']}")
     return result.get("final_val", result["best_val"])  # the value a Hydra sweeper would minimise
 

@@ -100,11 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
             loss_sum += loss.detach()
             scaler.scale(loss / args.accum).backward()
         scaler.unscale_(optimizer)
-        clip_grad_norm(model, 1.0).item()
+        norm = clip_grad_norm(model, 1.0)
+        loss, _ = torch.stack([loss_sum / args.accum, norm.to(loss_sum)]).tolist()  # train.py's one sync
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return loss_sum.item() / args.accum  # the host sync train.py does every step
+        return loss
 
     t_start = time.perf_counter()
     for _ in range(args.warmup):

@@ -90,6 +90,8 @@ def test_sigterm_saves_last_pt_and_exits_cleanly(tiny_overrides, tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "SIGTERM received" in out + err and "stopped early" in out
+    assert f"resume:     python train.py {' '.join(args)} max_iters=100000" in out
+    assert f"resume=auto out_dir={run}" in out
     last = torch.load(run / "last.pt", weights_only=True)
     assert 3 <= last["step"] < 100000
     assert last["loader_state"]["step"] == last["step"]
