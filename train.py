@@ -12,7 +12,6 @@ Configs: configs/train.yaml, documented field by field in engine/config.py.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -38,7 +37,16 @@ from engine.optim import build_optimizer, lr_at, set_lr
 from engine.parallel import clip_grad_norm, grad_sync, load_optimizer_state, main_first, wrap_model
 from engine.runtime import Runtime, setup_runtime
 from engine.signals import StopRequest
-from engine.state import LoopState, TrainingError, check_resumable, restore_rng, resume_path, save_state
+from engine.state import (
+    LoopState,
+    TrainingError,
+    check_resumable,
+    restore_rng,
+    resume_path,
+    same_vocabulary,
+    save_state,
+    warn_if_resume_differs,
+)
 from model import GPT, ModelConfig
 from model.checkpoint import load_checkpoint
 from model.pretrained import load_pretrained
@@ -70,7 +78,7 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
     if ckpt is not None:
         check_resumable(ckpt, ckpt_path)
         model_cfg = ModelConfig(**ckpt["model_config"])  # the checkpoint's architecture wins
-        _warn_if_changed(ckpt, _with_vocab(cfg.model, meta["vocab_size"]), meta)
+        warn_if_resume_differs(ckpt, _with_vocab(cfg.model, meta["vocab_size"]), meta)
     elif cfg.init_from:
         model_cfg, init_weights = _init_from(cfg.init_from, cfg.model, tokenizer.to_json())
     else:
@@ -230,32 +238,10 @@ def _init_from(path: str, model_cfg: ModelConfig, tokenizer_json: str) -> tuple[
     Hugging Face GPT-2 directory, with this run's dropout; optimizer and step start fresh. The data
     must have been prepared with the model's tokenizer, or the token ids would mean other things."""
     src = load_pretrained(path)
-    if src.get("tokenizer") and not _same_vocabulary(src["tokenizer"], tokenizer_json):
+    if src.get("tokenizer") and not same_vocabulary(src["tokenizer"], tokenizer_json):
         raise ValueError(f"init_from={path} uses another tokenizer than this run's data; prepare the data "
                          f"with the model's tokenizer (data.tokenizer=pretrained data.tokenizer_path=...)")
     return ModelConfig(**{**src["model_config"], "dropout": model_cfg.dropout}), src["model"]
-
-
-def _same_vocabulary(a: str, b: str) -> bool:
-    """Whether two tokenizer JSONs map text to the same ids: equal, or the same `tokenizers` model
-    (vocabulary and merges) and special tokens, whatever the formatting of the files."""
-    if a == b:
-        return True
-    ja, jb = json.loads(a), json.loads(b)
-    keys = ("model", "added_tokens", "pre_tokenizer", "normalizer")
-    return "model" in ja and all(ja.get(k) == jb.get(k) for k in keys)
-
-
-def _warn_if_changed(ckpt: dict, model_cfg: ModelConfig, meta: dict) -> None:
-    """Resuming keeps the checkpoint's model; say so when this run's config or data differ from it."""
-    changed = {k: (v, model_cfg.to_dict()[k]) for k, v in ckpt["model_config"].items()
-               if model_cfg.to_dict().get(k) != v}
-    if changed:
-        log.warning("resuming with the checkpoint's model; ignoring changed model settings %s",
-                    ", ".join(f"model.{k}: {old} -> {new}" for k, (old, new) in changed.items()))
-    if ckpt.get("data", {}).get("meta", {}).get("fingerprint") != meta.get("fingerprint"):
-        log.warning("resuming on other data than the checkpoint was trained on (prepared data fingerprint "
-                    "differs): the data order cannot match an uninterrupted run")
 
 
 def _sample_prompt(tokenizer) -> list[int]:

@@ -1,12 +1,14 @@
 """What a checkpoint holds beyond the weights, and how the loop gets it back.
 
 RNG states are converted to plain lists, ints and tensors so that the checkpoint loads with
-`torch.load(weights_only=True)`; `resume_path` decides which file `resume=` means. The payload keys
-are those documented in model/checkpoint.py.
+`torch.load(weights_only=True)`; `resume_path` decides which file `resume=` means; the checks that
+a resumed or fine-tuned run fits its data live here too. The payload keys are those documented in
+model/checkpoint.py, plus "loop" (bad steps, last eval step) and "world_size".
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model import ModelConfig
 from model.checkpoint import CheckpointError, save_checkpoint
 
 from .parallel import full_state, gather_objects
@@ -119,3 +122,25 @@ def restore_rng(ckpt: dict, rt: Runtime) -> None:
     """Put back this rank's generators (rank 0's when the world size changed)."""
     rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
     set_rng_state(rngs[rt.rank] if len(rngs) == rt.world_size else rngs[0])
+
+
+def warn_if_resume_differs(ckpt: dict, model_cfg: ModelConfig, meta: dict) -> None:
+    """Resuming keeps the checkpoint's model; say so when this run's config or data differ from it."""
+    changed = {k: (v, model_cfg.to_dict()[k]) for k, v in ckpt["model_config"].items()
+               if model_cfg.to_dict().get(k) != v}
+    if changed:
+        log.warning("resuming with the checkpoint's model; ignoring changed model settings %s",
+                    ", ".join(f"model.{k}: {old} -> {new}" for k, (old, new) in changed.items()))
+    if ckpt.get("data", {}).get("meta", {}).get("fingerprint") != meta.get("fingerprint"):
+        log.warning("resuming on other data than the checkpoint was trained on (prepared data fingerprint "
+                    "differs): the data order cannot match an uninterrupted run")
+
+
+def same_vocabulary(a: str, b: str) -> bool:
+    """Whether two tokenizer JSONs map text to the same ids: equal, or the same `tokenizers` model
+    (vocabulary and merges) and special tokens, whatever the formatting of the files."""
+    if a == b:
+        return True
+    ja, jb = json.loads(a), json.loads(b)
+    keys = ("model", "added_tokens", "pre_tokenizer", "normalizer")
+    return "model" in ja and all(ja.get(k) == jb.get(k) for k in keys)
