@@ -97,7 +97,8 @@ def resume_path(resume: str | None, out_dir: Path) -> Path | None:
         path = out_dir / "last.pt"
         if path.exists():
             return path
-        log.info("resume=auto: no %s yet, starting fresh", path)
+        log.warning("resume=auto: no %s yet, starting fresh (to continue an earlier run, pass "
+                    "out_dir=<its run directory> or resume=<its last.pt>)", path)
         return None
     path = Path(resume).expanduser()
     if path.is_dir():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .positions import apply_rope, rope_angles
+from .positions import apply_rope, rope_table
 
 
 class KVCache:
@@ -62,7 +62,7 @@ class MaskedMultiHeadAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_size = config.n_head, config.head_size
         self.impl, self.causal, self.pos = config.attn, config.causal, config.pos
-        self.rope_theta = config.rope_theta
+        self.rope_theta, self.block_size = config.rope_theta, config.block_size
         # The query, key and value projections stacked in one matrix: one matmul instead of three.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # output projection
@@ -85,9 +85,9 @@ class MaskedMultiHeadAttention(nn.Module):
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         if self.pos == "rope":
-            positions = torch.arange(start_pos, start_pos + T, device=x.device)
-            cos, sin = rope_angles(positions, self.head_size, self.rope_theta)  # (T, hs/2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            freqs = rope_table(self.block_size, self.head_size, self.rope_theta, x.device)  # (block_size, hs/2)
+            freqs = freqs[start_pos:start_pos + T]  # (T, hs/2)
+            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, S, hs)
         S = k.shape[2]
@@ -109,10 +109,18 @@ class MaskedMultiHeadAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y)), weights
 
     def _explicit(self, q, k, v, mask):
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size))  # (B, nh, T, S)
-        if mask is not None:
-            # M = 0 where allowed and -inf where not: added before the softmax, so exp(-inf) = 0.
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = F.softmax(scores.float(), dim=-1).type_as(q)  # (B, nh, T, S), rows sum to 1
-        y = self.attn_dropout(weights) @ v  # matrix product: (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
-        return y, weights
+        B, nh, T, hs = q.shape
+        S = k.shape[2]
+        # M = 0 where allowed and -inf where not, added before the softmax, so exp(-inf) = 0.
+        if mask is None:
+            additive = q.new_zeros(1, 1)  # (1, 1): nothing masked
+        else:
+            additive = torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+            if additive.dim() == 4:  # a padding mask (B|1, nh|1, T, S): one (T, S) slice per head
+                additive = additive.expand(B, nh, T, S).reshape(B * nh, T, S)  # (B*nh, T, S)
+        # Q K^T / sqrt(hs) + M in one fused multiply-add over all B*nh heads (the fastest form on CPU).
+        scores = torch.baddbmm(additive, q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2),
+                               alpha=1.0 / math.sqrt(hs))  # (B*nh, T, S)
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).type_as(q)  # (B*nh, T, S), rows sum to 1
+        y = torch.bmm(self.attn_dropout(weights), v.reshape(B * nh, S, hs))  # (B*nh, T, S) @ (B*nh, S, hs)
+        return y.view(B, nh, T, hs), weights.view(B, nh, T, S)

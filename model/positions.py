@@ -24,17 +24,32 @@ def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
     return table
 
 
-def rope_angles(positions: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles for the given positions; each (T, hs/2), float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, device=positions.device,
-                                             dtype=torch.float32) / head_size))  # (hs/2,)
-    angles = positions.float().unsqueeze(1) * inv_freq  # (T, hs/2)
-    return angles.cos(), angles.sin()
+def rope_frequencies(n_pos: int, head_size: int, theta: float, device: torch.device | str | None = None,
+                     ) -> torch.Tensor:
+    """The rotations of positions 0..n_pos-1 as unit complex numbers e^(i p w_j), w_j = theta^(-2j/hs);
+    (n_pos, hs/2) complex64."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    angles = torch.arange(n_pos, device=device, dtype=torch.float32).unsqueeze(1) * inv_freq  # (n_pos, hs/2)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (B, nh, T, hs) by the angles in cos/sin (T, hs/2)."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, nh, T, hs/2, 2)
-    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, nh, T, hs/2, 2)
-    return rotated.flatten(-2).type_as(x)  # (B, nh, T, hs)
+_ROPE_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def rope_table(n_pos: int, head_size: int, theta: float, device: torch.device) -> torch.Tensor:
+    """rope_frequencies, computed once per (size, device) and reused by every layer and step; under
+    torch.compile it is recomputed in the graph instead (the compiler folds it)."""
+    if torch.compiler.is_compiling():
+        return rope_frequencies(n_pos, head_size, theta, device)
+    key = (n_pos, head_size, theta, str(device))
+    if key not in _ROPE_TABLES:
+        with torch.inference_mode(False):  # usable by autograd later, even if first built while sampling
+            _ROPE_TABLES[key] = rope_frequencies(n_pos, head_size, theta, device)
+    return _ROPE_TABLES[key]
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (B, nh, T, hs), read as complex numbers x_2i + i x_2i+1,
+    by the rotations freqs (T, hs/2): one complex multiply per pair."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, nh, T, hs/2) complex
+    return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)  # (B, nh, T, hs)
