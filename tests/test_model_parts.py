@@ -197,3 +197,50 @@ def test_targets_may_be_a_non_contiguous_slice():
     seq = torch.randint(0, VOCAB, (2, 9))
     _, loss = model(seq[:, :-1], seq[:, 1:])
     assert torch.isfinite(loss)
+
+
+def test_rope_rotates_each_channel_pair_by_position_times_frequency():
+    from model.positions import apply_rope, rope_table
+    hs, T, start, theta = 8, 5, 3, 10000.0
+    x = torch.randn(2, 3, T, hs)  # (B, nh, T, hs)
+    got = apply_rope(x, rope_table(16, hs, theta, x.device)[start:start + T])
+    want = torch.empty_like(x)
+    for t in range(T):
+        for i in range(hs // 2):
+            angle = (start + t) * theta ** (-2 * i / hs)
+            c, s = math.cos(angle), math.sin(angle)
+            a, b = x[..., t, 2 * i], x[..., t, 2 * i + 1]
+            want[..., t, 2 * i], want[..., t, 2 * i + 1] = a * c - b * s, a * s + b * c
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # What RoPE is for: a query-key score depends on the distance between the two positions only.
+    table = rope_table(16, hs, theta, x.device)
+    q, k = torch.randn(hs), torch.randn(hs)
+
+    def score(p_q, p_k):
+        rq = apply_rope(q.view(1, 1, 1, hs), table[p_q:p_q + 1])
+        rk = apply_rope(k.view(1, 1, 1, hs), table[p_k:p_k + 1])
+        return (rq * rk).sum().item()
+    assert score(7, 2) == pytest.approx(score(12, 7), abs=1e-5)
+
+
+def test_rope_table_first_built_while_sampling_still_trains():
+    from model import positions
+    positions._ROPE_TABLES.clear()
+    model = make(pos="rope")
+    with torch.inference_mode():  # e.g. train.py's samples at an eval, before the next step
+        model.eval().generate(torch.zeros(1, 1, dtype=torch.long), 3)
+    _, loss = model.train()(torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16)))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_explicit_and_sdpa_agree_with_a_per_sequence_padding_mask():
+    explicit, sdpa = make(attn="explicit"), make(attn="sdpa")
+    sdpa.load_state_dict(explicit.state_dict())
+    keep = torch.ones(2, 1, 1, 16, dtype=torch.bool)  # (B, 1, 1, S): sequence 1 hides keys 3 and 9
+    keep[1, ..., [3, 9]] = False
+    idx = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        a, _ = explicit(idx, attn_mask=keep)
+        b, _ = sdpa(idx, attn_mask=keep)
+    assert (a - b).abs().max() < 1e-5
