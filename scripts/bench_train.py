@@ -1,6 +1,6 @@
 """Training-step throughput: a fixed configuration run for N steps after a warm-up, one JSON line out.
 
-    python scripts/bench_train.py --norm pre --bias false           # nanoGPT's CPU recipe: 4/4/128, T=64, B=12
+    python scripts/bench_train.py --norm pre --bias false --attn explicit   # nanoGPT's CPU recipe: 4/4/128, T=64, B=12
     python scripts/bench_train.py --preset gpt2 --batch-size 16 --precision bf16 --compile true   # a GPU
     python scripts/bench_train.py --data path/to/tinyshakespeare.txt --steps 200
 
