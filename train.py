@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -129,7 +130,9 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
     log.info("%s params, %d tokens per step, run dir %s", f"{model.num_params():,}", tokens_per_step, out_dir)
     peak_flops = rt.peak_flops(cfg.peak_flops)
     start_step, stopping, train_time, last_log_step = loop.step, False, 0.0, loop.step
-    bar = tqdm(total=cfg.max_iters, initial=loop.step, disable=not rt.is_main, desc="train", dynamic_ncols=True)
+    # A progress bar on a terminal; in a log file (batch jobs, `> log`) a plain line every log_interval.
+    interactive = rt.is_main and sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_iters, initial=loop.step, disable=not interactive, desc="train", dynamic_ncols=True)
     while True:
         done = loop.step >= cfg.max_iters
 
@@ -208,7 +211,11 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
             if peak_flops:
                 record["mfu"] = flops_per_token * tok_s / (peak_flops * rt.world_size)
             logger.log(record)
-            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if interactive:
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            elif rt.is_main:
+                log.info("step %d/%d: loss %.4f, lr %.2e, %s tok/s, %.1f ms/step", loop.step, cfg.max_iters,
+                         train_loss, lr, f"{tok_s:,.0f}", record["step_ms"])
             train_time, last_log_step = 0.0, loop.step
     bar.close()
 

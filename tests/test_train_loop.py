@@ -6,6 +6,7 @@ fp16 with a GradScaler runs; fine-tuning starts from a checkpoint's weights."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -23,15 +24,19 @@ PAYLOAD_KEYS = {"format_version", "model", "model_config", "tokenizer", "config"
 
 
 @pytest.fixture
-def trained(tiny_overrides, tmp_path):
+def trained(tiny_overrides, tmp_path, caplog):
     """A 40-step run (lr 1e-2, short warmup) whose outputs several tests inspect."""
+    caplog.set_level(logging.INFO, logger="train")
     cfg = compose_train([*tiny_overrides, "max_iters=40", "optim.lr=1e-2", "optim.warmup_iters=4",
                          "final_eval_iters=4"])
     return cfg, train.train(cfg)
 
 
-def test_loss_goes_down_and_outputs_appear(trained):
+def test_loss_goes_down_and_outputs_appear(trained, caplog):
     cfg, result = trained
+    # Not a terminal (pytest): no progress bar, a plain line every log_interval instead.
+    progress = [r.getMessage() for r in caplog.get_records("setup") if "ms/step" in r.getMessage()]
+    assert len(progress) == 8 and progress[-1].startswith("step 40/40: loss ")
     run = Path(result["run_dir"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val/loss" in r]
