@@ -33,14 +33,7 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 8
 
 
-@pytest.fixture(autouse=True, scope="session")
-def one_thread():
-    # Batch-1 decoding of a model this small is fastest on one thread, and a shared 2-core CI box
-    # makes two threads spin against other processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_checkpoint(path: Path, steps: int = 100) -> Path:
@@ -64,7 +57,7 @@ def train_checkpoint(path: Path, steps: int = 100) -> Path:
                                   "tokenizer": tok.to_json(), "config": {}, "step": steps})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, one_thread) -> Path:
     return train_checkpoint(tmp_path_factory.mktemp("run") / "last.pt")
 
