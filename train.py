@@ -33,6 +33,8 @@ from data.prepare import prepare, read_meta
 from data.tokenizer import load_tokenizer
 from engine.config import TrainConfig
 from engine.evaluate import estimate_loss, fixed_batches, generate_sample
+from engine.formats.checkpoint import load_checkpoint
+from engine.formats.pretrained import load_pretrained
 from engine.metrics import RunLogger
 from engine.optim import build_optimizer, lr_at, set_lr
 from engine.parallel import clip_grad_norm, grad_sync, load_optimizer_state, main_first, wrap_model
@@ -49,8 +51,6 @@ from engine.state import (
     warn_if_resume_differs,
 )
 from model import GPT, ModelConfig
-from model.checkpoint import load_checkpoint
-from model.pretrained import load_pretrained
 
 log = logging.getLogger("train")
 
@@ -88,7 +88,6 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
     model = GPT(model_cfg).to(rt.device)
     if ckpt is not None or init_weights is not None:
         model.load_state_dict(ckpt["model"] if ckpt is not None else init_weights)
-    flops_per_token = model.flops_per_token()
     train_model, eval_model = wrap_model(model, rt, cfg.distributed)
     optimizer = build_optimizer(model, cfg.optim, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.precision == "fp16")
@@ -209,7 +208,7 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
                       "tokens_per_s": tok_s, "step_ms": 1000 * train_time / steps,
                       "tokens_seen": loop.tokens_seen, "mem_mb": _peak_memory_mb(rt)}
             if peak_flops:
-                record["mfu"] = flops_per_token * tok_s / (peak_flops * rt.world_size)
+                record["mfu"] = model.estimate_mfu(tok_s, peak_flops * rt.world_size)
             logger.log(record)
             if interactive:
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")

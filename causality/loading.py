@@ -15,9 +15,14 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import Tokenizer, tokenizer_from_json
+from engine.formats.checkpoint import (
+    CHECKPOINT_NAMES,
+    CheckpointError,
+    model_from_checkpoint,
+    resolve_checkpoint,
+)
+from engine.formats.pretrained import load_pretrained
 from model import GPT, ModelConfig
-from model.checkpoint import CHECKPOINT_NAMES, CheckpointError, model_from_checkpoint, resolve_checkpoint
-from model.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 

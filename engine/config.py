@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omegaconf import MISSING
-
 from data.config import DataConfig
 from model import ModelConfig
+
+# OmegaConf's marker for a value the config must supply (omegaconf.MISSING is this string; spelled
+# out so that nothing below the entry points imports Hydra or OmegaConf).
+MISSING = "???"
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -95,7 +97,7 @@ class LoggerConfig:
 @dataclass
 class TrainConfig:
     # The config groups; their YAML files bring their own schemas (ModelConfig, DataConfig).
-    model: ModelConfig = MISSING
+    model: ModelConfig = MISSING  # filled by the defaults list (model/, data/ groups)
     data: DataConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

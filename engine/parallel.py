@@ -14,9 +14,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.checkpoint import unwrap_model
-
 from .runtime import Runtime
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain GPT inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 def wrap_model(model: nn.Module, rt: Runtime, distributed: str) -> tuple[nn.Module, nn.Module]:

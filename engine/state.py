@@ -3,7 +3,7 @@
 RNG states are converted to plain lists, ints and tensors so that the checkpoint loads with
 `torch.load(weights_only=True)`; `resume_path` decides which file `resume=` means; the checks that
 a resumed or fine-tuned run fits its data live here too. The payload keys are those documented in
-model/checkpoint.py, plus "loop" (bad steps, last eval step) and "world_size".
+engine/formats/checkpoint.py, plus "loop" (bad steps, last eval step) and "world_size".
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.formats.checkpoint import CheckpointError, save_checkpoint
 from model import ModelConfig
-from model.checkpoint import CheckpointError, save_checkpoint
 
 from .parallel import full_state, gather_objects
 from .runtime import Runtime

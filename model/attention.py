@@ -71,13 +71,10 @@ class MaskedMultiHeadAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, *, start_pos: int = 0, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None,
                 need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, C) -> (y (B, T, C), weights (B, nh, T, S) or None).
 
-        start_pos: absolute position of x[:, 0] (used by RoPE). attn_mask: optional boolean mask,
-        True = may attend, broadcastable to (B, nh, T, S), e.g. padding; it is combined with the
-        causal mask, never replaces it.
+        start_pos: absolute position of x[:, 0] (used by RoPE and the cache).
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
@@ -92,18 +89,18 @@ class MaskedMultiHeadAttention(nn.Module):
             k, v = cache.append(k, v)  # (B, nh, S, hs)
         S = k.shape[2]
 
-        mask = causal_mask(T, S, x.device) if self.causal else None  # (T, S) or None
-        if attn_mask is not None:
-            mask = attn_mask if mask is None else mask & attn_mask  # (B|1, nh|1, T, S)
-
-        if self.impl == "explicit" or need_weights:
+        # The mask is built only where it is used: one query token (a cached decode step) may read
+        # every key there is, and sdpa's training path applies is_causal itself.
+        explicit = self.impl == "explicit" or need_weights
+        mask = causal_mask(T, S, x.device) if self.causal and T > 1 and (explicit or T != S) else None  # (T, S)
+        if explicit:
             y, weights = self._explicit(q, k, v, mask)
         else:
             weights = None
             p = self.dropout if self.training else 0.0
-            if mask is not None and attn_mask is None and T == S:
+            if self.causal and T > 1 and T == S:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-            else:  # cached decode/prefill, or an extra mask: pass the combined boolean mask
+            else:  # a cached prefill (a shifted diagonal), one decode token, or no mask at all
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y)), weights
@@ -116,8 +113,6 @@ class MaskedMultiHeadAttention(nn.Module):
             additive = q.new_zeros(1, 1)  # (1, 1): nothing masked
         else:
             additive = torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
-            if additive.dim() == 4:  # a padding mask (B|1, nh|1, T, S): one (T, S) slice per head
-                additive = additive.expand(B, nh, T, S).reshape(B * nh, T, S)  # (B*nh, T, S)
         # Q K^T / sqrt(hs) + M in one fused multiply-add over all B*nh heads (the fastest form on CPU).
         scores = torch.baddbmm(additive, q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2),
                                alpha=1.0 / math.sqrt(hs))  # (B*nh, T, S)

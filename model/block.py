@@ -42,10 +42,9 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, *, start_pos: int = 0, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None,
                 need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, C) -> (x (B, T, C), attention weights or None)."""
-        kwargs = dict(start_pos=start_pos, cache=cache, attn_mask=attn_mask, need_weights=need_weights)
+        kwargs = dict(start_pos=start_pos, cache=cache, need_weights=need_weights)
         if self.pre_norm:
             a, weights = self.attn(self.ln_1(x), **kwargs)
             x = x + a

@@ -12,13 +12,10 @@ Shapes: B batch, T time, V vocab.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .gpt import GPT
+from torch import nn
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -50,7 +47,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 
 @torch.no_grad()
-def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+def generate_tokens(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                     generator: torch.Generator | None = None,
                     with_logits: bool = False) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:

@@ -12,7 +12,6 @@ Shape legend: B batch, T time, C channels (n_embd), V vocab, nh heads, hs head s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from .attention import KVCache
 from .block import TransformerBlock
 from .config import ModelConfig
+from .generate import generate_tokens
 from .positions import sinusoidal_table
 
 
@@ -85,25 +85,15 @@ class GPT(nn.Module):
             x = x + (self.wpe(positions) if self.config.pos == "learned" else self.pe[positions])  # (B, T, C)
         return x
 
-    def _blocks(self, x: torch.Tensor, *, start_pos: int = 0, caches: list[KVCache] | None = None,
-                attn_mask: torch.Tensor | None = None, need_weights: bool = False,
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Run the blocks on embeddings x (B, T, C), yielding each block's output and weights."""
-        x = self.drop(x)
-        for i, block in enumerate(self.h):
-            x, weights = block(x, start_pos=start_pos, cache=None if caches is None else caches[i],
-                               attn_mask=attn_mask, need_weights=need_weights)
-            yield x, weights
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, V) for every position, and the mean cross-entropy against
         targets (B, T) when given (positions with target -1 are ignored)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
-        x = self.embed(idx)
-        for x, _ in self._blocks(x, attn_mask=attn_mask):
-            pass
+        x = self.drop(self.embed(idx))
+        for block in self.h:
+            x, _ = block(x)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -117,7 +107,9 @@ class GPT(nn.Module):
         if embeds is None:
             embeds = self.embed(idx)
         hidden, attentions = [], []
-        for x, weights in self._blocks(embeds, need_weights=need_weights):
+        x = self.drop(embeds)
+        for block in self.h:
+            x, weights = block(x, need_weights=need_weights)
             hidden.append(x)
             attentions.append(weights)
         logits = self.lm_head(self.ln_f(hidden[-1]))  # (B, T, V)
@@ -134,9 +126,9 @@ class GPT(nn.Module):
     def step(self, idx: torch.Tensor, caches: list[KVCache], start_pos: int) -> torch.Tensor:
         """Feed new tokens idx (B, T) at positions start_pos.. through the caches; return the logits
         of the last position (B, V). A prefill is a step with the whole prompt."""
-        x = self.embed(idx, start_pos)
-        for x, _ in self._blocks(x, start_pos=start_pos, caches=caches):
-            pass
+        x = self.drop(self.embed(idx, start_pos))
+        for block, cache in zip(self.h, caches, strict=True):
+            x, _ = block(x, start_pos=start_pos, cache=cache)
         return self.lm_head(self.ln_f(x[:, -1, :]))  # (B, V)
 
     @torch.no_grad()
@@ -144,17 +136,9 @@ class GPT(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens)."""
-        from .generate import generate_tokens
         new = list(generate_tokens(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, use_cache=use_cache, generator=generator))
         return torch.cat([idx, *new], dim=1) if new else idx
-
-    @classmethod
-    def from_pretrained(cls, path: str, device: str | torch.device = "cpu", **overrides) -> GPT:
-        """Our checkpoint or run directory, our safetensors export, or a local Hugging Face GPT-2
-        directory (see model/pretrained.py); the tokenizer JSON is attached as `.tokenizer_json`."""
-        from .pretrained import from_pretrained  # model/pretrained.py imports this module
-        return from_pretrained(path, device, **overrides)
 
     # ---- sizes ------------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

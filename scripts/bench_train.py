@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     cfg = ModelConfig(**{**base.to_dict(), "vocab_size": max(vocab, base.vocab_size or 0)})
     model = GPT(cfg).to(rt.device)
-    flops_per_token = model.flops_per_token()
     train_model, _ = wrap_model(model, rt, "ddp")
     fused = None if args.fused == "auto" else args.fused == "true"
     optimizer = build_optimizer(model, OptimConfig(lr=1e-3, betas=[0.9, 0.99], fused=fused), rt.device_type)
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     peak = rt.peak_flops(args.peak_flops)
     if peak:
-        result["mfu"] = round(flops_per_token * tokens_per_step / median / peak, 4)
+        result["mfu"] = round(model.estimate_mfu(tokens_per_step / median, peak), 4)
     result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device_type == "cuda"
                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(result))

@@ -19,9 +19,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for `model` and `scripts`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for its packages and cli.py
 
-from scripts.export import fail, parse_args  # noqa: E402
+from cli import fail, parse_args  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -31,7 +31,7 @@ def verify(ckpt: dict, out: Path) -> float:
     import torch
     import transformers
 
-    from model.checkpoint import model_from_checkpoint
+    from engine.formats.checkpoint import model_from_checkpoint
     ours = model_from_checkpoint(ckpt, "cpu").eval()
     theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     cfg = ours.config
@@ -43,9 +43,9 @@ def verify(ckpt: dict, out: Path) -> float:
 def main(argv: list[str]) -> None:
     usage = "python scripts/export_hf.py ckpt=<checkpoint, run dir or export> out=<dir> [overwrite=true] [verify=false]"
     args = parse_args(argv, {"ckpt": None, "out": None, "overwrite": False, "verify": True}, usage)
-    from model.checkpoint import CheckpointError
-    from model.hf import check_gpt2_expressible, require_transformers, save_hf
-    from model.pretrained import load_pretrained, prepare_out_dir, write_dir
+    from engine.formats.checkpoint import CheckpointError
+    from engine.formats.hf import check_gpt2_expressible, require_transformers, save_hf
+    from engine.formats.pretrained import load_pretrained, prepare_out_dir, write_dir
     try:
         out = prepare_out_dir(args["out"], args["overwrite"])
         ckpt = load_pretrained(args["ckpt"])

@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from data.tokenizer import CharTokenizer, tokenizer_from_json
+from engine.formats.checkpoint import CheckpointError, save_checkpoint
+from engine.formats.pretrained import (
+    from_pretrained,
+    load_pretrained,
+    prepare_out_dir,
+    save_export,
+    write_dir,
+)
 from model import GPT, ModelConfig
-from model.checkpoint import CheckpointError, save_checkpoint
-from model.pretrained import from_pretrained, load_pretrained, prepare_out_dir, save_export, write_dir
 
 TEXT = "To be, or not to be, that is the question:\n"
 

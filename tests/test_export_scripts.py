@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from data.tokenizer import CharTokenizer
+from engine.formats.checkpoint import save_checkpoint
+from engine.formats.pretrained import from_pretrained
 from model import GPT, ModelConfig
-from model.checkpoint import save_checkpoint
-from model.pretrained import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None

@@ -8,17 +8,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from engine.formats.checkpoint import CheckpointError
+from engine.formats.hf import tokenizer_json_from_hf_dir
+from engine.formats.pretrained import from_pretrained, load_pretrained
 from model import GPT, ModelConfig
-from model.checkpoint import CheckpointError
-from model.hf import (
+from model.gpt2 import (
     check_gpt2_expressible,
     from_hf_state_dict,
     model_config_from_hf,
     to_hf_config,
     to_hf_state_dict,
-    tokenizer_json_from_hf_dir,
 )
-from model.pretrained import from_pretrained, load_pretrained
 
 # The four released GPT-2 sizes, as their config.json files give them.
 GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),

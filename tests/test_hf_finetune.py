@@ -1,7 +1,7 @@
 """Fine-tuning from a Hugging Face GPT-2 directory: `train.py init_from=<hf dir>` starts at the
 imported model's own loss (measured by transformers on the same validation tokens).
 
-Needs train.py's init_from to read through model.pretrained.load_pretrained; until that wiring is
+Needs train.py's init_from to read through engine.formats.pretrained.load_pretrained; until that wiring is
 in, the test skips and says so."""
 
 from pathlib import Path
@@ -19,7 +19,7 @@ from data.tokenizer import train_bpe  # noqa: E402
 
 pytestmark = [pytest.mark.hf, pytest.mark.skipif(
     "load_pretrained" not in (Path(__file__).resolve().parents[1] / "train.py").read_text(),
-    reason="train.py's init_from does not read through model.pretrained.load_pretrained yet")]
+    reason="train.py's init_from does not read through engine.formats.pretrained.load_pretrained yet")]
 
 
 def test_finetune_from_hf_gpt2_starts_at_its_loss(tiny_overrides, corpus, tmp_path):

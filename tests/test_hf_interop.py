@@ -11,9 +11,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from data.tokenizer import CharTokenizer, tokenizer_from_json, train_bpe  # noqa: E402
+from engine.formats.hf import save_hf  # noqa: E402
+from engine.formats.pretrained import from_pretrained, load_pretrained  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
-from model.hf import save_hf  # noqa: E402
-from model.pretrained import from_pretrained, load_pretrained  # noqa: E402
 
 pytestmark = pytest.mark.hf
 TOL = 1e-4

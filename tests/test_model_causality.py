@@ -67,31 +67,3 @@ def test_gradient_from_past_logits_to_future_embeddings_is_exactly_zero(norm, po
     leaky = influence(make(norm, pos, attn, causal=False))
     above = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)
     assert leaky[above].min() > 0, "without the mask every later input should reach every logit"
-
-
-def test_an_extra_mask_cannot_switch_the_causal_mask_off():
-    model = make(attn="explicit")
-    allow_all = torch.ones(1, 1, T, T, dtype=torch.bool)
-    idx = torch.randint(0, VOCAB, (2, T))
-    other = idx.clone()
-    other[:, 6:] = (other[:, 6:] + 1) % VOCAB
-    with torch.no_grad():
-        a, _ = model(idx, attn_mask=allow_all)
-        b, _ = model(other, attn_mask=allow_all)
-    assert torch.equal(a[:, :6], b[:, :6])
-
-
-@pytest.mark.parametrize("attn", ["explicit", "sdpa"])
-def test_padding_mask_hides_the_masked_keys(attn):
-    model = make(attn=attn)
-    idx = torch.randint(0, VOCAB, (1, T))
-    other = idx.clone()
-    other[:, 2] = (other[:, 2] + 1) % VOCAB  # change a token that the padding mask hides
-    keep = torch.ones(1, 1, 1, T, dtype=torch.bool)
-    keep[..., 2] = False
-    with torch.no_grad():
-        a, _ = model(idx, attn_mask=keep)
-        b, _ = model(other, attn_mask=keep)
-    # Positions other than 2 never read key 2 (its own row is the only one that changes).
-    rows = [i for i in range(T) if i != 2]
-    assert (a[:, rows] - b[:, rows]).abs().max() <= 1e-6

@@ -3,9 +3,16 @@
 import pytest
 import torch
 
+from engine.formats.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from engine.parallel import unwrap_model
 from model import GPT, ModelConfig
-from model.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint,
-                              resolve_checkpoint, save_checkpoint, unwrap_model)
 
 
 def tiny(pos="learned"):

@@ -25,8 +25,8 @@ from causality.prompt import encode_prompt
 from causality.stream import stream_sample
 from data.config import DataError
 from data.tokenizer import CharTokenizer, train_bpe
+from engine.formats.checkpoint import CheckpointError, save_checkpoint
 from model import GPT, ModelConfig
-from model.checkpoint import CheckpointError, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"

@@ -16,7 +16,7 @@ import torch
 from conftest import compose_train, run_script
 
 import train
-from model.checkpoint import load_checkpoint, model_from_checkpoint
+from engine.formats.checkpoint import load_checkpoint, model_from_checkpoint
 
 STEPS = 6
 

@@ -15,9 +15,9 @@ import torch
 from conftest import compose_train
 
 import train
+from engine.formats.checkpoint import load_checkpoint, model_from_checkpoint
 from engine.state import TrainingError
 from model import GPT
-from model.checkpoint import load_checkpoint, model_from_checkpoint
 
 PAYLOAD_KEYS = {"format_version", "model", "model_config", "tokenizer", "config", "step", "tokens_seen",
                 "best_val", "optimizer", "scaler", "loader_state", "rng", "wandb_run_id", "data"}

@@ -16,13 +16,13 @@ import torch
 from conftest import ROOT, compose_train, run_script
 
 import train
-from model.checkpoint import CheckpointError
+from engine.formats.checkpoint import CheckpointError
 
 # Runs train.py as `python train.py ...` would, except that the first save of last.pt at step >= 16
 # kills the process with SIGKILL before writing: no handler, no cleanup, the work since step 8 lost.
 KILLER = """
 import os, runpy, signal, sys
-import model.checkpoint as mc
+import engine.formats.checkpoint as mc
 real_save = mc.save_checkpoint
 def save_or_die(path, payload):
     if path.name == "last.pt" and payload["step"] >= 16:

@@ -20,10 +20,9 @@ import zipfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .config import ModelConfig
-from .gpt import GPT
+from model import GPT, ModelConfig
+from model.positions import sinusoidal_table
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # looked for, in this order, inside a run directory
@@ -31,17 +30,6 @@ CHECKPOINT_NAMES = ("best.pt", "last.pt")  # looked for, in this order, inside a
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of another format; the message names the file."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain GPT inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
@@ -105,6 +93,5 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", **over
         model.lm_head.weight = model.wte.weight
     model.load_state_dict(ckpt["model"], strict=True)
     if config.pos == "sinusoidal":  # non-persistent buffer: rebuilt, not loaded
-        from .positions import sinusoidal_table
         model.pe = sinusoidal_table(config.block_size, config.n_embd).to(device)
     return model

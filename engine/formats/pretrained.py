@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
+from model import GPT, ModelConfig
+
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .config import ModelConfig
-from .gpt import GPT
 from .hf import is_hf_gpt2_dir, load_hf_dir
 
 EXPORT_FORMAT = "causalgpt"

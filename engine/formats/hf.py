@@ -1,15 +1,12 @@
-"""Conversion between our GPT and Hugging Face's GPT-2 (`GPT2LMHeadModel`), in both directions.
+"""Hugging Face GPT-2 directories on disk: read one as a checkpoint-like dict, write one.
 
-What maps to what:
-  - config: n_positions <-> block_size; activation_function "gelu_new" <-> activation "gelu_tanh",
-    "gelu" <-> "gelu"; GPT-2 is always pre-LN, learned positions, biases, causal, MLP width 4C.
-  - weights: same names under a "transformer." prefix; HF's Conv1D stores (in, out), our nn.Linear
-    (out, in), so c_attn, c_proj and c_fc weights are transposed; the q|k|v order of c_attn is the same.
-  - tokenizer: a `tokenizers` JSON is written as tokenizer.json + tokenizer_config.json; our char
+The config and weight mapping itself is model/gpt2.py (in memory, no files); this file adds what
+touches disk or other libraries:
+  - reading: config.json + model.safetensors (or a weights-only pytorch_model.bin, or their sharded
+    indexes), and the tokenizer (tokenizer.json, else GPT-2's vocab.json + merges.txt);
+  - writing (save_hf): transformers' own save_pretrained, imported lazily so the extra stays optional;
+  - tokenizers: a `tokenizers` JSON is written as tokenizer.json + tokenizer_config.json; our char
     vocabulary becomes a WordLevel model with one token per character (a round trip, see tests).
-
-Reading an HF directory needs only safetensors (or torch with weights_only=True for .bin files);
-only writing one (save_hf) imports transformers, lazily, so the extra stays optional.
 """
 
 from __future__ import annotations
@@ -24,142 +21,20 @@ from typing import Any
 
 import torch
 
+from model.gpt2 import (
+    check_gpt2_expressible,
+    from_hf_state_dict,
+    model_config_from_hf,
+    to_hf_config,
+    to_hf_state_dict,
+)
+
 from .checkpoint import CheckpointError
-from .config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "transformers is not installed; install the optional extra: pip install -e '.[hf]'"
-# HF's activation names that compute exactly our two GELUs (gelu_new, gelu_fast and gelu_pytorch_tanh
-# are the same tanh formula).
-_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                   "gelu": "gelu"}
-_OUR_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
-_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Buffers older transformers versions saved per layer (the causal mask): not weights, dropped on import.
-_HF_BUFFERS = ("attn.bias", "attn.masked_bias")
 _EOT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
-
-
-# ---- config ---------------------------------------------------------------------------------------
-def check_gpt2_expressible(model_config: dict | ModelConfig) -> ModelConfig:
-    """Return the config if GPT-2's architecture can express it, else raise ValueError naming the setting."""
-    cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig(**model_config)
-    hint = "export with scripts/export.py instead (causalgpt's own pickle-free format)"
-    reasons = {
-        "norm": (cfg.norm == "pre", "GPT-2 is pre-LN"),
-        "pos": (cfg.pos == "learned", "GPT-2 has learned position embeddings"),
-        "tie_weights": (cfg.tie_weights, "GPT-2 ties the LM head to the token embedding"),
-        "bias": (cfg.bias, "GPT-2 has biases in every Linear and LayerNorm"),
-        "causal": (cfg.causal, "GPT-2 always applies the causal mask"),
-    }
-    for key, (ok, why) in reasons.items():
-        if not ok:
-            raise ValueError(f"model.{key}={getattr(cfg, key)} cannot be expressed as GPT-2 ({why}); {hint}")
-    return cfg
-
-
-def to_hf_config(model_config: dict | ModelConfig, eot_id: int | None = None) -> dict[str, Any]:
-    """The config.json fields of GPT2Config for our model (refuses inexpressible models)."""
-    cfg = check_gpt2_expressible(model_config)
-    return {
-        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-        "activation_function": _OUR_ACTIVATIONS[cfg.activation],
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-        "layer_norm_epsilon": 1e-5,  # torch's nn.LayerNorm default, which our blocks use
-        "tie_word_embeddings": True,
-        # GPT2Config defaults these to 50256, which is outside a small vocabulary.
-        "bos_token_id": eot_id, "eos_token_id": eot_id,
-    }
-
-
-def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
-    """Our ModelConfig (as a dict) for an HF GPT-2 config.json; ValueError naming any setting we lack."""
-    if hf.get("model_type") != "gpt2":
-        raise ValueError(f"{where}: model_type={hf.get('model_type')!r}; only GPT-2 (model_type 'gpt2') loads")
-    act = hf.get("activation_function", "gelu_new")
-    n_embd = hf.get("n_embd", 768)
-    checks = [
-        (act in _HF_ACTIVATIONS, f"activation_function={act!r} (supported: {sorted(_HF_ACTIVATIONS)})"),
-        (hf.get("n_inner") in (None, 4 * n_embd), f"n_inner={hf.get('n_inner')} (our MLP is 4 * n_embd)"),
-        (abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12,
-         f"layer_norm_epsilon={hf.get('layer_norm_epsilon')} (ours is 1e-5)"),
-        (hf.get("scale_attn_weights", True), "scale_attn_weights=false"),
-        (not hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=true"),
-        (not hf.get("add_cross_attention", False), "add_cross_attention=true"),
-    ]
-    for ok, setting in checks:
-        if not ok:
-            raise ValueError(f"{where}: {setting} cannot be expressed by causalgpt's GPT")
-    cfg = ModelConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
-                      n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
-                      dropout=0.0,  # inference default; a fine-tune sets model.dropout itself
-                      bias=True, norm="pre", pos="learned", causal=True,
-                      tie_weights=hf.get("tie_word_embeddings", True), activation=_HF_ACTIVATIONS[act])
-    return cfg.to_dict()
-
-
-# ---- weights --------------------------------------------------------------------------------------
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    """Our GPT state dict -> GPT2LMHeadModel's (transformer.* names, Conv1D weights transposed)."""
-    out = {}
-    for name, t in state_dict.items():
-        if name == "lm_head.weight":
-            out[name] = t.contiguous()
-            continue
-        if name.startswith("h.") and name.split(".", 2)[2] in _TRANSPOSED:
-            t = t.t()  # nn.Linear (out, in) -> Conv1D (in, out)
-        out["transformer." + name] = t.contiguous()
-    _check_layers(out, n_layer, prefix="transformer.h.")
-    return out
-
-
-def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], model_config: dict[str, Any],
-                       where: str = "model weights") -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel's (or bare GPT2Model's) state dict -> ours, checked against model_config."""
-    cfg = ModelConfig(**model_config)
-    sd = {}
-    for name, t in hf_sd.items():
-        name = name.removeprefix("transformer.")
-        if name.startswith("h.") and name.split(".", 2)[2] in _HF_BUFFERS:
-            continue
-        if name.startswith("h.") and name.split(".", 2)[2] in _TRANSPOSED:
-            t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
-        sd[name] = t.float().contiguous()  # fp32 master weights, whatever the file stored
-    if cfg.tie_weights:
-        sd.pop("lm_head.weight", None)  # stored by some writers, always equal to wte when tied
-        if "wte.weight" in sd:
-            sd["lm_head.weight"] = sd["wte.weight"]
-    expected = _expected_shapes(cfg)
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: not a GPT-2 of this config.json (missing {missing[:4]}, "
-                              f"unexpected {unexpected[:4]})")
-    for name, shape in expected.items():
-        if tuple(sd[name].shape) != shape:
-            raise CheckpointError(f"{where}: {name} has shape {tuple(sd[name].shape)}, config.json implies {shape}")
-    return sd
-
-
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    C, V = cfg.n_embd, cfg.vocab_size
-    shapes = {"wte.weight": (V, C), "wpe.weight": (cfg.block_size, C), "ln_f.weight": (C,),
-              "ln_f.bias": (C,), "lm_head.weight": (V, C)}
-    for i in range(cfg.n_layer):
-        for ln in ("ln_1", "ln_2"):
-            shapes[f"h.{i}.{ln}.weight"] = shapes[f"h.{i}.{ln}.bias"] = (C,)
-        for mod, (n_out, n_in) in (("attn.c_attn", (3 * C, C)), ("attn.c_proj", (C, C)),
-                                   ("mlp.c_fc", (4 * C, C)), ("mlp.c_proj", (C, 4 * C))):
-            shapes[f"h.{i}.{mod}.weight"], shapes[f"h.{i}.{mod}.bias"] = (n_out, n_in), (n_out,)
-    return shapes
-
-
-def _check_layers(sd: dict, n_layer: int, prefix: str) -> None:
-    layers = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
-    if layers != set(range(n_layer)):
-        raise ValueError(f"state dict has layers {sorted(layers)}, model.n_layer={n_layer}")
 
 
 # ---- reading an HF GPT-2 directory (no transformers needed) ----------------------------------------
@@ -183,7 +58,10 @@ def load_hf_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     hf_sd: dict[str, torch.Tensor] = {}
     for f in files:
         hf_sd.update(_read_weights(f, device))
-    sd = from_hf_state_dict(hf_sd, model_config, where=str(files[0] if len(files) == 1 else path))
+    try:
+        sd = from_hf_state_dict(hf_sd, model_config, where=str(files[0] if len(files) == 1 else path))
+    except ValueError as e:  # weights that do not fit the config: a bad file, named in the message
+        raise CheckpointError(str(e)) from e
     return {"model": sd, "model_config": model_config, "tokenizer": tokenizer_json_from_hf_dir(path),
             "source": "hf"}
 
