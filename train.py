@@ -17,7 +17,7 @@ import math
 import os
 import resource
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -30,12 +30,13 @@ import cli
 from data.config import DataError
 from data.loader import BatchLoader
 from data.prepare import prepare, read_meta
-from data.tokenizer import load_tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer
 from engine.config import TrainConfig
 from engine.evaluate import estimate_loss, fixed_batches, generate_sample
 from engine.formats.checkpoint import load_checkpoint
 from engine.formats.pretrained import load_pretrained
-from engine.metrics import RunLogger
+from engine.guard import nonfinite_flag, poison_grads_if, step_guarded
+from engine.metrics import RunLogger, StepMeter
 from engine.optim import build_optimizer, lr_at, set_lr
 from engine.parallel import clip_grad_norm, grad_sync, load_optimizer_state, main_first, wrap_model
 from engine.runtime import Runtime, setup_runtime
@@ -67,6 +68,102 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
+    run = set_up(cfg, rt)
+    loop, logger, out_dir = run.loop, run.logger, run.out_dir
+    start_step, stopping = loop.step, False
+    meter = StepMeter(run.tokens_per_step, warmup_steps=2 if rt.compile else 1)
+    bad_count = torch.zeros((), device=rt.device)  # skipped steps since the last log, on the device
+    interactive = rt.is_main and sys.stderr.isatty()  # a bar on a terminal; plain log lines in a file
+    bar = tqdm(total=cfg.max_iters, initial=loop.step, disable=not interactive, desc="train", dynamic_ncols=True)
+    while True:
+        done = loop.step >= cfg.max_iters
+
+        # ---- every eval_interval steps and at the end: eval losses, a sample, best.pt --------------
+        if not stopping and (done or loop.step % cfg.eval_interval == 0) and loop.last_eval_step != loop.step:
+            losses = evaluate(run, cfg, rt)
+            if rt.is_main:
+                bar.write(f"step {loop.step}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items()))
+            if losses.get("val", math.inf) < loop.best_val:
+                loop.best_val = losses["val"]
+                run.save("best.pt")
+
+        # ---- every ckpt_interval steps, at the end, and when asked to stop: last.pt ----------------
+        if done or stopping or (cfg.ckpt_interval and loop.step % cfg.ckpt_interval == 0
+                                and loop.step > start_step):
+            run.save("last.pt")
+        if done or stopping:
+            break
+
+        # ---- the optimisation step: no host sync in it (engine/guard.py) ---------------------------
+        meter.start()
+        lr = lr_at(loop.step, cfg.optim, cfg.max_iters)
+        loss, norm, skipped = train_step(run, lr, cfg.grad_clip, rt)
+        bad_count += skipped
+        loop.step += 1
+        loop.tokens_seen += run.tokens_per_step
+        meter.stop()
+        bar.update(1)
+
+        # ---- every log_interval steps: read the loss, count skipped steps, log; the stop flag ------
+        if loop.step % cfg.log_interval == 0 or loop.step == cfg.max_iters:
+            train_loss, grad_norm, n_bad = torch.stack([loss.float(), norm.float().to(loss.device),
+                                                        bad_count.to(loss.device)]).tolist()  # the sync
+            meter.synced()
+            bad_count.zero_()
+            if n_bad:
+                loop.bad_steps += int(n_bad)
+                check_bad_steps(loop, int(n_bad), cfg.max_bad_steps, train_loss, grad_norm, out_dir, logger)
+            record = {"step": loop.step, "train/loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_seen": loop.tokens_seen, "mem_mb": _peak_memory_mb(rt), **meter.read()}
+            if run.peak_flops and "tokens_per_s" in record:
+                record["mfu"] = run.model.estimate_mfu(record["tokens_per_s"], run.peak_flops * rt.world_size)
+            logger.log(record)
+            if interactive:
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record.get('tokens_per_s', 0):,.0f}")
+            elif rt.is_main:
+                log.info("step %d/%d: loss %.4f, lr %.2e, %s tok/s, %s ms/step", loop.step, cfg.max_iters,
+                         train_loss, lr, f"{record.get('tokens_per_s', 0):,.0f}",
+                         f"{record['step_ms']:.1f}" if "step_ms" in record else "-")
+        # One process: look at the flag every step. Under torchrun every rank must agree, which takes
+        # a collective: only at log steps (a stop waits at most log_interval steps).
+        if not rt.distributed:
+            stopping = stop.requested
+        elif loop.step % cfg.log_interval == 0:
+            (stopping,) = rt.any_flag(stop.requested)
+    bar.close()
+    return finish(run, cfg, rt, stopping)
+
+
+# ---- set-up ------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything the loop works with, built once by set_up()."""
+    out_dir: Path
+    prepared: Path
+    tokenizer: Tokenizer
+    model: GPT  # the plain GPT: saving, sampling, FLOP counts
+    train_model: torch.nn.Module  # compiled / DDP / FSDP2, what the step calls
+    eval_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loop: LoopState
+    streams: list[BatchLoader]  # one per accumulation micro-step
+    eval_sets: dict[str, list]
+    logger: RunLogger
+    static: dict  # the checkpoint keys that do not change during the run
+    prompt: list[int]
+    tokens_per_step: int
+    lockstep: bool  # FSDP: every rank runs every forward (weights are all-gathered in each)
+    peak_flops: float | None
+    rt: Runtime
+
+    def save(self, name: str) -> None:
+        save_state(self.out_dir / name, self.rt, self.model, self.optimizer, self.scaler, self.loop,
+                   self.streams[0].state_dict(), self.static, self.logger.wandb_id)
+
+
+def set_up(cfg: TrainConfig, rt: Runtime) -> Run:
+    """Data, model (fresh, resumed or fine-tuned), optimizer, loaders, eval batches and logger."""
     out_dir = Path(cfg.out_dir)
     with main_first(rt):  # rank 0 tokenizes; the others then find it in the cache
         prepared = prepare(cfg.data, progress=rt.is_main)
@@ -106,8 +203,6 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
     for loader in streams:
         loader.load_state_dict(ckpt["loader_state"] if ckpt is not None else {"step": 0, "seed": cfg.seed})
     eval_sets = {s: fixed_batches(prepared, s, cfg.batch_size, T, cfg.eval_iters, rt) for s in ("train", "val")}
-    lockstep = rt.distributed and cfg.distributed == "fsdp"
-    prompt = _sample_prompt(tokenizer)
 
     static = {"model_config": model_cfg.to_dict(), "tokenizer": tokenizer.to_json(),
               "config": dataclasses.asdict(cfg), "data": {"prepared_dir": str(prepared), "meta": meta}}
@@ -119,113 +214,81 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
         log.info("resumed from %s at step %d", ckpt_path, loop.step)
     else:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout masks differ between ranks
-    del ckpt
-
-    def save(name: str) -> None:
-        save_state(out_dir / name, rt, model, optimizer, scaler, loop, streams[0].state_dict(), static,
-                   logger.wandb_id)
-
     tokens_per_step = cfg.batch_size * T * n_streams
     log.info("%s params, %d tokens per step, run dir %s", f"{model.num_params():,}", tokens_per_step, out_dir)
-    peak_flops = rt.peak_flops(cfg.peak_flops)
-    start_step, stopping, train_time, last_log_step = loop.step, False, 0.0, loop.step
-    # A progress bar on a terminal; in a log file (batch jobs, `> log`) a plain line every log_interval.
-    interactive = rt.is_main and sys.stderr.isatty()
-    bar = tqdm(total=cfg.max_iters, initial=loop.step, disable=not interactive, desc="train", dynamic_ncols=True)
-    while True:
-        done = loop.step >= cfg.max_iters
+    return Run(out_dir, prepared, tokenizer, model, train_model, eval_model, optimizer, scaler, loop, streams,
+               eval_sets, logger, static, _sample_prompt(tokenizer), tokens_per_step,
+               lockstep=rt.distributed and cfg.distributed == "fsdp", peak_flops=rt.peak_flops(cfg.peak_flops),
+               rt=rt)
 
-        # ---- every eval_interval steps and at the end: eval losses, a sample, best.pt --------------
-        if not stopping and (done or loop.step % cfg.eval_interval == 0) and loop.last_eval_step != loop.step:
-            losses = {s: estimate_loss(eval_model, b, rt, lockstep) for s, b in eval_sets.items() if b}
-            loop.last_eval_step = loop.step
-            record = {"step": loop.step, **{("val/loss" if s == "val" else "train/eval_loss"): v
-                                            for s, v in losses.items()}}
-            if cfg.sample_tokens and (rt.is_main or lockstep):
-                ids = generate_sample(model, prompt, cfg.sample_tokens, rt, seed=cfg.seed + loop.step)
-                # A model.vocab_size set above the data's may emit ids the tokenizer lacks: drop them.
-                record["sample"] = tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
-                logger.log_samples(loop.step, [record["sample"]])
-            logger.log(record)
-            if rt.is_main:
-                bar.write(f"step {loop.step}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items()))
-            if losses.get("val", math.inf) < loop.best_val:
-                loop.best_val = losses["val"]
-                save("best.pt")
 
-        # ---- every ckpt_interval steps, at the end, and when asked to stop: last.pt ----------------
-        if done or stopping or (cfg.ckpt_interval and loop.step % cfg.ckpt_interval == 0
-                                and loop.step > start_step):
-            save("last.pt")
-        if done or stopping:
-            break
+# ---- the pieces the loop calls -----------------------------------------------------------------------
+def train_step(run: Run, lr: float, grad_clip: float, rt: Runtime) -> tuple[torch.Tensor, ...]:
+    """One optimisation step over every accumulation micro-batch. Returns (mean loss, gradient norm,
+    skipped) as device tensors: nothing here waits for the device (engine/guard.py)."""
+    set_lr(run.optimizer, lr)
+    accum = len(run.streams)
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro, loader in enumerate(run.streams):
+        x, y = loader.next_batch()  # (B, T) each
+        grad_sync(run.train_model, micro == accum - 1)  # all-reduce on the last micro-step only
+        with rt.autocast():
+            _, loss = run.train_model(x, y)
+        loss_sum += loss.detach()
+        run.scaler.scale(loss / accum).backward()
+    loss = loss_sum / accum
+    loss_flag = nonfinite_flag(loss, rt)
+    if run.scaler.is_enabled():
+        poison_grads_if(loss_flag, list(run.model.parameters()))  # the scaler's inf check then skips
+    run.scaler.unscale_(run.optimizer)  # so the norm and clipping see true gradients (fp16)
+    norm = clip_grad_norm(run.model, grad_clip)
+    skipped = step_guarded(run.optimizer, run.scaler, loss_flag, norm)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, norm, skipped
 
-        # ---- the optimisation step -----------------------------------------------------------------
-        t0 = time.perf_counter()
-        lr = lr_at(loop.step, cfg.optim, cfg.max_iters)
-        set_lr(optimizer, lr)
-        loss_sum = torch.zeros((), device=rt.device)
-        for micro, loader in enumerate(streams):
-            x, y = loader.next_batch()  # (B, T) each
-            grad_sync(train_model, micro == accum - 1)  # all-reduce on the last micro-step only
-            with rt.autocast():
-                _, loss = train_model(x, y)
-            loss_sum += loss.detach()
-            scaler.scale(loss / accum).backward()
-        scaler.unscale_(optimizer)  # so the norm and clipping see true gradients (fp16)
-        norm = clip_grad_norm(model, cfg.grad_clip)
-        # One host sync per step, for the NaN guard below.
-        train_loss, grad_norm = torch.stack([loss_sum / accum, norm.to(loss_sum)]).tolist()
-        # fp16 overflows are the GradScaler's business (it skips those steps itself); a non-finite
-        # loss, or norm without a scaler, means divergence: skip the update, on every rank alike.
-        bad = not math.isfinite(train_loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm))
-        bad, stopping = rt.any_flag(bad, stop.requested)
-        if not bad:
-            scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loop.step += 1
-        loop.tokens_seen += tokens_per_step
-        train_time += time.perf_counter() - t0
-        bar.update(1)
-        if bad:
-            loop.bad_steps += 1
-            log.warning("step %d: loss %s, grad norm %s: update skipped (%d/%d)", loop.step, train_loss,
-                        grad_norm, loop.bad_steps, cfg.max_bad_steps)
-            logger.log({"step": loop.step, "skipped_steps": loop.bad_steps})
-            if loop.bad_steps > cfg.max_bad_steps:
-                last = out_dir / "last.pt"
-                raise TrainingError(
-                    f"the loss was NaN/inf on {loop.bad_steps} steps (max_bad_steps={cfg.max_bad_steps}); "
-                    f"stopped at step {loop.step}. Last good checkpoint: "
-                    f"{last if last.exists() else 'none yet'}. Try a lower optim.lr or precision=fp32")
 
-        # ---- every log_interval steps: console, metrics.jsonl, W&B -------------------------------
-        if loop.step % cfg.log_interval == 0 or loop.step == cfg.max_iters:
-            steps = loop.step - last_log_step
-            tok_s = tokens_per_step * steps / max(train_time, 1e-9)
-            record = {"step": loop.step, "train/loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tok_s, "step_ms": 1000 * train_time / steps,
-                      "tokens_seen": loop.tokens_seen, "mem_mb": _peak_memory_mb(rt)}
-            if peak_flops:
-                record["mfu"] = model.estimate_mfu(tok_s, peak_flops * rt.world_size)
-            logger.log(record)
-            if interactive:
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            elif rt.is_main:
-                log.info("step %d/%d: loss %.4f, lr %.2e, %s tok/s, %.1f ms/step", loop.step, cfg.max_iters,
-                         train_loss, lr, f"{tok_s:,.0f}", record["step_ms"])
-            train_time, last_log_step = 0.0, loop.step
-    bar.close()
+def evaluate(run: Run, cfg: TrainConfig, rt: Runtime) -> dict[str, float]:
+    """Eval losses on the fixed batches, plus a sample; logged. Returns {split: loss}."""
+    losses = {s: estimate_loss(run.eval_model, b, rt, run.lockstep) for s, b in run.eval_sets.items() if b}
+    run.loop.last_eval_step = run.loop.step
+    record = {"step": run.loop.step, **{("val/loss" if s == "val" else "train/eval_loss"): v
+                                        for s, v in losses.items()}}
+    if cfg.sample_tokens and (rt.is_main or run.lockstep):
+        ids = generate_sample(run.model, run.prompt, cfg.sample_tokens, rt, seed=cfg.seed + run.loop.step)
+        # A model.vocab_size set above the data's may emit ids the tokenizer lacks: drop them.
+        record["sample"] = run.tokenizer.decode([i for i in ids if i < run.tokenizer.vocab_size])
+        run.logger.log_samples(run.loop.step, [record["sample"]])
+    run.logger.log(record)
+    return losses
 
-    summary = {"run_dir": str(out_dir), "step": loop.step, "best_val": loop.best_val, "stopped": stopping,
+
+def check_bad_steps(loop: LoopState, n_bad: int, max_bad_steps: int, train_loss: float, grad_norm: float,
+                    out_dir: Path, logger: RunLogger) -> None:
+    """Report steps skipped since the last log; stop the run when there were too many."""
+    log.warning("%d step(s) up to step %d skipped: loss %s, grad norm %s (%d/%d)", n_bad, loop.step, train_loss,
+                grad_norm, loop.bad_steps, max_bad_steps)
+    logger.log({"step": loop.step, "skipped_steps": loop.bad_steps})
+    if loop.bad_steps > max_bad_steps:
+        last = out_dir / "last.pt"
+        raise TrainingError(
+            f"the loss was NaN/inf on {loop.bad_steps} steps (max_bad_steps={max_bad_steps}); "
+            f"stopped at step {loop.step}. Last good checkpoint: "
+            f"{last if last.exists() else 'none yet'}. Try a lower optim.lr or precision=fp32")
+
+
+def finish(run: Run, cfg: TrainConfig, rt: Runtime, stopping: bool) -> dict:
+    """The final whole-split eval (unless stopped early), the W&B summary, and the run's summary."""
+    out_dir = run.out_dir
+    summary = {"run_dir": str(out_dir), "step": run.loop.step, "best_val": run.loop.best_val, "stopped": stopping,
                "checkpoint": str(out_dir / ("best.pt" if (out_dir / "best.pt").exists() else "last.pt"))}
     if cfg.final_eval_iters and not stopping:
-        final = fixed_batches(prepared, "val", cfg.batch_size, T, cfg.final_eval_iters, rt)
-        summary["final_val"] = estimate_loss(eval_model, final, rt, lockstep=True)
-        logger.log({"step": loop.step, "val/final_loss": summary["final_val"]})
-    logger.summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
-    logger.finish()
+        T = run.model.config.block_size
+        final = fixed_batches(run.prepared, "val", cfg.batch_size, T, cfg.final_eval_iters, rt)
+        summary["final_val"] = estimate_loss(run.eval_model, final, rt, lockstep=True)
+        run.logger.log({"step": run.loop.step, "val/final_loss": summary["final_val"]})
+    run.logger.summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
+    run.logger.finish()
     return summary
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 from .config import LoggerConfig
@@ -104,3 +105,43 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+class StepMeter:
+    """Tokens/s and ms per step over the steps since the last log line, warm-up steps left out.
+
+    The first steps of a run (compilation, first allocations) are not what the run will sustain, so
+    they are not counted. The step itself does not wait for the device; the log step's read of the
+    loss does, and `synced()` adds that wait, so on a GPU the figures cover the device's work too.
+    """
+
+    def __init__(self, tokens_per_step: int, warmup_steps: int = 1) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.warmup_left = warmup_steps
+        self.seconds, self.steps = 0.0, 0
+        self._t0 = self._t_end = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self._t_end = time.perf_counter()
+        if self.warmup_left > 0:
+            self.warmup_left -= 1
+            return
+        self.seconds += self._t_end - self._t0
+        self.steps += 1
+
+    def synced(self) -> None:
+        """Call right after the host has waited for the device: that wait belongs to the counted steps."""
+        if self.steps:
+            self.seconds += time.perf_counter() - self._t_end
+
+    def read(self) -> dict[str, float]:
+        """{"tokens_per_s", "step_ms"} since the last read (empty while only warm-up steps ran); resets."""
+        if not self.steps:
+            return {}
+        out = {"tokens_per_s": self.tokens_per_step * self.steps / max(self.seconds, 1e-9),
+               "step_ms": 1000 * self.seconds / self.steps}
+        self.seconds, self.steps = 0.0, 0
+        return out
