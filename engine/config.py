@@ -19,7 +19,9 @@ from model import ModelConfig
 # out so that nothing below the entry points imports Hydra or OmegaConf).
 MISSING = "???"
 
+OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SWITCHES = ("auto", "true", "false")
@@ -38,7 +40,10 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 @dataclass
 class OptimConfig:
-    # Peak learning rate, reached at the end of warmup.
+    # adamw: AdamW for every parameter; muon: torch.optim.Muon (torch >= 2.9) for the 2-D weights
+    # inside the blocks, AdamW (the fields lr..eps below) for embeddings, head, norms and biases.
+    name: str = "adamw"
+    # Peak learning rate, reached at the end of warmup (with name=muon: of the AdamW parameters).
     lr: float = 1e-3
     # Learning rate at the end of the decay (nanoGPT's min_lr, usually lr / 10).
     min_lr: float = 1e-4
@@ -59,9 +64,23 @@ class OptimConfig:
     decay_fraction: float = 0.2
     # Fused AdamW kernel; null = fused on CUDA and CPU (on CPU no faster than foreach: BENCHMARKS.md).
     fused: bool | None = None
+    # name=muon only. Muon's peak lr: its schedule is the one above, scaled by muon_lr / lr.
+    muon_lr: float = 0.02
+    # Muon's momentum (Nesterov) and decoupled weight decay (the matrices shrink by lr * decay a step).
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    # Per-matrix lr adjustment: original (Keller Jordan's, lr * sqrt(max(1, rows / cols))) or
+    # match_rms_adamw (Moonshot's, lr * 0.2 * sqrt(max(rows, cols)): takes AdamW-sized lrs).
+    muon_adjust_lr: str = "original"
 
     def __post_init__(self) -> None:
+        self.name = _choice("optim.name", self.name, OPTIMIZERS)
         self.schedule = _choice("optim.schedule", self.schedule, SCHEDULES)
+        self.muon_adjust_lr = _choice("optim.muon_adjust_lr", self.muon_adjust_lr, MUON_ADJUST_LR)
+        if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
+            raise ValueError(f"optim.muon_lr={self.muon_lr}, optim.muon_momentum={self.muon_momentum} and "
+                             f"optim.muon_weight_decay={self.muon_weight_decay} need lr > 0, 0 <= momentum < 1, "
+                             "decay >= 0")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optim.lr={self.lr} and optim.min_lr={self.min_lr} need 0 <= min_lr <= lr, lr > 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

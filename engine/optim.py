@@ -1,14 +1,33 @@
-"""AdamW with weight decay on 2-D weights only, and the learning-rate schedules.
+"""The optimizers and the learning-rate schedules: AdamW (optim=adamw), or Muon for the hidden
+matrices with AdamW for the rest (optim=muon), driven by the loop as one optimizer.
 
-Decay applies to tensors with two or more dimensions (matmul weights and embeddings); biases and
-LayerNorm gains are left alone, as in GPT-2/nanoGPT. The schedule is a pure function of the step,
-so a resumed run needs only the step to be back on the curve.
+AdamW: weight decay applies to tensors with two or more dimensions (matmul weights and embeddings);
+biases and LayerNorm gains are left alone, as in GPT-2/nanoGPT.
+
+Muon (torch.optim.Muon, torch >= 2.9) orthogonalises each update of a weight matrix (Newton-Schulz),
+which suits the hidden linear maps of the blocks and nothing else, so the parameters are split as
+nanochat and modded-nanogpt split them:
+- Muon: the 2-D weights inside the blocks (`h.*`): attention c_attn and c_proj, MLP c_fc and c_proj;
+- AdamW: the token embedding wte (and lm_head, tied to it or not), the position table wpe, every
+  LayerNorm weight and bias and every bias. An embedding is a lookup table (one-hot inputs: a row
+  should move with its own token's gradient only) and the head maps onto logits; both train better
+  with AdamW in those repositories' experiments, and 1-D tensors have no matrix to orthogonalise.
+Muon follows the same schedule as AdamW, scaled by optim.muon_lr / optim.lr (`set_lr`).
+
+Under DDP, Muon sees the all-reduced full gradients: the same step as one process. Under FSDP2 its
+parameters and gradients are DTensor shards, and its Newton-Schulz matmuls run as DTensor ops on the
+whole matrices (DTensor gathers what each product needs), not shard by shard: the same update as one
+process up to bf16 rounding, at the cost of that communication in every optimizer step.
+
+The schedule is a pure function of the step, so a resumed run needs only the step to be back on the curve.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import ChainMap
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,28 +36,96 @@ from .config import OptimConfig
 
 log = logging.getLogger(__name__)
 
+MUON_MIN_TORCH = "2.9"  # the first release with torch.optim.Muon
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed 2-D+ weights and undecayed 1-D parameters. Tied parameters
-    (wte / lm_head) appear once, since named_parameters() skips duplicates."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    log.info("optimizer: %d decayed tensors (%d params), %d undecayed (%d params)", len(decay),
+
+def param_groups(model: nn.Module, weight_decay: float,
+                 params: list[tuple[str, nn.Parameter]] | None = None) -> list[dict]:
+    """Two AdamW groups: decayed 2-D+ weights and undecayed 1-D parameters, of `params` (name,
+    parameter) or else of the whole model. Tied parameters (wte / lm_head) appear once, since
+    named_parameters() skips duplicates."""
+    named = params if params is not None else list(model.named_parameters())
+    trainable = [p for _, p in named if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    log.info("AdamW: %d decayed tensors (%d params), %d undecayed (%d params)", len(decay),
              sum(p.numel() for p in decay), len(no_decay), sum(p.numel() for p in no_decay))
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW over param_groups(model). fused=None picks the fused kernel: one kernel for all
-    parameters on CUDA; on CPU it measured the same as foreach (BENCHMARKS.md) and is used too."""
+def muon_split(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(muon, adamw): (name, parameter) pairs, each trainable parameter in exactly one list. Muon gets
+    the 2-D weights of the blocks (h.<i>.attn.c_attn / c_proj, h.<i>.mlp.c_fc / c_proj); AdamW gets
+    the embeddings, the head, the norms and the biases."""
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (muon if name.startswith("h.") and p.dim() == 2 else adamw).append((name, p))
+    return muon, adamw
+
+
+class MuonAdamW:
+    """Muon and AdamW behind one optimizer's interface, so the loop, the GradScaler (unscale_ walks
+    param_groups; step calls step() when the gradients are finite) and set_lr drive both at once.
+    `parts` names the two optimizers: checkpoints hold one name-keyed state per part."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer, muon_lr_scale: float) -> None:
+        self.parts: dict[str, torch.optim.Optimizer] = {"muon": muon, "adamw": adamw}
+        self.muon_lr_scale = muon_lr_scale  # Muon's lr = the scheduled (AdamW) lr * muon_lr / lr
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.parts.values() for g in opt.param_groups]
+
+    @property
+    def state(self) -> ChainMap:
+        return ChainMap(*(opt.state for opt in self.parts.values()))
+
+    def set_lr(self, lr: float) -> None:
+        for name, opt in self.parts.items():
+            for group in opt.param_groups:
+                group["lr"] = lr * (self.muon_lr_scale if name == "muon" else 1.0)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.parts.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = closure() if closure is not None else None
+        for opt in self.parts.values():
+            opt.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.parts.items()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for name, opt in self.parts.items():
+            opt.load_state_dict(state_dict[name])
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer | MuonAdamW:
+    """AdamW over param_groups(model) (optim.name=adamw), or MuonAdamW over muon_split(model)
+    (optim.name=muon). fused=None picks AdamW's fused kernel: one kernel for all parameters on CUDA;
+    on CPU it measured the same as foreach (BENCHMARKS.md) and is used too."""
     fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, fused=fused)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                 eps=cfg.eps, fused=fused)
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"optim=muon needs torch.optim.Muon (torch >= {MUON_MIN_TORCH}); the installed torch "
+                         f"{torch.__version__} lacks it: upgrade torch, or use optim=adamw")
+    hidden, rest = muon_split(model)
+    log.info("Muon: %d matrices (%d params)", len(hidden), sum(p.numel() for _, p in hidden))
+    muon = torch.optim.Muon([p for _, p in hidden], lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+                            momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
+    adamw = torch.optim.AdamW(param_groups(model, cfg.weight_decay, rest), lr=cfg.lr, betas=tuple(cfg.betas),
+                              eps=cfg.eps, fused=fused)
+    return MuonAdamW(muon, adamw, cfg.muon_lr / cfg.lr)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
-    """The learning rate of optimisation step `step` (0-based)."""
+    """The learning rate of optimisation step `step` (0-based): AdamW's; Muon's is it times muon_lr / lr."""
     if step < cfg.warmup_iters:  # linear warmup; never exactly 0, so step 0 still learns
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     match cfg.schedule:
@@ -60,6 +147,10 @@ def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
             raise ValueError(f"optim.schedule={cfg.schedule!r} is not valid; choose cosine, wsd or constant")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:
+    """Set the scheduled lr: on every AdamW group, and scaled by muon_lr / lr on Muon's."""
+    if isinstance(optimizer, MuonAdamW):
+        optimizer.set_lr(lr)
+        return
     for group in optimizer.param_groups:
         group["lr"] = lr

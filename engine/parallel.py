@@ -70,45 +70,57 @@ def is_sharded(model: nn.Module) -> bool:
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
     """Full model and optimizer state dicts on CPU, the optimizer's keyed by parameter name (not
-    position), so that one process, DDP and FSDP read each other's checkpoints. Under FSDP this is a
-    collective (call on every rank) that gathers the shards."""
+    position), so that one process, DDP and FSDP read each other's checkpoints. An optimizer made of
+    parts (engine/optim.py's MuonAdamW: `parts`, name -> optimizer) gives {part name: its state}.
+    Under FSDP this is a collective (call on every rank) that gathers the shards."""
     model = unwrap_model(model)
-    if is_sharded(model):
+    sharded = is_sharded(model)
+    if sharded:
         # torch.distributed.checkpoint is imported only here: it costs ~0.7 s of start-up otherwise.
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = get_model_state_dict(model, options=options)
-        if optimizer is None:
-            return model_sd, None
-        if not optimizer.state:
-            # Before the first step get_optimizer_state_dict would initialise the state by running a
-            # step with lr=0, which bumps Adam's step counter (its bias correction) in the live optimizer.
-            return model_sd, _named_optim_state(model, optimizer.state_dict(), optimizer)
-        return model_sd, get_optimizer_state_dict(model, optimizer, options=options)
-    model_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        model_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        model_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if optimizer is None:
         return model_sd, None
+    parts = getattr(optimizer, "parts", None)
+    if parts is not None:
+        return model_sd, {name: _named_optim_state(model, part, sharded) for name, part in parts.items()}
+    return model_sd, _named_optim_state(model, optimizer, sharded)
+
+
+def _named_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
+    """One optimizer's full state on CPU, keyed by parameter name (optimizer.state_dict() is keyed by
+    position across its groups). Under FSDP a collective that gathers the shards."""
+    if sharded and optimizer.state:
+        # (Before the first step get_optimizer_state_dict would initialise the state by running a step
+        # with lr=0, which bumps Adam's step counter (its bias correction) in the live optimizer.)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     sd = optimizer.state_dict()
-    sd["state"] = {i: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
-                   for i, s in sd["state"].items()}
-    return model_sd, _named_optim_state(model, sd, optimizer)
-
-
-def _named_optim_state(model: nn.Module, sd: dict, optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() (keyed by position across groups) re-keyed by parameter name."""
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    return {"state": {order[i]: s for i, s in sd["state"].items()},
+    return {"state": {order[i]: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                      for i, s in sd["state"].items()},
             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
     """Load a full, name-keyed optimizer state (from full_state) into this rank's optimizer (its
-    shards under FSDP). Weights are loaded into the plain model before wrapping, with load_state_dict."""
+    shards under FSDP), part by part for an optimizer made of parts. A state written by another kind
+    of optimizer (adamw vs muon) is refused. Weights are loaded into the plain model before wrapping."""
+    parts = getattr(optimizer, "parts", None)
+    mine = "+".join(sorted(parts)) if parts is not None else "adamw"
+    saved = "adamw" if "state" in optim_sd else "+".join(sorted(optim_sd))
+    if saved != mine:
+        raise ValueError(f"the checkpoint holds {saved} optimizer state but this run's optimizer is {mine}: "
+                         "resume with the optim= it was trained with, or use init_from=<checkpoint> to keep "
+                         "its weights with a fresh optimizer")
+    if parts is not None:
+        for name, part in parts.items():
+            load_optimizer_state(model, part, optim_sd[name])
+        return
     if not optim_sd["state"]:  # saved before the first step: the fresh optimizer is that state already
         return
     model = unwrap_model(model)
