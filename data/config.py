@@ -48,8 +48,13 @@ class DataConfig:
     # pretrained (a tokenizer.json given by tokenizer_path).
     tokenizer: str = "char"
     # pretrained only: a tokenizer.json file, a directory holding one, or a Hugging Face hub name
-    # (e.g. gpt2). A hub name that cannot be fetched falls back to training a BPE, with a warning.
+    # (e.g. gpt2). A hub name that cannot be fetched falls back to training a BPE, with a warning
+    # (unless tokenizer_revision pins it: then it is an error).
     tokenizer_path: str | None = None
+    # pretrained hub names only: the branch, tag or commit sha of the tokenizer's repository to
+    # fetch. The commit it resolves to is recorded in meta.json and is part of the cache
+    # fingerprint. None: the default branch (its commit is still recorded).
+    tokenizer_revision: str | None = None
     # bpe only: target vocabulary size, <|endoftext|> included; 0 means DEFAULT_BPE_VOCAB (4096).
     vocab_size: int = 0
     # char only: reserve an <unk> id (the last one) for characters not seen in the text, instead
@@ -63,6 +68,11 @@ class DataConfig:
     hf_name: str | None = None
     # hf only: the dataset configuration (subset) name, e.g. sample-10BT.
     hf_config: str | None = None
+    # hf hub datasets only: the branch, tag or commit sha to load. The commit it resolves to (as the
+    # hub reports it; offline, the name as given) is recorded in meta.json and is part of the cache
+    # fingerprint, so a moved tag builds anew. None: the default branch, whatever it holds at build
+    # time (its commit is still recorded), and a cached build is reused as long as it exists.
+    revision: str | None = None
     # hf only: the split to train on.
     hf_split: str = "train"
     # hf only: a split to validate on; None holds out the last val_fraction of the documents
@@ -139,6 +149,16 @@ class DataConfig:
                 raise DataError(f"data.{field_name}={value} must be positive, or null for no limit")
         if self.num_proc < 0:
             raise DataError(f"data.num_proc={self.num_proc} must be 0 (all cores) or a positive thread count")
+        for field_name in ("revision", "tokenizer_revision"):
+            value = getattr(self, field_name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise DataError(f"data.{field_name}={value!r} must name a branch, tag or commit sha, or be null")
+        if self.revision is not None and self.source != "hf":
+            raise DataError(f"data.revision pins Hugging Face hub datasets; unset it for data.source={self.source}")
+        if self.tokenizer_revision is not None and self.tokenizer != "pretrained":
+            raise DataError(
+                f"data.tokenizer_revision pins a hub tokenizer; unset it for data.tokenizer={self.tokenizer}"
+            )
         if not self.text_field:
             raise DataError("data.text_field must name the column that holds the text, e.g. text")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data.config import DataError
-from data.prepare import read_meta
+from data.prepared import REBUILD_HINT, read_meta, split_problem
 
 SPLITS = ("train", "val")
 
@@ -31,12 +31,13 @@ def _open_split(prepared_dir: str | Path, split: str, block_size: int) -> tuple[
         raise DataError(f"split {split!r} is not valid; use train or val")
     if block_size < 1:
         raise DataError(f"block_size={block_size} must be at least 1")
-    meta = read_meta(prepared_dir)
+    meta = read_meta(prepared_dir)  # DataError naming meta.json when it is cut short or corrupt
     dtype = np.dtype(meta["dtype"])
     path = Path(prepared_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise DataError(f"{path} is missing; prepare the data again with python -m data.prepare")
-    n = path.stat().st_size // dtype.itemsize
+    # Its size must be what meta.json records: a cut-short file would otherwise be read as data.
+    if problem := split_problem(Path(prepared_dir), split, meta):
+        raise DataError(f"prepared data {problem}; {REBUILD_HINT}")
+    n = meta["tokens"][split]
     if n == 0:
         raise DataError(f"the {split} split of {prepared_dir} is empty; raise data.val_fraction or add text")
     if n < block_size + 1:

@@ -9,9 +9,14 @@ that changes the ids, so a second run returns at once and a changed setting buil
 Token files are flat arrays of uint16 (vocabularies up to 65,536 ids) or uint32, documents joined
 by <|endoftext|> when the tokenizer has one, readable with np.memmap (see data/loader.py).
 
-A build happens in a temporary directory beside the final one and is renamed into place only when
-complete, under an exclusive lock (`.<name>.lock` in the cache root), so an interrupted run or two
-concurrent runs never leave a half-written directory that looks valid.
+A build happens in a temporary directory beside the final one (every file in it written through a
+temporary file, fsync'ed and renamed, see data/atomic.py) and the directory is renamed into place
+only when complete, under an exclusive file lock (`.<name>.lock` in the cache root), so a killed run
+or two concurrent runs never leave a half-written directory that looks valid. Any number of
+processes may call prepare() at once, e.g. every rank of a torchrun job: one builds, the others wait
+on the lock (logging every minute what they wait for), with no collective and no timeout, and then
+find the directory cached. A cached directory whose files disagree with its meta.json (cut short,
+corrupt, unreadable; see data/prepared.py) is rebuilt with a warning that names the file.
 
 Run it as `python -m data.prepare data=tinystories data.vocab_size=4096`: the last line printed is
 the prepared directory.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -28,7 +34,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -40,7 +45,17 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from data.atomic import (
+    TEMP_INFIX,
+    atomic_open,
+    atomic_write,
+    exclusive_lock,
+    fsync_dir,
+    make_temp_dir,
+    remove_temps,
+)
 from data.config import MAX_VOCAB, DataConfig, DataError, resolve_cache_dir
+from data.prepared import FORMAT_VERSION, META_FILE, TOKENIZER_FILE, check_prepared, file_sha256, read_meta
 from data.sources import Corpus, open_corpus
 from data.tokenizer import (
     CharTokenizer,
@@ -53,8 +68,10 @@ from data.tokenizer import (
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
+# read_meta, FORMAT_VERSION and META_FILE live in data/prepared.py and are re-exported here.
+__all__ = ["FORMAT_VERSION", "META_FILE", "prepare", "read_meta", "token_dtype"]
+# Errors of a cache directory that the user can fix by freeing space or choosing another directory.
+_CACHE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 # Long documents are cut into pieces of about this many characters so that a batch of pieces can
 # be encoded in parallel even when the corpus is one big file.
 PIECE_CHARS = 1 << 15
@@ -75,22 +92,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise DataError(f"a vocabulary of {vocab_size} tokens does not fit uint32 token files; use at most {MAX_VOCAB}")
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    """meta.json of a prepared directory; DataError when it is missing or from another format."""
-    path = Path(directory) / META_FILE
-    if not path.is_file():
-        raise DataError(f"{directory} is not a prepared data directory (no {META_FILE}); run python -m data.prepare")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{directory} was prepared in format {meta.get('format_version')}, this code reads {FORMAT_VERSION}; "
-            "delete it and prepare again"
-        )
-    return meta
-
-
 def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
-    """Prepare (or find in the cache) the token files cfg describes; returns their directory."""
+    """Prepare (or find in the cache) the token files cfg describes; returns their directory.
+
+    Safe to call from many processes at once (all ranks of a job): one builds, the others wait for
+    it on a file lock and return the same directory. progress: tqdm bars while building."""
     cache_root = resolve_cache_dir(cfg.cache_dir)
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
@@ -100,65 +106,77 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
     plan, pretrained = _tokenizer_plan(cfg)
     fingerprint = _fingerprint(cfg, corpus, plan)
     final = cache_root / f"{corpus.name}-{plan['kind']}-{fingerprint}"
-    if _is_prepared(final):
+    if final.exists() and check_prepared(final) is None:
         log.info("using cached %s", final)
         return final
-    with _locked(cache_root / f".{final.name}.lock"):
-        if _is_prepared(final):  # another process built it while we waited for the lock
-            log.info("using %s, prepared by another process", final)
-            return final
-        _remove_leftovers(cache_root, final)
-        tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{final.name}.tmp-"))
-        try:
-            _build(cfg, corpus, plan, pretrained, fingerprint, tmp, progress)
+    try:
+        with exclusive_lock(cache_root / f".{final.name}.lock", waiting_for=f"another process preparing {final}",
+                            status=lambda: _written_so_far(final)):
+            problem = check_prepared(final) if final.exists() else None
+            if final.exists() and problem is None:  # another process built it while we waited
+                log.info("using %s, prepared by another process", final)
+                return final
+            if problem is not None:
+                _warn(f"prepared data {problem}; rebuilding")
+            _remove_leftovers(cache_root, final)
+            tmp = make_temp_dir(final)
             try:
-                os.rename(tmp, final)
-            except OSError:
-                if not _is_prepared(final):  # not a lost race: a real error
-                    raise
-                log.info("%s appeared while building; keeping it and discarding this build", final)
-        finally:
-            # On success tmp has been renamed away; otherwise nothing half-written stays behind.
-            shutil.rmtree(tmp, ignore_errors=True)
+                _build(cfg, corpus, plan, pretrained, fingerprint, tmp, progress)
+                fsync_dir(tmp)
+                try:
+                    os.rename(tmp, final)
+                except OSError:
+                    if check_prepared(final) is not None:  # not a race lost without locks: a real error
+                        raise
+                    log.info("%s appeared while building; keeping it and discarding this build", final)
+                fsync_dir(cache_root)
+            finally:
+                # On success tmp has been renamed away; otherwise nothing half-written stays behind.
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        if e.errno not in _CACHE_ERRNOS:
+            raise
+        raise DataError(
+            f"cannot write prepared data {e.filename or final} ({e.strerror}); free disk space, or set "
+            "data.cache_dir (or CAUSALGPT_CACHE) to a writable directory with room"
+        ) from None
     log.info("prepared %s", final)
     return final
 
 
-def _is_prepared(directory: Path) -> bool:
-    # meta.json is written last, and the directory only gets its final name when complete.
-    meta = directory / META_FILE
-    if not meta.is_file():
-        return False
-    return json.loads(meta.read_text(encoding="utf-8")).get("format_version") == FORMAT_VERSION
+def _warn(message: str) -> None:
+    # Both: logging for log files and the console handler, warnings so it shows without logging set up.
+    log.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: fall back on the race-safe rename alone
-        yield
-        return
-    with open(lock_path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process preparing the same data (%s)", lock_path)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _written_so_far(final: Path) -> str:
+    """How far another process's build of final has got, from the size of its temporary directory."""
+    total = 0
+    for tmp in final.parent.glob(f".{final.name}{TEMP_INFIX}*"):
+        with contextlib.suppress(OSError):  # the build may finish (and its files move) while we count
+            total += sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    return f"{total / 1e6:.1f} MB written so far"
 
 
 def _remove_leftovers(cache_root: Path, final: Path) -> None:
-    # Under the lock no one else builds this dataset, so its temporary dirs are from killed runs;
-    # an invalid final dir (no meta.json or an old format) is rebuilt.
-    for stale in cache_root.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Under final's lock: remove what killed builds left (of final, and of any other dataset whose
+    lock is free), and move an unsound final directory out of the way."""
+    for stale in remove_temps(final):
+        log.info("removed %s, left by an interrupted build", stale)
+    for name in sorted({p.name[1:].rsplit(TEMP_INFIX, 1)[0] for p in cache_root.glob(f".*{TEMP_INFIX}*")}):
+        try:
+            with exclusive_lock(cache_root / f".{name}.lock", timeout_s=0):
+                for stale in remove_temps(cache_root / name):
+                    log.info("removed %s, left by an interrupted build", stale)
+        except TimeoutError:  # being built right now by another process
+            continue
     if final.exists():
-        log.warning("%s is incomplete or from an older format; rebuilding it", final)
-        shutil.rmtree(final)
+        # Renamed first (a temporary name, removed with the leftovers should this be killed), so the
+        # final name never points at a half-deleted directory.
+        trash = make_temp_dir(final)
+        os.rename(final, trash / "old")
+        shutil.rmtree(trash)
 
 
 def _tokenizer_plan(cfg: DataConfig) -> tuple[dict[str, Any], Tokenizer | None]:
@@ -167,8 +185,11 @@ def _tokenizer_plan(cfg: DataConfig) -> tuple[dict[str, Any], Tokenizer | None]:
         return {"kind": "char", "unk": cfg.unk}, None
     if cfg.tokenizer == "pretrained":
         try:
-            tok = load_pretrained(cfg.tokenizer_path)
-            return {"kind": "pretrained", "sha256": hashlib.sha256(tok.to_json().encode()).hexdigest()}, tok
+            tok = load_pretrained(cfg.tokenizer_path, revision=cfg.tokenizer_revision)
+            plan = {"kind": "pretrained", "sha256": hashlib.sha256(tok.to_json().encode()).hexdigest()}
+            if cfg.tokenizer_revision is not None:  # only then, so unpinned fingerprints stay as they were
+                plan["revision"] = tok.revision or cfg.tokenizer_revision
+            return plan, tok
         except TokenizerUnavailable as e:
             message = f"{e}; training a byte-level BPE with {cfg.bpe_vocab_size} tokens instead"
             log.warning(message)
@@ -223,10 +244,12 @@ def _build(
             tok = pretrained
         timings["tokenizer"] = time.perf_counter() - t0
         dtype = token_dtype(tok.vocab_size)
-        counts = {}
+        counts, files = {}, {}
         for split in ("train", "val"):
             t1 = time.perf_counter()
-            counts[split] = _write_split(corpus.docs(split), tok, out / f"{split}.bin", dtype, budgets[split], progress)
+            path = out / f"{split}.bin"
+            counts[split], sha = _write_split(corpus.docs(split), tok, path, dtype, budgets[split], progress)
+            files[path.name] = {"bytes": counts[split] * dtype.itemsize, "sha256": sha}
             timings[f"encode_{split}"] = time.perf_counter() - t1
     if counts["train"] == 0:
         raise DataError(f"the {corpus.name} corpus gave no training tokens; check the input")
@@ -236,6 +259,7 @@ def _build(
             "or name a validation split with data.hf_val_split"
         )
     save_tokenizer(tok, out)
+    files[TOKENIZER_FILE] = {"bytes": (out / TOKENIZER_FILE).stat().st_size, "sha256": file_sha256(out / TOKENIZER_FILE)}
     timings["total"] = time.perf_counter() - t0
     meta = {
         "format_version": FORMAT_VERSION,
@@ -248,12 +272,17 @@ def _build(
         "eot_id": tok.eot_id,
         "dtype": dtype.name,
         "tokens": counts,
+        # What data/prepared.py checks the files against: sizes and sha256 (computed while writing).
+        "files": files,
+        # The hub commits the dataset and the tokenizer came from (None: not from the hub, or the
+        # hub could not tell); the requested revisions are in config.
+        "revision": {"dataset": corpus.info.get("revision"), "tokenizer": getattr(tok, "revision", None)},
         "config": dataclasses.asdict(cfg),
         "build_seconds": {k: round(v, 3) for k, v in timings.items()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     # Written last: its presence is what marks a directory as complete.
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    atomic_write(out / META_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     rate = (counts["train"] + counts["val"]) / max(timings["total"], 1e-9)
     log.info("%s: %d train + %d val tokens, vocab %d, %.0f tokens/s", corpus.name, counts["train"],
              counts["val"], tok.vocab_size, rate)
@@ -319,11 +348,13 @@ def _batches(docs: Iterable[str]) -> Iterator[list[tuple[str, bool]]]:
 
 def _write_split(
     docs: Iterable[str], tok: Tokenizer, path: Path, dtype: np.dtype, budget: int | None, progress: bool
-) -> int:
-    """Encode docs into path as a flat dtype array; returns the token count."""
+) -> tuple[int, str]:
+    """Encode docs into path as a flat dtype array (atomically); returns the token count and the
+    sha256 of the bytes, hashed as they are written (far cheaper than the encoding)."""
     n = n_docs = 0
+    digest = hashlib.sha256()
     bar = tqdm(desc=f"tokenizing {path.stem}", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr)
-    with open(path, "wb") as f, bar:
+    with atomic_open(path, "wb") as f, bar:
         for batch in _batches(docs):
             for (_, starts_doc), ids in zip(batch, tok.encode_arrays([p for p, _ in batch]), strict=True):
                 if starts_doc:
@@ -332,12 +363,14 @@ def _write_split(
                     n_docs += 1
                 if budget is not None:
                     ids = ids[: budget - n]
-                ids.astype(dtype).tofile(f)
+                arr = np.ascontiguousarray(ids, dtype=dtype)
+                f.write(arr.data)
+                digest.update(arr.data)
                 n += len(ids)
                 bar.update(len(ids))
                 if budget is not None and n >= budget:
-                    return n
-    return n
+                    return n, digest.hexdigest()
+    return n, digest.hexdigest()
 
 
 def main() -> None:

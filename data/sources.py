@@ -22,7 +22,6 @@ import logging
 import os
 import sys
 import sysconfig
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -31,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data.atomic import atomic_write, exclusive_lock, remove_temps
 from data.config import DataConfig, DataError
+from data.hub import dataset_commit
 
 log = logging.getLogger(__name__)
 
@@ -134,24 +135,22 @@ def _shakespeare(cfg: DataConfig, cache_root: Path) -> Corpus:
         where = str(path)
     else:
         cached = cache_root / "raw" / "tinyshakespeare.txt"
-        raw = cached.read_bytes() if cached.is_file() else b""
-        if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
-            try:
-                raw = _download_shakespeare(cached)
-            except ShakespeareUnavailable as e:
-                if cfg.fallback is None:
-                    raise DataError(
-                        f"tiny Shakespeare is not cached and could not be downloaded ({e}); "
-                        "download it and pass data.path=/path/to/input.txt"
-                    ) from None
-                _warn(
-                    f"tiny Shakespeare is not cached and could not be downloaded ({e}); using the offline "
-                    f"{cfg.fallback} corpus instead. To train on Shakespeare offline, copy {SHAKESPEARE_URL} "
-                    "to this machine and pass data.path=/path/to/input.txt"
-                )
-                corpus = _python_stdlib(cfg)
-                corpus.info.update(requested_source="shakespeare_char", fallback_reason=str(e))
-                return corpus
+        try:
+            raw = _cached_shakespeare(cached)
+        except ShakespeareUnavailable as e:
+            if cfg.fallback is None:
+                raise DataError(
+                    f"tiny Shakespeare is not cached and could not be downloaded ({e}); "
+                    "download it and pass data.path=/path/to/input.txt"
+                ) from None
+            _warn(
+                f"tiny Shakespeare is not cached and could not be downloaded ({e}); using the offline "
+                f"{cfg.fallback} corpus instead. To train on Shakespeare offline, copy {SHAKESPEARE_URL} "
+                "to this machine and pass data.path=/path/to/input.txt"
+            )
+            corpus = _python_stdlib(cfg)
+            corpus.info.update(requested_source="shakespeare_char", fallback_reason=str(e))
+            return corpus
         sha, where = SHAKESPEARE_SHA256, str(cached)
     text = decode_utf8(raw, where, cfg.errors)
     return _text_corpus(
@@ -163,6 +162,40 @@ class ShakespeareUnavailable(Exception):
     """Download failed or gave the wrong bytes (internal: turned into a fallback or a DataError)."""
 
 
+def _valid_copy(path: Path, say: bool = True) -> bytes | None:
+    """The cached copy's bytes when they are tiny Shakespeare's, else None (a cut-short or corrupt
+    copy is replaced, with a warning when say)."""
+    if not path.is_file():
+        return None
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() == SHAKESPEARE_SHA256:
+        return raw
+    if say:
+        _warn(f"the cached copy {path} is truncated or corrupt ({len(raw)} bytes, wrong sha256); downloading it again")
+    return None
+
+
+def _cached_shakespeare(cached: Path) -> bytes:
+    """Tiny Shakespeare from the cache, else downloaded into it. One process downloads at a time
+    (the others wait on the lock and then find the copy), and what a killed download left is removed."""
+    raw = _valid_copy(cached)
+    if raw is not None:
+        return raw
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(cached.parent / f".{cached.name}.lock", waiting_for=f"another process downloading {cached}"):
+            raw = _valid_copy(cached, say=False)  # another process may have downloaded it meanwhile
+            if raw is None:
+                remove_temps(cached)
+                raw = _download_shakespeare(cached)
+    except OSError as e:
+        raise DataError(
+            f"cannot write the tiny Shakespeare copy {e.filename or cached} ({e.strerror}); free disk space, "
+            "or set data.cache_dir to a writable directory"
+        ) from None
+    return raw
+
+
 def _download_shakespeare(dest: Path) -> bytes:
     log.info("downloading tiny Shakespeare from %s", SHAKESPEARE_URL)
     try:
@@ -171,12 +204,8 @@ def _download_shakespeare(dest: Path) -> bytes:
         raise ShakespeareUnavailable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
     if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
         raise ShakespeareUnavailable("the download has the wrong sha256 checksum")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the destination and rename, so a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tinyshakespeare.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(raw)
-    os.replace(tmp, dest)
+    # Atomic: a reader never sees half a file, and a failed write (a full disk) leaves none behind.
+    atomic_write(dest, raw)
     return raw
 
 
@@ -280,31 +309,66 @@ def _files(cfg: DataConfig) -> Corpus:
 # --- Hugging Face datasets ----------------------------------------------------------------------
 
 
+# Builders that ship with `datasets` (data.path gives their files); any other name that is not a
+# local directory is a hub repository. Used when datasets.packaged_modules does not list them.
+_BUILDERS = ("arrow", "audiofolder", "csv", "imagefolder", "json", "pandas", "parquet", "sql", "text",
+             "videofolder", "webdataset", "xml")
+
+
+def hf_kind(hf_name: str) -> str:
+    """local (a save_to_disk or data directory), builder (json, csv, parquet, ...) or hub."""
+    if Path(hf_name).expanduser().is_dir():
+        return "local"
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as packaged
+    except ImportError:  # a private name that may move; the list above is enough to tell
+        packaged = _BUILDERS
+    return "builder" if hf_name in packaged or hf_name in _BUILDERS else "hub"
+
+
 def _hf(cfg: DataConfig, cache_root: Path) -> Corpus:
     local = Path(cfg.hf_name).expanduser()
     identity: dict[str, Any] = {
         k: getattr(cfg, k) for k in ("hf_name", "hf_config", "hf_split", "hf_val_split", "text_field", "streaming")
     }
-    # A hub dataset is identified by name alone; local inputs also by their files' sizes and times.
+    # A hub dataset is identified by name (and by its commit when pinned); local inputs also by
+    # their files' sizes and times.
     if cfg.path is not None:
         identity["data_files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve_files(cfg.paths)]
     if local.is_dir():
         identity["local"] = sorted(
             (str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns) for p in local.rglob("*") if p.is_file()
         )
+    info: dict[str, Any] = {"hf_name": cfg.hf_name, "hf_config": cfg.hf_config, "streaming": cfg.streaming}
+    # The commit to load: pinned ones are resolved now, since the fingerprint holds them (offline,
+    # the name as given); an unpinned hub dataset is resolved when it is first loaded, so a cache
+    # hit needs no network, and meta.json still says which commit the tokens came from.
+    revision: dict[str, str | None] = {}
+    if cfg.revision is not None:
+        kind = hf_kind(cfg.hf_name)
+        if kind != "hub":
+            raise DataError(
+                f"data.revision pins hub datasets, but data.hf_name={cfg.hf_name!r} is a {kind} "
+                f"({'a directory on this machine' if kind == 'local' else 'a builder that reads data.path'}); unset it"
+            )
+        revision["commit"] = dataset_commit(cfg.hf_name, cfg.revision) or cfg.revision
+        identity["revision"] = info["revision"] = revision["commit"]
     loaded: dict[str, Any] = {}
 
     def load(split: str) -> Any:
+        if "commit" not in revision:
+            revision["commit"] = dataset_commit(cfg.hf_name, None) if hf_kind(cfg.hf_name) == "hub" else None
+            info["revision"] = revision["commit"]
         if split not in loaded:
-            loaded[split] = _load_hf_split(cfg, split, cache_root)
+            loaded[split] = _load_hf_split(cfg, split, cache_root, revision["commit"])
         return loaded[split]
 
     def docs(split: str) -> Iterator[str]:
         if cfg.hf_val_split is not None:
-            yield from _texts(load(cfg.hf_split if split == "train" else cfg.hf_val_split), cfg.text_field)
+            yield from _texts(load(cfg.hf_split if split == "train" else cfg.hf_val_split), cfg.text_field, cfg.hf_name)
         elif cfg.streaming:
             k = max(2, round(1 / cfg.val_fraction))
-            for i, text in enumerate(_texts(load(cfg.hf_split), cfg.text_field)):
+            for i, text in enumerate(_texts(load(cfg.hf_split), cfg.text_field, cfg.hf_name)):
                 if (i % k == k - 1) == (split == "val"):
                     yield text
         else:
@@ -317,13 +381,12 @@ def _hf(cfg: DataConfig, cache_root: Path) -> Corpus:
                     "add documents or name a validation split with data.hf_val_split"
                 )
             rows = range(n - n_val) if split == "train" else range(n - n_val, n)
-            yield from _texts(ds.select(rows), cfg.text_field)
+            yield from _texts(ds.select(rows), cfg.text_field, cfg.hf_name)
 
-    info = {"hf_name": cfg.hf_name, "hf_config": cfg.hf_config, "streaming": cfg.streaming}
     return Corpus(name="hf", identity=identity, docs_fn=docs, info=info, streaming=cfg.streaming)
 
 
-def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path) -> Any:
+def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path, revision: str | None) -> Any:
     import datasets  # lazily: only this source needs it
 
     local = Path(cfg.hf_name).expanduser()
@@ -339,7 +402,11 @@ def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path) -> Any:
             elif split != cfg.hf_split:
                 raise DataError(f"{cfg.hf_name} holds a single split, so it has no {split!r}; unset data.hf_val_split")
             return ds.to_iterable_dataset() if cfg.streaming else ds
-        kwargs: dict[str, Any] = {"split": split, "streaming": cfg.streaming}
+        # Never run a repository's code: datasets>=3 refuses loading scripts unless asked, and we
+        # say no explicitly (datasets 4+ has no scripts at all and ignores a False here).
+        kwargs: dict[str, Any] = {"split": split, "streaming": cfg.streaming, "trust_remote_code": False}
+        if revision is not None:
+            kwargs["revision"] = revision
         if cfg.path is not None:
             kwargs["data_files"] = [str(p) for p in resolve_files(cfg.paths)]
             if not cfg.streaming:
@@ -350,13 +417,14 @@ def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path) -> Any:
         raise
     except (OSError, ValueError) as e:  # not found, no network, unknown split or config
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        at = f", revision {revision!r}" if revision else ""
         raise DataError(
-            f"could not load dataset {cfg.hf_name!r} (config {cfg.hf_config!r}, split {split!r}): {first_line}; "
+            f"could not load dataset {cfg.hf_name!r} (config {cfg.hf_config!r}, split {split!r}{at}): {first_line}; "
             "check data.hf_name, data.hf_config and the split names"
         ) from e
 
 
-def _texts(ds: Any, text_field: str) -> Iterator[str]:
+def _texts(ds: Any, text_field: str, name: str) -> Iterator[str]:
     columns = getattr(ds, "column_names", None)  # None for streams whose features are unknown
     if columns is not None and text_field not in columns:
         raise DataError(
@@ -365,7 +433,7 @@ def _texts(ds: Any, text_field: str) -> Iterator[str]:
     if columns is not None:
         ds = ds.select_columns([text_field])  # skip decoding the other columns
     # Batches of columns: several times faster than one dict per example.
-    for batch in ds.iter(batch_size=1000):
+    for batch in _batches_or_data_error(ds, name):
         if text_field not in batch:
             raise DataError(
                 f"the dataset has no field {text_field!r}; its fields are {', '.join(batch)} (set data.text_field)"
@@ -377,3 +445,21 @@ def _texts(ds: Any, text_field: str) -> Iterator[str]:
                 raise DataError(f"field {text_field!r} holds {type(value).__name__}, not text; set data.text_field")
             if value:
                 yield value
+
+
+def _batches_or_data_error(ds: Any, name: str) -> Iterator[dict[str, list]]:
+    """ds.iter(batch_size=1000), with a connection lost mid-stream turned into a one-line DataError
+    (prepare then removes what it had written, so the next run starts clean)."""
+    batches = ds.iter(batch_size=1000)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except OSError as e:  # ConnectionError, timeouts, resets: the download stopped part way
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"reading dataset {name!r} failed part way ({type(e).__name__}: {first_line}); nothing was kept, "
+                "check the network and run again"
+            ) from e
+        yield batch

@@ -4,7 +4,8 @@
   nanoGPT's shakespeare_char builds it, so ids match nanoGPT's; encoding is a numpy lookup table
   over code points, not a Python loop per character.
 - `HFTokenizer`: a `tokenizers.Tokenizer`, either a byte-level BPE trained here on the training
-  split (`train_bpe`, kind "bpe") or any tokenizer.json loaded by path or hub name ("pretrained").
+  split (`train_bpe`, kind "bpe") or any tokenizer.json loaded by path or hub name ("pretrained"),
+  a hub name pinned to a revision when one is given (data.tokenizer_revision).
 
 `to_json()` / `tokenizer_from_json()` let the trainer store the tokenizer inside each checkpoint so
 that sampling needs no data directory. `StreamDecoder` turns generated ids into text one token at
@@ -22,13 +23,15 @@ import numpy as np
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from data.atomic import atomic_write
 from data.config import DataError
+from data.hub import HubUnreachable, download_tokenizer
+from data.prepared import META_FILE, REBUILD_HINT, TOKENIZER_FILE, file_sha256, parse_json, read_meta
 
 log = logging.getLogger(__name__)
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
-TOKENIZER_FILE = "tokenizer.json"
 # End-of-document tokens of common pretrained tokenizers, tried in this order.
 _EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
 
@@ -128,9 +131,10 @@ class CharTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (byte-level BPE trained here, or any pretrained tokenizer.json)."""
 
-    def __init__(self, tok: _RustTokenizer, kind: str) -> None:
+    def __init__(self, tok: _RustTokenizer, kind: str, revision: str | None = None) -> None:
         self.tok = tok
         self.kind = kind
+        self.revision = revision  # the hub commit a pretrained tokenizer came from, when it did
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eot_id = next((i for t in _EOT_CANDIDATES if (i := tok.token_to_id(t)) is not None), None)
 
@@ -171,12 +175,18 @@ def train_bpe(texts: Iterator[str], vocab_size: int, *, progress: bool = False) 
     return bpe
 
 
-def load_pretrained(name_or_path: str) -> HFTokenizer:
-    """A tokenizer.json by file or directory path; a name that is not a path is fetched from the hub."""
+def load_pretrained(name_or_path: str, revision: str | None = None) -> HFTokenizer:
+    """A tokenizer.json by file or directory path; a name that is not a path is fetched from the hub,
+    at revision (a branch, tag or commit) when given. The hub commit is kept as `.revision`.
+
+    Unreachable hub: TokenizerUnavailable (prepare falls back to a BPE) without a revision, a
+    DataError with one (a pinned tokenizer is not silently replaced)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if path.is_file():
+        if revision is not None:
+            raise DataError(f"data.tokenizer_revision pins hub tokenizers, but {path} is a local file; unset it")
         try:
             return HFTokenizer(_RustTokenizer.from_file(str(path)), "pretrained")
         except Exception as e:  # the Rust binding raises plain Exception for any parse error
@@ -185,12 +195,19 @@ def load_pretrained(name_or_path: str) -> HFTokenizer:
     if path.suffix == ".json" or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise DataError(f"data.tokenizer_path={name_or_path!r}: no such file; give the path of a tokenizer.json")
     try:
-        return HFTokenizer(_RustTokenizer.from_pretrained(name_or_path), "pretrained")
-    except Exception as e:  # the Rust binding raises plain Exception (offline, unknown name, ...)
-        raise TokenizerUnavailable(
-            f"could not fetch tokenizer {name_or_path!r} from the hub ({str(e).splitlines()[0]}); "
+        file, commit = download_tokenizer(name_or_path, revision)
+    except HubUnreachable as e:
+        where = f"{name_or_path!r}" + (f" at revision {revision!r}" if revision else "")
+        error = DataError if revision is not None else TokenizerUnavailable
+        raise error(
+            f"could not fetch tokenizer {where} from the hub ({e}); "
             "give data.tokenizer_path=/path/to/tokenizer.json"
         ) from e
+    try:
+        return HFTokenizer(_RustTokenizer.from_file(str(file)), "pretrained", revision=commit)
+    except Exception as e:  # the Rust binding raises plain Exception for any parse error
+        raise DataError(f"{file} (tokenizer {name_or_path!r} from the hub) is not a valid tokenizer.json ({e}); "
+                        f"delete it from the Hugging Face cache and run again") from e
 
 
 def tokenizer_from_json(s: str, kind: str | None = None) -> Tokenizer:
@@ -201,6 +218,8 @@ def tokenizer_from_json(s: str, kind: str | None = None) -> Tokenizer:
     except json.JSONDecodeError as e:
         raise DataError(f"tokenizer JSON is not valid JSON ({e}); re-save it with save_tokenizer") from e
     if isinstance(obj, dict) and obj.get("kind") == "char":
+        if not isinstance(obj.get("chars"), str):
+            raise DataError("char tokenizer JSON has no 'chars' string; re-save it with save_tokenizer")
         return CharTokenizer(obj["chars"], unk=bool(obj.get("unk", False)))
     try:
         tok = _RustTokenizer.from_str(s)
@@ -212,23 +231,30 @@ def tokenizer_from_json(s: str, kind: str | None = None) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
-    """Write tok as tokenizer.json in directory; returns the file."""
+    """Write tok as tokenizer.json in directory, atomically; returns the file."""
     path = Path(directory) / TOKENIZER_FILE
-    path.write_text(tok.to_json(), encoding="utf-8")
+    atomic_write(path, tok.to_json())
     return path
 
 
 def load_tokenizer(prepared_dir: str | Path) -> Tokenizer:
-    """The tokenizer of a prepared data directory (its tokenizer.json, labelled by meta.json)."""
+    """The tokenizer of a prepared data directory (its tokenizer.json, labelled by meta.json).
+    A missing, cut-short or corrupt file is a one-line DataError that names it."""
     prepared_dir = Path(prepared_dir)
     path = prepared_dir / TOKENIZER_FILE
     if not path.is_file():
         raise DataError(f"{prepared_dir} has no {TOKENIZER_FILE}; prepare it with python -m data.prepare")
-    kind = None
-    meta = prepared_dir / "meta.json"
-    if meta.is_file():
-        kind = json.loads(meta.read_text(encoding="utf-8")).get("tokenizer")
-    return tokenizer_from_json(path.read_text(encoding="utf-8"), kind=kind)
+    meta = read_meta(prepared_dir) if (prepared_dir / META_FILE).exists() else {}
+    recorded = (meta.get("files") or {}).get(TOKENIZER_FILE, {}).get("sha256")
+    _, problem = parse_json(path)
+    if problem is None and recorded and file_sha256(path) != recorded:
+        problem = f"{path} is corrupt: its sha256 differs from the one in {META_FILE}"
+    if problem is not None:
+        raise DataError(f"prepared data {problem}; {REBUILD_HINT}")
+    try:
+        return tokenizer_from_json(path.read_text(encoding="utf-8"), kind=meta.get("tokenizer"))
+    except DataError as e:
+        raise DataError(f"prepared data {path} is not a valid tokenizer ({e}); {REBUILD_HINT}") from None
 
 
 class StreamDecoder:

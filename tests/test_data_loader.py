@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,12 @@ def test_empty_split_and_bad_arguments(prepared, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(prepared, broken)
     (broken / "val.bin").write_bytes(b"")
+    # An emptied file that meta.json says holds tokens was cut short: the error names it.
+    with pytest.raises(DataError, match=r"broken/val\.bin is truncated: 0 bytes, but meta\.json records \d+ uint16"):
+        BatchLoader(broken, "val", 2, 8)
+    meta = json.loads((broken / "meta.json").read_text())
+    meta["tokens"]["val"] = 0
+    (broken / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="val split .* is empty"):
         BatchLoader(broken, "val", 2, 8)
     with pytest.raises(DataError, match="not valid; use train or val"):

@@ -298,10 +298,10 @@ def test_pretrained_tokenizer_by_path_and_hub_fallback_to_bpe(cache, corpus_file
     assert read_meta(out)["tokenizer"] == "pretrained"
     assert (out / "train.bin").read_bytes() == (bpe_dir / "train.bin").read_bytes()
 
-    def offline(name):
-        raise Exception(f"cannot reach the hub for {name}")  # what the Rust binding raises
+    def offline(repo_id, filename, **kwargs):
+        raise OSError(f"cannot reach the hub for {repo_id}")
 
-    monkeypatch.setattr("data.tokenizer._RustTokenizer.from_pretrained", offline)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
     cfg = DataConfig(source="files", path=str(corpus_file), tokenizer="pretrained", tokenizer_path="gpt2",
                      vocab_size=300)
     with pytest.warns(UserWarning, match="could not fetch tokenizer 'gpt2'.*training a byte-level BPE with 300"):

@@ -1,0 +1,81 @@
+"""What data/ fetches from the Hugging Face hub, and how it is pinned to a commit.
+
+- `dataset_commit(repo_id, revision)`: the commit sha that a branch, tag or sha of a hub dataset
+  is at (None when the hub cannot be asked, e.g. offline), which prepare() records in meta.json and,
+  for a pinned revision, hashes into the cache fingerprint; datasets then load that exact commit.
+- `download_tokenizer(repo_id, revision)`: a repository's tokenizer.json and the commit it came from.
+
+Nothing fetched here runs code: datasets load with trust_remote_code=False (and datasets>=3, which
+has no loading scripts by default, is required), and a tokenizer is its tokenizer.json, which is
+data. Downloads go through the Hugging Face cache, whose files appear under their final name only
+when complete. huggingface_hub is imported inside the functions: a dependency of `tokenizers` and
+`datasets`, needed only when something comes from the hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from data.config import DataError
+
+log = logging.getLogger(__name__)
+
+HUB_TIMEOUT_S = 15.0
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+class HubUnreachable(Exception):
+    """The hub could not give a file (offline, unknown or private repository, server error)."""
+
+
+def is_commit_sha(revision: str | None) -> bool:
+    """True for a full 40-hex commit sha, which names one commit forever (a branch or tag can move)."""
+    return revision is not None and _COMMIT_SHA.fullmatch(revision) is not None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def dataset_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit sha of hub dataset repo_id at revision (None: the default branch); None when the
+    hub cannot tell. DataError when the hub says that the revision does not exist."""
+    if is_commit_sha(revision):
+        return revision
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import RevisionNotFoundError
+
+    try:
+        return HfApi().dataset_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S).sha
+    except RevisionNotFoundError:
+        raise DataError(
+            f"data.revision={revision!r} is not a branch, tag or commit of dataset {repo_id!r}; "
+            f"see https://huggingface.co/datasets/{repo_id}/commits for the ones it has"
+        ) from None
+    except Exception as e:  # huggingface_hub raises many kinds (offline mode, network, HTTP): all mean "cannot tell"
+        log.info("could not ask the hub which commit %s of dataset %s is (%s); using the name as given",
+                 revision or "the default branch", repo_id, _first_line(e))
+        return None
+
+
+def download_tokenizer(repo_id: str, revision: str | None, filename: str = "tokenizer.json") -> tuple[Path, str | None]:
+    """(local path of filename in hub repo repo_id at revision, the commit sha it came from, or the
+    revision as given when the cache layout does not tell). DataError for a revision that does not
+    exist; HubUnreachable for everything else that keeps the file from coming."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import RevisionNotFoundError
+
+    try:
+        path = Path(hf_hub_download(repo_id, filename, revision=revision))
+    except RevisionNotFoundError:
+        raise DataError(
+            f"data.tokenizer_revision={revision!r} is not a branch, tag or commit of {repo_id!r}; "
+            f"see https://huggingface.co/{repo_id}/commits for the ones it has"
+        ) from None
+    except Exception as e:  # as above: offline, unknown repository, no such file, HTTP errors
+        raise HubUnreachable(_first_line(e)) from e
+    commit = path.parent.name  # the cache keeps every file under snapshots/<commit sha>/
+    return path, commit if is_commit_sha(commit) else revision
