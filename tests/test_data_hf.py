@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 
 from data.config import DataConfig, DataError
 from data.prepare import prepare, read_meta
 from data.tokenizer import load_tokenizer
-
-datasets = pytest.importorskip("datasets")
 
 DOCS = [f"Story {i}: once upon a time a small robot named R{i} found {i % 5} shiny stones." for i in range(60)]
 
