@@ -22,7 +22,6 @@ line, `error: ...`, and exit status 2 (cli.main_guard).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -36,33 +35,26 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import cli
-from causality.leakage import LeakageSettings, run_leakage_check
-from causality.loading import Loaded, load_from_checkpoint, random_init
-from causality.prompt import encode_prompt, labels, read_prompt, start_token
-from causality.report import fmt, format_report, summary
-from causality.runtime import autocast, compile_for_generation, dtype_name, resolve
-from causality.stream import check_sampling, stream_sample
+from causality.leakage import LeakageConfig, run_leakage_check
+from causality.sampling import (
+    Loaded,
+    compile_for_generation,
+    encode_prompt,
+    inference_runtime,
+    labels,
+    load_from_checkpoint,
+    random_init,
+    read_prompt,
+    stream_sample,
+    study_prompt,
+)
 from engine.config import LoggerConfig
+from engine.runtime import Runtime
 from model import ModelConfig
+from model.generate import check_sampling_args
 
 log = logging.getLogger("sample")
 MODES = ("generate", "leakage", "attention")
-
-
-@dataclass
-class LeakageConfig:
-    # Random futures tried per position in the perturbation test.
-    trials: int = 3
-    # The influence map (one backward pass per position and probe) covers the first this-many tokens.
-    influence_len: int = 32
-    # Random probe vectors per position for ||d h_t / d x_s||; null = exact (n_embd probes, slower).
-    probes: int | None = 8
-    # Greedy tokens generated with and without the KV cache.
-    gen_tokens: int = 32
-    # Largest change at past positions still counted as no leak (0.0: exact, right for fp32).
-    tolerance: float = 0.0
-    # The mask-off control must change the past by more than this, or the check is inconclusive.
-    control_min: float = 1e-4
 
 
 @dataclass
@@ -107,6 +99,7 @@ class SampleConfig:
     seq_len: int = 64
     # Where leakage/attention write their files; null = <run dir>/<mode>/<time>, or outputs_dir/<mode>/<time>.
     out_dir: str | None = None
+    # mode=leakage: the check's settings, documented in causality/leakage.py (LeakageConfig).
     leakage: LeakageConfig = field(default_factory=LeakageConfig)
     # logger=wandb logs the heatmaps as W&B images (offline unless logged in); logger=none (default) does not.
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(name="none"))
@@ -121,6 +114,7 @@ class SampleConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ckpt and self.model is not None:
             raise ValueError("give ckpt=... (a trained model) or model=<preset> (random init), not both")
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
 
 
 def register_configs() -> None:
@@ -140,12 +134,14 @@ def load(cfg: SampleConfig, device: torch.device) -> Loaded:
     return load_from_checkpoint(cfg.ckpt, cfg.outputs_dir, device)
 
 
-def generate(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: torch.dtype,
-             stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
-    tok, model = loaded.tokenizer, loaded.model
+def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    tok, model, device = loaded.tokenizer, loaded.model, rt.device
     if tok is None:
         raise ValueError(f"checkpoint {loaded.source} holds no tokenizer, so its ids cannot be turned into text")
-    top_k = check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, model.config.vocab_size)
+    top_k, vocab = cfg.top_k, model.config.vocab_size
+    if top_k is not None and top_k > vocab:
+        log.warning("top_k=%d is larger than the vocabulary (%d tokens): using top_k=%d", top_k, vocab, vocab)
+        top_k = vocab
     text = read_prompt(cfg.prompt, cfg.prompt_file, stdin)
     ids = encode_prompt(tok, text, model.config.block_size)
     shown = tok.decode(ids) if text else ""  # the (possibly cropped) prompt; not the start token
@@ -155,7 +151,7 @@ def generate(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: tor
         # (prefill, decode at each cache length, the re-prefill past block_size), so tokens/s
         # measures the compiled code; greedy draws nothing from the sampling generator.
         log.info("compiling: one warm-up generation of %d tokens (kept out of tokens/s)", cfg.max_new_tokens)
-        with autocast(device, dtype):
+        with rt.autocast():
             model.generate(torch.tensor([ids], device=device), cfg.max_new_tokens, temperature=0.0,
                            use_cache=cfg.use_cache)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -169,33 +165,16 @@ def generate(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: tor
         if i:
             write("\n---------------\n")
         write(shown)
-        sample = stream_sample(model, tok, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               top_k=top_k, top_p=cfg.top_p, use_cache=cfg.use_cache, generator=generator,
-                               write=write, autocast=autocast(device, dtype))
+        with rt.autocast():
+            sample = stream_sample(model, tok, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                   top_k=top_k, top_p=cfg.top_p, use_cache=cfg.use_cache, generator=generator,
+                                   write=write)
         tokens, seconds = tokens + len(sample.new_ids), seconds + sample.seconds
     write("\n")
     print(f"{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s "
-          f"(KV cache {'on' if cfg.use_cache else 'off'}, {device.type}, {dtype_name(dtype)}"
+          f"(KV cache {'on' if cfg.use_cache else 'off'}, {device.type}, {rt.precision}"
           f"{', compiled' if cfg.compile else ''})", file=stderr)
     return 0
-
-
-def analysis_prompt(cfg: SampleConfig, loaded: Loaded, device: torch.device, stdin: TextIO) -> torch.Tensor:
-    """The prompt of the leakage and attention modes (1, T): the user's, or seq_len tokens sampled
-    from the model (random tokens when there is no tokenizer to sample text with)."""
-    model, tok = loaded.model, loaded.tokenizer
-    text = read_prompt(cfg.prompt, cfg.prompt_file, stdin)
-    n = min(cfg.seq_len, model.config.block_size)
-    if text:
-        if tok is None:
-            raise ValueError(f"{loaded.source} has no tokenizer to encode the prompt; leave prompt empty")
-        ids = encode_prompt(tok, text, model.config.block_size)
-        return torch.tensor([ids], device=device)
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    if tok is None:
-        return torch.randint(0, model.config.vocab_size, (1, n), generator=g, device=device)
-    start = torch.tensor([[start_token(tok)]], device=device)
-    return model.generate(start, n - 1, temperature=1.0, generator=g) if n > 1 else start  # (1, n)
 
 
 def out_dir_for(cfg: SampleConfig, loaded: Loaded) -> Path:
@@ -205,49 +184,41 @@ def out_dir_for(cfg: SampleConfig, loaded: Loaded) -> Path:
     return base / cfg.mode / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def leakage(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: torch.dtype,
-            stdin: TextIO, stdout: TextIO) -> int:
-    from causality.plots import plot_influence  # matplotlib: imported only by the modes that draw
-    idx = analysis_prompt(cfg, loaded, device, stdin)
-    settings = LeakageSettings(**dataclasses.asdict(cfg.leakage), seed=cfg.seed)
-    report = run_leakage_check(loaded.model, idx, settings, autocast(device, dtype))
+def leakage(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdout: TextIO) -> int:
+    from causality.report import format_report, plot_influence, summary  # matplotlib: only here
+    idx = study_prompt(loaded, read_prompt(cfg.prompt, cfg.prompt_file, stdin), cfg.seq_len, cfg.seed)  # (1, T)
+    report = run_leakage_check(loaded.model, idx, cfg.leakage, rt.autocast(), seed=cfg.seed)
     out = out_dir_for(cfg, loaded)
     lab = labels(loaded.tokenizer, idx[0].tolist())
     png = plot_influence(report.masked.influence, report.unmasked.influence, out / "influence.png",
                          lab[:report.masked.influence.shape[0]])
-    data = summary(report, source=loaded.source, device=device.type, precision=dtype_name(dtype),
+    data = summary(report, source=loaded.source, device=rt.device.type, precision=rt.precision,
                    prompt_ids=idx[0].tolist(), files={"influence": str(png)})
     (out / "leakage.json").write_text(json.dumps(data, indent=1))
-    header = (f"Causal-mask leakage check: {loaded.source}, {device.type}, {dtype_name(dtype)}, "
+    header = (f"Causal-mask leakage check: {loaded.source}, {rt.device.type}, {rt.precision}, "
               f"prompt of {idx.shape[1]} tokens")
-    stdout.write(format_report(report, header, dtype) + "\n")
+    stdout.write(format_report(report, header, rt.dtype) + "\n")
     stdout.write(f"files: {png} (heatmaps), {out / 'leakage.json'} (every number)\n")
     log_images(cfg, out, {"influence": png}, {"verdict": report.verdict, "max_past_change_mask_on":
                                               report.masked.max_past_change})
     return report.exit_code
 
 
-def attention(cfg: SampleConfig, loaded: Loaded, device: torch.device, dtype: torch.dtype,
-              stdin: TextIO, stdout: TextIO) -> int:
+def attention(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdout: TextIO) -> int:
     from causality.attention_maps import write_attention_maps  # matplotlib, as above
-    idx = analysis_prompt(cfg, loaded, device, stdin)
+    idx = study_prompt(loaded, read_prompt(cfg.prompt, cfg.prompt_file, stdin), cfg.seq_len, cfg.seed)  # (1, T)
     out = out_dir_for(cfg, loaded)
-    maps = write_attention_maps(loaded.model, idx, out, labels(loaded.tokenizer, idx[0].tolist()),
-                                autocast(device, dtype))
-    upper = maps.max_above_diagonal
-    (out / "attention.json").write_text(json.dumps({
-        "source": loaded.source, "prompt_ids": idx[0].tolist(), "max_weight_above_diagonal": upper,
-        "causal": loaded.model.config.causal, "grid": str(maps.grid_file),
-        "heads": {f"layer{layer}_head{head}": str(p) for (layer, head), p in maps.head_files.items()}}, indent=1))
+    maps = write_attention_maps(loaded.model, idx, out, labels(loaded.tokenizer, idx[0].tolist()), rt.autocast())
+    (out / "attention.json").write_text(json.dumps(
+        {"source": loaded.source, "prompt_ids": idx[0].tolist(), **maps.summary()}, indent=1))
     n_layer, n_head = maps.weights.shape[:2]
     stdout.write(f"attention weights of {loaded.source} for a {idx.shape[1]}-token prompt: {n_layer} layers x "
-                 f"{n_head} heads\nlargest weight any token gives a later token: {fmt(upper)}"
-                 f"{' (exactly zero: the causal mask)' if upper == 0 else ''}\n"
+                 f"{n_head} heads\n{maps.path_line()}\n{maps.zero_line()}\n"
                  f"files: {maps.grid_file} (all heads), {out}/layer<L>_head<H>.png, {out / 'attention.json'}\n")
     images = {"attention/grid": maps.grid_file}
     images.update({f"attention/layer{layer}_head{head}": p for (layer, head), p in maps.head_files.items()})
-    log_images(cfg, out, images, {"max_weight_above_diagonal": upper})
-    return 0 if upper == 0 or not loaded.model.config.causal else 1
+    log_images(cfg, out, images, {"max_weight_above_diagonal": maps.max_above_diagonal})
+    return 1 if maps.broken_mask else 0
 
 
 def log_images(cfg: SampleConfig, out: Path, images: dict[str, Path], values: dict[str, Any]) -> None:
@@ -270,18 +241,18 @@ def log_images(cfg: SampleConfig, out: Path, images: dict[str, Path], values: di
 def run(cfg: SampleConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
         stderr: TextIO = sys.stderr) -> int:
     """Run one mode; returns the exit status (see the top of this file)."""
-    device, dtype = resolve(cfg.device, cfg.precision)
+    rt = inference_runtime(cfg.device, cfg.precision, cfg.compile)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    loaded = load(cfg, device)
+    loaded = load(cfg, rt.device)
     match cfg.mode:
         case "generate":
-            return generate(cfg, loaded, device, dtype, stdin, stdout, stderr)
+            return generate(cfg, loaded, rt, stdin, stdout, stderr)
         case "leakage":
-            return leakage(cfg, loaded, device, dtype, stdin, stdout)
+            return leakage(cfg, loaded, rt, stdin, stdout)
         case "attention":
-            return attention(cfg, loaded, device, dtype, stdin, stdout)
+            return attention(cfg, loaded, rt, stdin, stdout)
         case _:
             raise ValueError(f"mode={cfg.mode!r} is not valid; choose one of {list(MODES)}")
 

@@ -1,16 +1,15 @@
-"""causality: sampling helpers and the proof that the causal mask stops information from the future.
+"""causality: sampling, and the proof that the causal mask stops information from the future.
 
 Library code for `sample.py` (which alone imports Hydra and owns the console):
 
-    runtime.py        device, precision (autocast) and compile set-up for inference
-    loading.py        a model (and tokenizer) from a checkpoint, a run directory or a random-init preset
-    prompt.py         prompt text -> token ids, with the checks a user needs (vocabulary, length, empty)
-    stream.py         generation that streams text to the terminal as tokens are made, timed
-    perturbation.py   leakage test 1: replace future tokens, measure the change at past positions
-    influence.py      leakage test 2: ||d h_t / d x_s|| from autograd, an exact zero above the diagonal
-    consistency.py    leakage test 3: greedy tokens with the KV cache equal full recomputation
-    leakage.py        runs the three tests on the model and on a mask-off copy; the verdict
-    report.py         the printed tables and the JSON summary of a leakage run
-    plots.py          heatmap PNGs (influence maps, attention weights) with matplotlib's Agg canvas
-    attention_maps.py attention weights of a prompt, per layer and head, written as PNGs
+    sampling.py       the runtime (engine's Runtime for one process), the model (checkpoint, run
+                      directory, export, Hugging Face directory or random-init preset), the prompt
+                      (text -> checked token ids; the start token of an empty prompt; plot labels),
+                      and generation that streams text to the terminal as tokens are made, timed
+    leakage.py        LeakageConfig and the check: perturbation, influence (||d h_t / d x_s||) and
+                      KV cache vs recomputation (in float32), on the model and on its mask-off copy
+                      (`variant`), and the verdict PASS / LEAK / INCONCLUSIVE
+    report.py         the printed leakage report, its JSON summary, and the heatmap PNGs
+    attention_maps.py attention weights per layer and head, which path computed them, and why the
+                      zeros above the diagonal hold by construction
 """

@@ -1,45 +1,284 @@
-"""The leakage check: the three tests run on the model as configured and on a copy with the causal
-mask removed (same weights, causal=False), and the verdict.
+"""The leakage check: three tests that information cannot flow from later tokens to earlier ones,
+run on the model as configured and on a copy with the causal mask removed, and the verdict.
 
-The copy is the control. A test that reports 0 is only convincing if the same test, on the same
-weights, reports clear leakage once the mask is gone; if it does not, the check is inconclusive
-(say, the prompt is too short) and is reported as such rather than as a pass.
+1. Perturbation: replacing every token after position t must leave the logits and every layer's
+   hidden states at positions <= t unchanged. The original runs in the very same batch shape as the
+   perturbed rows and is compared row by row, so both go through identical kernels in identical
+   order: any difference at a past position is information from the future, not rounding (with
+   the mask it is exactly 0.0). The smallest change after t is kept too, as evidence that the
+   perturbation reached the model, so a 0 is not a test that measured nothing.
+2. Influence: I[t, s] = ||d h_t / d x_s||_F, how strongly the last block's output at t depends on
+   the input embedding at s, from autograd. With the mask, h_t is a function of x_0..x_t only, so
+   every entry with s > t is exactly 0.0. Each C x C Jacobian's norm comes from vector-Jacobian
+   products: ||J||_F^2 = E ||v^T J||^2 for v ~ N(0, I) (Hutchinson), or exactly from the C basis
+   vectors; a zero Jacobian gives exactly 0 with any probe, so the estimate never blurs the triangle.
+3. Generation: greedy tokens with the KV cache must equal those from recomputing the whole sequence.
+   The cache keeps each position's keys and values as computed without any later token; recomputing
+   rebuilds them with the whole sequence present, so the two agree only if nothing reads ahead. The
+   two paths run kernels of different shapes, so their logits differ by rounding; in bf16/fp16 that
+   rounding flips near-tied tokens, so this test always runs in float32 (autocast and TF32 off), and
+   a flip where both paths' logits agree within `tie_margin` is reported as a near-tie, not a leak.
+
+The mask-off copy (same weights, causal=False) is the control: a test that reports 0 convinces only
+if the same test on the same weights shows clear leakage once the mask is gone; if it does not, the
+check is INCONCLUSIVE (say, the prompt is too short), not a pass.
 
 Verdicts (and sample.py's exit codes): PASS 0, LEAK 1 (information from the future reaches the
 past in the model as configured), INCONCLUSIVE 3 (the control showed no leakage either).
+
+Shapes: R rows of a batch, T time, C channels, V vocab, N new tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from model import GPT
-
-from .consistency import ConsistencyResult, cache_consistency
-from .influence import influence_matrix
-from .loading import variant
-from .perturbation import PerturbationResult, perturbation_test
+from model import GPT, Trace
 
 log = logging.getLogger(__name__)
 
 EXIT_CODES = {"PASS": 0, "LEAK": 1, "INCONCLUSIVE": 3}
+# Perturbation: elements of activations kept per chunk of rows (~256 MB in fp32), which bounds memory
+# for large vocabularies and long prompts without slowing small models down.
+_CHUNK_ELEMENTS = 1 << 26
+# Influence: prompt copies per backward pass, enough to amortise the passes on CPU and few enough to
+# keep a small model's activations well under a gigabyte.
+_ROWS_PER_PASS = 128
 
 
 @dataclass
-class LeakageSettings:
-    trials: int = 3  # random futures per position in the perturbation test
-    influence_len: int = 32  # the influence map covers the first this-many tokens of the prompt
-    probes: int | None = 8  # probe vectors per position for ||dh/dx||; None = exact (C probes)
-    gen_tokens: int = 32  # greedy tokens for the cache-vs-recompute test
-    tolerance: float = 0.0  # largest change at past positions still counted as no leak
-    control_min: float = 1e-4  # the mask-off control must show a change above this to count
-    seed: int = 0
+class LeakageConfig:
+    """sample.py's `leakage:` settings (configs/sample.yaml), and the library's."""
+    # Random futures tried per position in the perturbation test.
+    trials: int = 3
+    # The influence map (one backward pass per position and probe) covers the first this-many tokens.
+    influence_len: int = 32
+    # Random probe vectors per position for ||d h_t / d x_s||; null = exact (n_embd probes, slower).
+    probes: int | None = 8
+    # Greedy tokens generated with and without the KV cache.
+    gen_tokens: int = 32
+    # Largest change at past positions still counted as no leak (0.0: exact, right for fp32).
+    tolerance: float = 0.0
+    # The mask-off control must change the past by more than this, or the check is inconclusive.
+    control_min: float = 1e-4
+    # Generation test: a flipped token is a near-tie (rounding), not a leak, when at that step the two
+    # paths' logits agree within this many nats and so do the two tokens' logits (probabilities within
+    # a factor e^tie_margin). Float32 rounding between the paths is ~1e-6 for small models.
+    tie_margin: float = 1e-3
 
 
+def variant(model: GPT, **changes) -> GPT:
+    """The same weights run another way, e.g. variant(model, causal=False) for the mask-off control
+    or attn="explicit". A new module: the original is left untouched."""
+    config = dataclasses.replace(model.config, **changes)
+    other = GPT(config).to(model.wte.weight.device).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def _autocast(ctx: contextlib.AbstractContextManager | None) -> contextlib.AbstractContextManager:
+    return ctx or contextlib.nullcontext()
+
+
+# ---- test 1: perturbation --------------------------------------------------------------------------
+@dataclass
+class PerturbationResult:
+    """Per tested position t (every t with a future, 0 .. T-2), the largest |change| over trials."""
+    positions: list[int]
+    trials: int
+    logits: list[float]  # at positions <= t: must be 0 with the mask
+    hidden: list[list[float]]  # [t][layer], at positions <= t
+    future_logits: list[float]  # at positions > t: the perturbation's own effect
+
+    @property
+    def max_logits(self) -> float:
+        return max(self.logits)
+
+    @property
+    def max_hidden_per_layer(self) -> list[float]:
+        return [max(col) for col in zip(*self.hidden, strict=True)]
+
+    @property
+    def max_past(self) -> float:
+        """The headline number: the largest change anywhere at or before the perturbed position."""
+        return max(self.max_logits, *self.max_hidden_per_layer)
+
+    @property
+    def min_future(self) -> float:
+        """The smallest effect the perturbation had on later positions (over all t)."""
+        return min(self.future_logits)
+
+
+def perturb_future(idx: torch.Tensor, positions: torch.Tensor, vocab_size: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Rows of idx (1, T) where, for row r, every token after positions[r] is replaced by a random
+    token different from the original. Returns (R, T)."""
+    R, T = positions.shape[0], idx.shape[1]
+    rows = idx.expand(R, T).clone()  # (R, T)
+    future = torch.arange(T, device=idx.device)[None, :] > positions[:, None]  # (R, T)
+    # Adding 1..V-1 modulo V changes every future token: no trial can leave one as it was.
+    shift = torch.randint(1, vocab_size, (R, T), generator=generator, device="cpu").to(idx.device)
+    rows[future] = (rows[future] + shift[future]) % vocab_size
+    return rows
+
+
+@torch.no_grad()
+def perturbation_test(model: GPT, idx: torch.Tensor, *, trials: int = 3, seed: int = 0,
+                      autocast: contextlib.AbstractContextManager | None = None) -> PerturbationResult:
+    """Run the perturbation test on one prompt idx (1, T), T >= 2."""
+    if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] < 2:
+        raise ValueError(f"the perturbation test needs one prompt of at least 2 tokens, got shape {tuple(idx.shape)}")
+    if trials < 1:
+        raise ValueError(f"leakage.trials must be >= 1, got {trials}")
+    model.eval()
+    T, V, cfg = idx.shape[1], model.config.vocab_size, model.config
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.arange(T - 1, device=idx.device).repeat_interleave(trials)  # (R,): t of each row
+    chunk = max(1, _CHUNK_ELEMENTS // (T * (V + cfg.n_embd * cfg.n_layer)))
+
+    past_logits, future_logits, past_hidden = [], [], []
+    base_by_rows: dict[int, Trace] = {}
+    for start in range(0, positions.shape[0], chunk):
+        pos = positions[start:start + chunk]  # (R,)
+        R = pos.shape[0]
+        rows = perturb_future(idx, pos, V, generator)  # (R, T)
+        with _autocast(autocast):
+            if R not in base_by_rows:  # the original, in the same batch shape (see the top of this file)
+                base_by_rows[R] = model.trace(idx.expand(R, T).contiguous())
+            base = base_by_rows[R]
+            pert = model.trace(rows)
+        past = torch.arange(T, device=idx.device)[None, :] <= pos[:, None]  # (R, T)
+        d_logits = (pert.logits.float() - base.logits.float()).abs().amax(dim=-1)  # (R, T)
+        past_logits.append(d_logits.masked_fill(~past, 0).amax(dim=1))  # (R,)
+        future_logits.append(d_logits.masked_fill(past, float("inf")).amin(dim=1))  # (R,): smallest effect
+        layers = [(p.float() - b.float()).abs().amax(dim=-1).masked_fill(~past, 0).amax(dim=1)  # (R,)
+                  for p, b in zip(pert.hidden, base.hidden, strict=True)]
+        past_hidden.append(torch.stack(layers, dim=1))  # (R, n_layer)
+
+    # Largest change over the trials of each t (smallest, for the future effect).
+    p_logits = torch.cat(past_logits).view(T - 1, trials).amax(dim=1)  # (T-1,)
+    f_logits = torch.cat(future_logits).view(T - 1, trials).amin(dim=1)  # (T-1,)
+    p_hidden = torch.cat(past_hidden).view(T - 1, trials, cfg.n_layer).amax(dim=1)  # (T-1, n_layer)
+    return PerturbationResult(list(range(T - 1)), trials, p_logits.tolist(), p_hidden.tolist(), f_logits.tolist())
+
+
+# ---- test 2: influence ---------------------------------------------------------------------------
+def influence_matrix(model: GPT, idx: torch.Tensor, *, probes: int | None = 8, seed: int = 0,
+                     autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """I[t, s] = ||d h_t / d x_s||_F for the prompt idx (1, T); returns (T, T), float32, on CPU.
+
+    probes: random probe vectors per position (an unbiased estimate of the squared norm), or None
+    for the exact value from all C basis vectors (C times the work). Many (t, probe) pairs share one
+    backward pass: row r of the batch is the same prompt, seeded at its own t with its own v."""
+    if idx.dim() != 2 or idx.shape[0] != 1:
+        raise ValueError(f"the influence map takes one prompt of shape (1, T), got {tuple(idx.shape)}")
+    if probes is not None and probes < 1:
+        raise ValueError(f"leakage.probes must be >= 1 (or null for the exact norm), got {probes}")
+    model.eval()
+    T, C = idx.shape[1], model.config.n_embd
+    device = idx.device
+    with torch.no_grad():
+        x0 = model.embed(idx)  # (1, T, C)
+    n_probes = C if probes is None else probes
+    t_of_row = torch.arange(T).repeat_interleave(n_probes)  # (T * n_probes,)
+    if probes is None:
+        vectors = torch.eye(C).repeat(T, 1)  # (T * C, C): every basis vector at every t
+    else:
+        vectors = torch.randn(T * n_probes, C, generator=torch.Generator().manual_seed(seed))  # (T * probes, C)
+
+    squared = torch.zeros(T, T)  # accumulates sum over probes of ||v^T J_ts||^2
+    for start in range(0, t_of_row.shape[0], _ROWS_PER_PASS):
+        ts = t_of_row[start:start + _ROWS_PER_PASS]
+        R = ts.shape[0]
+        x = x0.expand(R, T, C).clone().requires_grad_(True)  # (R, T, C)
+        with torch.enable_grad(), _autocast(autocast):
+            h = model.trace(embeds=x).hidden[-1]  # (R, T, C)
+        seed_grad = torch.zeros(R, T, C, device=device, dtype=h.dtype)
+        seed_grad[torch.arange(R), ts.to(device)] = vectors[start:start + R].to(device, h.dtype)
+        (grad,) = torch.autograd.grad(h, x, grad_outputs=seed_grad)  # (R, T, C): row r = v_r^T dh_t/dx
+        squared.index_add_(0, ts, grad.float().pow(2).sum(dim=-1).cpu())  # (R, T) summed into rows t
+    if probes is not None:
+        squared /= probes
+    return squared.sqrt()
+
+
+# ---- test 3: generation, KV cache vs recomputation -----------------------------------------------
+@dataclass
+class ConsistencyResult:
+    prompt_len: int
+    cached: list[int]  # greedy new tokens, KV cache
+    recomputed: list[int]  # greedy new tokens, full recomputation
+    max_logit_diff: float  # over the N steps, on the cached tokens' prefixes
+    flip_logit_diff: float | None = None  # at the first mismatch: max |difference| of the paths' logits
+    flip_gap: float | None = None  # at the first mismatch: how far apart the two tokens' logits were
+    tie_margin: float = 1e-3
+
+    @property
+    def first_mismatch(self) -> int | None:
+        return next((i for i, (a, b) in enumerate(zip(self.cached, self.recomputed, strict=True)) if a != b), None)
+
+    @property
+    def equal(self) -> bool:
+        return self.cached == self.recomputed
+
+    @property
+    def near_tie(self) -> bool:
+        """The tokens differ only where two tokens were tied within tie_margin and both paths agreed
+        within tie_margin: rounding, not information from the future."""
+        return (not self.equal and self.flip_logit_diff is not None and self.flip_gap is not None
+                and self.flip_logit_diff <= self.tie_margin and self.flip_gap <= self.tie_margin)
+
+
+@contextlib.contextmanager
+def _float32(device: torch.device) -> Iterator[None]:
+    """True float32 whatever the caller set up: autocast off, and no TF32 matmuls on CUDA."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@torch.no_grad()
+def cache_consistency(model: GPT, idx: torch.Tensor, max_new_tokens: int, *,
+                      tie_margin: float = 1e-3) -> ConsistencyResult:
+    """Greedy-decode max_new_tokens after idx (1, T) both ways, in float32, and compare. T +
+    max_new_tokens must fit in the context, so that both paths see exactly the same positions."""
+    model.eval()
+    T = idx.shape[1]
+    if T + max_new_tokens > model.config.block_size:
+        raise ValueError(f"cache consistency: {T} prompt + {max_new_tokens} new tokens exceed the context "
+                         f"of {model.config.block_size}; use a shorter prompt or fewer tokens")
+    with _float32(idx.device):
+        cached = model.generate(idx, max_new_tokens, temperature=0.0, use_cache=True)  # (1, T + N)
+        recomputed = model.generate(idx, max_new_tokens, temperature=0.0, use_cache=False)  # (1, T + N)
+        # Next-token logits both ways on the same (cached) prefixes: up to the first mismatch these are
+        # exactly the logits each path picked its token from.
+        caches = model.new_caches(1)
+        step_logits = [model.step(cached[:, :T], caches, start_pos=0)[0]]  # prefill: (V,)
+        for i in range(T, T + max_new_tokens - 1):
+            step_logits.append(model.step(cached[:, i:i + 1], caches, start_pos=i)[0])  # (V,)
+        full_logits = [model(cached[:, :i])[0][0, -1] for i in range(T, T + max_new_tokens)]  # N x (V,)
+    diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(step_logits, full_logits, strict=True)]
+    result = ConsistencyResult(T, cached[0, T:].tolist(), recomputed[0, T:].tolist(), max(diffs),
+                               tie_margin=tie_margin)
+    if (i := result.first_mismatch) is not None:
+        a, b = result.cached[i], result.recomputed[i]
+        on_cache, on_full = step_logits[i].float(), full_logits[i].float()
+        result.flip_logit_diff = diffs[i]
+        result.flip_gap = max((on_cache[a] - on_cache[b]).item(), (on_full[b] - on_full[a]).item())
+    return result
+
+
+# ---- the three tests, both models, the verdict ---------------------------------------------------
 @dataclass
 class ModelChecks:
     """The three tests on one model."""
@@ -68,10 +307,11 @@ class ModelChecks:
 class LeakageReport:
     masked: ModelChecks  # the model as configured (mask on, unless the variant removed it)
     unmasked: ModelChecks  # the same weights with causal=False
-    settings: LeakageSettings
+    settings: LeakageConfig
     prompt_len: int
     configured_causal: bool
     attn: str  # the attention implementation as configured
+    seed: int = 0
 
     @property
     def leaks(self) -> list[str]:
@@ -82,9 +322,9 @@ class LeakageReport:
         upper = self.masked.influence_above_diagonal
         if upper.numel() and upper.max().item() > tol:
             found.append(f"influence: d h_t / d x_s reaches {upper.max().item():.3g} for s > t")
-        if not self.masked.consistency.equal:
-            found.append(f"generation: cached and recomputed tokens differ from step "
-                         f"{self.masked.consistency.first_mismatch}")
+        c = self.masked.consistency
+        if not c.equal and not c.near_tie:
+            found.append(f"generation: cached and recomputed tokens differ from step {c.first_mismatch}")
         return found
 
     @property
@@ -105,32 +345,33 @@ class LeakageReport:
         return EXIT_CODES[self.verdict]
 
 
-def _checks(label: str, model: GPT, idx: torch.Tensor, s: LeakageSettings,
+def _checks(label: str, model: GPT, idx: torch.Tensor, s: LeakageConfig, seed: int,
             autocast: contextlib.AbstractContextManager | None, other_impl: bool) -> ModelChecks:
     log.info("%s: perturbation test (%d positions x %d trials)", label, idx.shape[1] - 1, s.trials)
-    pert = perturbation_test(model, idx, trials=s.trials, seed=s.seed, autocast=autocast)
+    pert = perturbation_test(model, idx, trials=s.trials, seed=seed, autocast=autocast)
     other = None
     if other_impl:  # the same test through the other attention implementation (same weights)
         impl = "explicit" if model.config.attn == "sdpa" else "sdpa"
-        other = (impl, perturbation_test(variant(model, attn=impl), idx, trials=s.trials, seed=s.seed,
+        other = (impl, perturbation_test(variant(model, attn=impl), idx, trials=s.trials, seed=seed,
                                          autocast=autocast))
     n = min(s.influence_len, idx.shape[1])
     log.info("%s: influence map over %d positions", label, n)
-    infl = influence_matrix(model, idx[:, :n], probes=s.probes, seed=s.seed, autocast=autocast)
+    infl = influence_matrix(model, idx[:, :n], probes=s.probes, seed=seed, autocast=autocast)
     gen = max(1, min(s.gen_tokens, model.config.block_size - 1))
     prompt = idx[:, :max(1, min(idx.shape[1], model.config.block_size - gen))]
-    log.info("%s: greedy generation with and without the KV cache (%d tokens)", label, gen)
-    cons = cache_consistency(model, prompt, gen, autocast=autocast)
+    log.info("%s: greedy generation with and without the KV cache (%d tokens, float32)", label, gen)
+    cons = cache_consistency(model, prompt, gen, tie_margin=s.tie_margin)
     return ModelChecks(label, pert, infl, cons, other)
 
 
-def run_leakage_check(model: GPT, idx: torch.Tensor, settings: LeakageSettings | None = None,
-                      autocast: contextlib.AbstractContextManager | None = None) -> LeakageReport:
-    """Run the three tests on model and on its mask-off copy, for the prompt idx (1, T), T >= 2."""
-    s = settings or LeakageSettings()
+def run_leakage_check(model: GPT, idx: torch.Tensor, settings: LeakageConfig | None = None,
+                      autocast: contextlib.AbstractContextManager | None = None, *, seed: int = 0) -> LeakageReport:
+    """Run the three tests on model and on its mask-off copy, for the prompt idx (1, T), T >= 2.
+    autocast: the precision of the perturbation and influence tests (generation runs in float32)."""
+    s = settings or LeakageConfig()
     if idx.shape[1] < 2:
         raise ValueError("the leakage check needs a prompt of at least 2 tokens (seq_len >= 2, or a longer prompt)")
-    masked = _checks("mask on" if model.config.causal else "as configured (causal=False)", model, idx, s,
+    masked = _checks("mask on" if model.config.causal else "as configured (causal=False)", model, idx, s, seed,
                      autocast, other_impl=True)
-    unmasked = _checks("mask removed", variant(model, causal=False), idx, s, autocast, other_impl=False)
-    return LeakageReport(masked, unmasked, s, idx.shape[1], model.config.causal, model.config.attn)
+    unmasked = _checks("mask removed", variant(model, causal=False), idx, s, seed, autocast, other_impl=False)
+    return LeakageReport(masked, unmasked, s, idx.shape[1], model.config.causal, model.config.attn, seed)

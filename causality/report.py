@@ -1,16 +1,28 @@
-"""The printed report and the JSON summary of a leakage check (causality/leakage.py).
+"""What a leakage check and the attention maps show a reader: the printed report, the JSON summary,
+and the heatmap PNGs (influence maps, attention weights).
 
 The report is meant to be read by someone who doubts the claim: every "0.0" sits next to the
 number the same test gives without the mask, and next to evidence that the perturbation did
 change the future, so that a zero cannot be a test that measures nothing.
+
+Figures are drawn on matplotlib's Agg canvas directly (matplotlib.figure.Figure, no pyplot), so
+nothing depends on a display or on global pyplot state. Exact zeros are drawn in white and called
+out in the title: the claim is that they are exactly zero, not merely dark. Each image's size in
+pixels is figsize x DPI, fixed by `heatmap_inches` and `grid_inches`, so tests can check it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
 
 from .leakage import LeakageReport, ModelChecks
 
@@ -71,7 +83,7 @@ def _influence_lines(r: LeakageReport) -> list[str]:
 def _consistency_lines(r: LeakageReport) -> list[str]:
     c = r.masked.consistency
     lines = [f"(3) Greedy generation of {len(c.cached)} tokens after a {c.prompt_len}-token prompt, "
-             "KV cache vs recomputing everything:"]
+             "KV cache vs recomputing everything, in float32 whatever the precision:"]
     for checks in (r.masked, r.unmasked):
         c = checks.consistency
         if c.equal:
@@ -79,9 +91,14 @@ def _consistency_lines(r: LeakageReport) -> list[str]:
         else:
             differ = sum(a != b for a, b in zip(c.cached, c.recomputed, strict=True))
             tokens = f"tokens differ from step {c.first_mismatch} ({differ}/{len(c.cached)} differ)"
+            if c.near_tie:
+                tokens += (f", at a near-tie (the two tokens' logits {fmt(c.flip_gap)} apart, the paths' "
+                           f"logits within {fmt(c.flip_logit_diff)}; tie_margin {fmt(c.tie_margin)}): "
+                           "rounding, not leakage")
         lines.append(f"      {checks.label:<13} {tokens}; next-token logits differ by at most {fmt(c.max_logit_diff)}")
     lines.append("    (with the mask the logits differ only by float rounding: one token at a time and a whole "
-                 "sequence run through kernels of different shapes)")
+                 "sequence run through kernels of different shapes; float32, because bf16/fp16 rounding "
+                 "flips near-tied tokens)")
     return lines
 
 
@@ -109,7 +126,7 @@ def verdict_line(r: LeakageReport, dtype: torch.dtype = torch.float32) -> str:
         case _:
             return (f"INCONCLUSIVE: no leakage with the mask, but the mask-off control changed the past by only "
                     f"{fmt(leak_off)} (needs > {fmt(r.settings.control_min)}): the tests could not have "
-                    "caught a leak here; use a longer prompt (leakage.seq_len) or more trials")
+                    "caught a leak here; use a longer prompt (seq_len) or more trials (leakage.trials)")
 
 
 def _checks_summary(c: ModelChecks) -> dict[str, Any]:
@@ -127,7 +144,9 @@ def _checks_summary(c: ModelChecks) -> dict[str, Any]:
                       "matrix": c.influence.tolist()},
         "consistency": {"equal": c.consistency.equal, "first_mismatch": c.consistency.first_mismatch,
                         "max_logit_diff": c.consistency.max_logit_diff, "prompt_len": c.consistency.prompt_len,
-                        "cached": c.consistency.cached, "recomputed": c.consistency.recomputed},
+                        "cached": c.consistency.cached, "recomputed": c.consistency.recomputed,
+                        "near_tie": c.consistency.near_tie, "flip_logit_diff": c.consistency.flip_logit_diff,
+                        "flip_gap": c.consistency.flip_gap, "precision": "fp32"},
     }
     if c.other_impl is not None:
         out["other_attention_impl"] = {"attn": c.other_impl[0], "max_past_change": c.other_impl[1].max_past}
@@ -138,5 +157,111 @@ def summary(r: LeakageReport, **extra: Any) -> dict[str, Any]:
     """Everything the report shows, and the per-position numbers behind it, as plain JSON data."""
     return {"verdict": r.verdict, "exit_code": r.exit_code, "leaks": r.leaks, "control_ok": r.control_ok,
             "prompt_len": r.prompt_len, "configured_causal": r.configured_causal,
-            "settings": dataclasses.asdict(r.settings), **extra,
+            "settings": {**dataclasses.asdict(r.settings), "seed": r.seed}, **extra,
             "mask_on": _checks_summary(r.masked), "mask_removed": _checks_summary(r.unmasked)}
+
+
+# ---- heatmaps -------------------------------------------------------------------------------------
+DPI = 100
+MAX_TICKS = 32  # at most this many token labels per axis; longer prompts label every k-th token
+
+
+def heatmap_inches(n: int) -> float:
+    """Side of one heatmap panel in inches for an n x n matrix: room for n labels, within bounds."""
+    return float(min(16.0, max(5.0, 0.22 * min(n, MAX_TICKS) + 2.0)))
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the pixel size stays figsize x DPI
+    return path
+
+
+def _label_axes(ax, labels: list[str] | None, n: int, xlabel: str, ylabel: str) -> None:
+    step = max(1, math.ceil(n / MAX_TICKS))
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    if labels is None:
+        ax.set_xticklabels([str(i) for i in ticks], fontsize=7)
+        ax.set_yticklabels([str(i) for i in ticks], fontsize=7)
+    else:
+        shown = [labels[i].replace("$", r"\$") for i in ticks]  # a pair of $ would start matplotlib's mathtext
+        ax.set_xticklabels(shown, rotation=90, fontsize=7)
+        ax.set_yticklabels([f"{text} {i}" for text, i in zip(shown, ticks, strict=True)], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def _masked_zeros(m: torch.Tensor) -> np.ma.MaskedArray:
+    a = m.detach().float().cpu().numpy()
+    return np.ma.masked_where(a == 0.0, a)
+
+
+def plot_influence(masked: torch.Tensor, unmasked: torch.Tensor, path: str | Path,
+                   labels: list[str] | None = None) -> Path:
+    """The two influence maps (T, T) side by side on one log colour scale; exact zeros white."""
+    n = masked.shape[0]
+    side = heatmap_inches(n)
+    fig = Figure(figsize=(2 * side + 1.5, side + 0.8), layout="constrained")
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+    # The colour scale spans the off-diagonal entries: the diagonal (the residual path from x_t to
+    # h_t) is often 100x larger and would leave everything else one dark colour; it saturates instead.
+    off = ~torch.eye(n, dtype=torch.bool)
+    positive = torch.cat([m[off & (m > 0)] for m in (masked, unmasked)])
+    if positive.numel() == 0:  # a 1-token map, or a model whose positions never interact
+        positive = torch.cat([masked[masked > 0], unmasked[unmasked > 0], torch.ones(1)])
+    norm = LogNorm(vmin=max(positive.min().item(), 1e-12), vmax=max(positive.max().item(), 1e-12) * 1.0001)
+    axes = fig.subplots(1, 2)
+    for ax, m, name in ((axes[0], masked, "mask on"), (axes[1], unmasked, "mask removed (causal=False)")):
+        zeros = int((m[upper] == 0).sum())
+        image = ax.imshow(_masked_zeros(m), norm=norm, cmap="viridis", interpolation="nearest")
+        ax.set_facecolor("white")  # masked (exactly zero) cells show the background
+        ax.set_title(f"{name}\nabove the diagonal: {zeros}/{int(upper.sum())} exactly 0 (white)", fontsize=10)
+        _label_axes(ax, labels, n, "input position s", "output position t")
+    fig.colorbar(image, ax=axes, label="||d h_t / d x_s||  (log scale; the diagonal saturates)", shrink=0.8,
+                 extend="max")
+    fig.suptitle("Influence of input s on the last block's output at t", fontsize=12)
+    return _save(fig, Path(path))
+
+
+def plot_attention(weights: torch.Tensor, path: str | Path, labels: list[str] | None, title: str) -> Path:
+    """One head's attention weights (T, T): row t is the query, column s the key; exact zeros white."""
+    n = weights.shape[0]
+    side = heatmap_inches(n)
+    fig = Figure(figsize=(side + 1.2, side + 0.6), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(_masked_zeros(weights), cmap="viridis", vmin=0.0, vmax=float(weights.max()),
+                      interpolation="nearest")
+    ax.set_facecolor("white")
+    ax.set_title(title, fontsize=10)
+    _label_axes(ax, labels, n, "key (attended-to token)", "query (attending token)")
+    fig.colorbar(image, ax=ax, label="attention weight", shrink=0.8)
+    return _save(fig, Path(path))
+
+
+def grid_inches(n_layer: int, n_head: int) -> tuple[float, float]:
+    """(width, height) of the grid of all heads: 1.6 in per panel, 5 to 24 in wide, room for a title."""
+    panel = min(1.6, 24.0 / n_head)
+    return max(5.0, n_head * panel + 0.5), n_layer * panel + 1.0
+
+
+def plot_attention_grid(weights: torch.Tensor, path: str | Path, title: str) -> Path:
+    """All heads of all layers, weights (n_layer, nh, T, T), one small panel each."""
+    n_layer, n_head = weights.shape[:2]
+    fig = Figure(figsize=grid_inches(n_layer, n_head), layout="constrained")
+    axes = np.asarray(fig.subplots(n_layer, n_head, squeeze=False))
+    for layer in range(n_layer):
+        for head in range(n_head):
+            ax = axes[layer, head]
+            ax.imshow(_masked_zeros(weights[layer, head]), cmap="viridis", vmin=0.0, interpolation="nearest")
+            ax.set_facecolor("white")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if layer == 0:
+                ax.set_title(f"head {head + 1}", fontsize=8)
+            if head == 0:
+                ax.set_ylabel(f"layer {layer + 1}", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, Path(path))

@@ -18,12 +18,16 @@ import torch
 from test_sample_generate import run_sample, train_checkpoint  # the same few-step checkpoint and runner
 
 import model.attention
-from causality.consistency import cache_consistency
-from causality.influence import influence_matrix
-from causality.leakage import LeakageSettings, run_leakage_check
-from causality.loading import load_from_checkpoint, variant
-from causality.perturbation import perturbation_test
-from causality.plots import DPI, grid_inches, heatmap_inches
+from causality.leakage import (
+    LeakageConfig,
+    cache_consistency,
+    influence_matrix,
+    perturbation_test,
+    run_leakage_check,
+    variant,
+)
+from causality.report import DPI, grid_inches, heatmap_inches
+from causality.sampling import load_from_checkpoint
 from model import GPT, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +120,7 @@ def test_cache_equals_recompute_only_with_the_mask(ckpt):
 
 
 # ---- the verdict -------------------------------------------------------------------------------
-SMALL = LeakageSettings(trials=2, influence_len=8, probes=2, gen_tokens=4)
+SMALL = LeakageConfig(trials=2, influence_len=8, probes=2, gen_tokens=4)
 
 
 def test_verdicts_pass_leak_and_inconclusive():
@@ -127,7 +131,7 @@ def test_verdicts_pass_leak_and_inconclusive():
     broken = run_leakage_check(make(causal=False), prompt(), SMALL)  # a user's variant without the mask
     assert (broken.verdict, broken.exit_code) == ("LEAK", 1)
     assert any(s.startswith("perturbation") for s in broken.leaks) and any(s.startswith("influence") for s in broken.leaks)
-    blind = run_leakage_check(make(), prompt(), LeakageSettings(**{**SMALL.__dict__, "control_min": 1e3}))
+    blind = run_leakage_check(make(), prompt(), LeakageConfig(**{**SMALL.__dict__, "control_min": 1e3}))
     assert (blind.verdict, blind.exit_code) == ("INCONCLUSIVE", 3)
 
 

@@ -21,8 +21,7 @@ from omegaconf import OmegaConf
 
 import cli
 import sample
-from causality.prompt import encode_prompt
-from causality.stream import stream_sample
+from causality.sampling import encode_prompt, stream_sample
 from data.config import DataError
 from data.tokenizer import CharTokenizer, train_bpe
 from engine.formats.checkpoint import CheckpointError, save_checkpoint
@@ -124,7 +123,7 @@ def test_stream_sample_bpe_never_prints_broken_utf8(monkeypatch):
 
     def scripted(model, idx, n, **kw):
         yield from (torch.tensor([[i]]) for i in ids[:n])
-    monkeypatch.setattr("causality.stream.generate_tokens", scripted)
+    monkeypatch.setattr("causality.sampling.generate_tokens", scripted)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
     pieces: list[str] = []
     s = stream_sample(model, tok, [ids[0]], max_new_tokens=len(ids), write=pieces.append)

@@ -1,0 +1,286 @@
+"""Sampling: the model under study, its prompt, and text streamed to the terminal as it is made.
+
+- the runtime: device and precision resolved by engine/runtime.py, so `device=auto` and
+  `precision=auto` mean the same in train.py and sample.py; inference adds no process group;
+- the model: a checkpoint file, a run directory, the newest run under the outputs directory, our
+  export, a Hugging Face GPT-2 directory, or a random-init preset (the leakage and attention modes
+  need no training). A checkpoint carries its tokenizer as JSON, so sampling needs no data directory;
+- the prompt: text, a file or standard input -> token ids, with the checks a user needs (vocabulary,
+  length, empty); ids back to short labels for plot axes. Problems are one-line DataError or
+  ValueError; the recoverable ones (an empty prompt, one longer than the context) are warnings;
+- streaming: each completed piece of text is written as soon as its token exists, through
+  data.tokenizer.StreamDecoder, so a BPE token holding half of a UTF-8 character is held back
+  until the character is whole; the pieces joined equal decode(all new ids). Timed, for tokens/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from data.config import DataError
+from data.tokenizer import StreamDecoder, Tokenizer, tokenizer_from_json
+from engine.formats.checkpoint import (
+    CHECKPOINT_NAMES,
+    CheckpointError,
+    model_from_checkpoint,
+    resolve_checkpoint,
+)
+from engine.formats.pretrained import load_pretrained
+from engine.runtime import Runtime, pick_device, pick_precision
+from model import GPT, ModelConfig
+from model.generate import generate_tokens
+
+log = logging.getLogger(__name__)
+
+# A random-init model needs a vocabulary size and has no data to take it from: tiny Shakespeare's
+# 65 characters keeps it the same shape as the default trained model.
+DEFAULT_RANDOM_VOCAB = 65
+TRAIN_HINT = "python train.py"
+
+
+# ---- runtime -------------------------------------------------------------------------------------
+def inference_runtime(device: str = "auto", precision: str = "auto", compile: bool = False) -> Runtime:
+    """engine.runtime's Runtime for one process, device and precision chosen exactly as the trainer
+    chooses them (auto -> cuda, else mps, else cpu; bf16 on CUDA that supports it, fp16 on older
+    CUDA, fp32 elsewhere). No process group, and no thread or allocator tuning: the caller sets threads."""
+    dev = pick_device(device)
+    return Runtime(rank=0, local_rank=0, world_size=1, device=dev, precision=pick_precision(precision, dev),
+                   compile=compile)
+
+
+def compile_for_generation(model: GPT) -> GPT:
+    """Compile what generation runs: `model.step` (prefill and one-token decode with the KV cache)
+    and `forward` (recompute without the cache). model/generate.py calls these two by name, so the
+    compiled versions are installed on the instance; the weights are shared, nothing is copied.
+    dynamic=True because the cache length and the prompt length change from call to call."""
+    model.step = torch.compile(model.step, dynamic=True)  # type: ignore[method-assign]
+    model.forward = torch.compile(model.forward, dynamic=True)  # type: ignore[method-assign]
+    return model
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock timing covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ---- the model -----------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    """A model ready to run, and what it came from."""
+    model: GPT
+    tokenizer: Tokenizer | None  # None for a random-init preset (or a checkpoint saved without one)
+    source: str  # for reports: the checkpoint path, or "random-init <preset>"
+    run_dir: Path | None  # the training run the checkpoint belongs to (None for random init)
+    step: int | None = None  # the training step of the checkpoint
+
+
+def run_dir_of(ckpt_path: Path) -> Path:
+    """The run directory of a checkpoint file: its folder, or the folder above `checkpoints/`."""
+    parent = ckpt_path.parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def find_latest_run(root: str | os.PathLike) -> Path:
+    """The run directory under root holding the most recently written best.pt or last.pt."""
+    root = Path(root)
+    found = [p for name in CHECKPOINT_NAMES for p in root.rglob(name) if p.is_file()] if root.is_dir() else []
+    if not found:
+        raise CheckpointError(
+            f"no checkpoint given and none found under {root}/; train one first with `{TRAIN_HINT}`, then "
+            f"`python sample.py`, or pass ckpt=<file or run dir> (mode=leakage and mode=attention also "
+            f"work untrained: model=tiny)")
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    return run_dir_of(newest)
+
+
+def load_from_checkpoint(ckpt: str | os.PathLike | None, outputs_dir: str | os.PathLike,
+                         device: torch.device) -> Loaded:
+    """Load a checkpoint file or run directory (None: the newest run under outputs_dir), our
+    safetensors export (scripts/export.py) or a local Hugging Face GPT-2 directory."""
+    target = Path(ckpt) if ckpt else find_latest_run(outputs_dir)
+    payload = load_pretrained(target, device="cpu")
+    is_checkpoint = payload["source"] == "checkpoint"
+    path = resolve_checkpoint(target) if is_checkpoint else target  # a run directory -> best.pt or last.pt
+    model = model_from_checkpoint(payload, device=device).eval()
+    tokenizer = tokenizer_from_json(payload["tokenizer"]) if payload.get("tokenizer") else None
+    log.info("loaded %s (%s, step %s)", path, payload["source"], payload.get("step"))
+    return Loaded(model, tokenizer, str(path), run_dir_of(path) if is_checkpoint else None, payload.get("step"))
+
+
+def random_init(config: ModelConfig, seed: int, device: torch.device) -> Loaded:
+    """An untrained model of the given config (vocab_size defaults to 65), seeded."""
+    if config.vocab_size is None:
+        config = dataclasses.replace(config, vocab_size=DEFAULT_RANDOM_VOCAB)
+    torch.manual_seed(seed)
+    model = GPT(config).to(device).eval()
+    name = config.preset or "custom"
+    log.info("random-init model %s (vocab %d, %d layers, %d heads, %d wide, context %d): no checkpoint",
+             name, config.vocab_size, config.n_layer, config.n_head, config.n_embd, config.block_size)
+    return Loaded(model, None, f"random-init {name}", None)
+
+
+# ---- the prompt ----------------------------------------------------------------------------------
+def read_prompt(prompt: str, prompt_file: str | None, stdin: TextIO) -> str:
+    """The prompt text: `prompt`, or the contents of `prompt_file`, or standard input for prompt="-"."""
+    if prompt_file:
+        if prompt:
+            raise ValueError("give prompt=... or prompt_file=..., not both")
+        path = Path(prompt_file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"prompt_file {path} does not exist")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt_file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    if prompt == "-":
+        return stdin.read()
+    return prompt
+
+
+def start_token(tokenizer: Tokenizer, fallback: int | None = None) -> int:
+    """What a generation without a prompt starts from: the end-of-text token, else the newline token
+    (char vocabularies). With neither, `fallback` when given (the trainer's eval samples take 0),
+    else a DataError asking for a prompt."""
+    if tokenizer.eot_id is not None:
+        return tokenizer.eot_id
+    try:
+        ids = tokenizer.encode("\n")
+    except DataError:  # a char vocabulary without "\n"
+        ids = []
+    if len(ids) == 1:
+        return ids[0]
+    if fallback is not None:
+        return fallback
+    raise DataError("the prompt is empty and this tokenizer has neither an end-of-text nor a newline token "
+                    "to start from; give a prompt")
+
+
+def unknown_characters(tokenizer: Tokenizer, text: str) -> list[str]:
+    """The distinct characters of text that the tokenizer cannot encode, in sorted order."""
+    unknown = []
+    for ch in sorted(set(text)):
+        try:
+            tokenizer.encode(ch)
+        except DataError:
+            unknown.append(ch)
+    return unknown
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, block_size: int) -> list[int]:
+    """Prompt text -> ids, at least one and at most block_size of them.
+
+    An empty prompt starts from the end-of-text (or newline) token; a prompt longer than the
+    context keeps its last block_size tokens, since those are all the model can see."""
+    if text == "":
+        tok = start_token(tokenizer)
+        log.warning("empty prompt: starting from token %d (%s)", tok, label(tokenizer, tok))
+        return [tok]
+    try:
+        ids = tokenizer.encode(text)
+    except DataError as e:
+        if tokenizer.kind != "char":
+            raise
+        bad = unknown_characters(tokenizer, text)
+        if not bad:
+            raise
+        names = ", ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in bad)
+        raise DataError(f"the prompt has {len(bad)} character(s) outside the model's char vocabulary: {names}; "
+                        "remove or replace them") from e
+    unk_id = getattr(tokenizer, "unk_id", None)
+    if unk_id is not None and unk_id in ids:
+        log.warning("%d prompt character(s) are outside the char vocabulary and were read as <unk>",
+                    ids.count(unk_id))
+    if len(ids) > block_size:
+        log.warning("the prompt is %d tokens, longer than the model's context of %d: keeping the last %d",
+                    len(ids), block_size, block_size)
+        ids = ids[-block_size:]
+    return ids
+
+
+def study_prompt(loaded: Loaded, text: str, seq_len: int, seed: int) -> torch.Tensor:
+    """The prompt (1, T) of the leakage and attention modes: the user's text, or seq_len tokens
+    (cut to the context) sampled from the model from its start token, or random tokens when there
+    is no tokenizer to start from."""
+    model, tok = loaded.model, loaded.tokenizer
+    device = model.wte.weight.device
+    if text:
+        if tok is None:
+            raise ValueError(f"{loaded.source} has no tokenizer to encode the prompt; leave prompt empty")
+        return torch.tensor([encode_prompt(tok, text, model.config.block_size)], device=device)  # (1, T)
+    n = min(seq_len, model.config.block_size)
+    g = torch.Generator(device=device).manual_seed(seed)
+    if tok is None:
+        return torch.randint(0, model.config.vocab_size, (1, n), generator=g, device=device)  # (1, n)
+    start = torch.tensor([[start_token(tok)]], device=device)  # (1, 1)
+    return model.generate(start, n - 1, temperature=1.0, generator=g) if n > 1 else start  # (1, n)
+
+
+def label(tokenizer: Tokenizer | None, token_id: int, max_len: int = 10) -> str:
+    """A short, visible label for one token: whitespace shown (space as a middle dot, newline as \\n),
+    long tokens cut; the id itself when there is no tokenizer."""
+    if tokenizer is None:
+        return str(token_id)
+    text = tokenizer.decode([token_id])
+    text = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r").replace(" ", "\u00b7")
+    return text if len(text) <= max_len else text[: max_len - 1] + "\u2026"
+
+
+def labels(tokenizer: Tokenizer | None, ids: list[int]) -> list[str]:
+    return [label(tokenizer, i) for i in ids]
+
+
+# ---- streaming -----------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """One generated continuation."""
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str  # tokenizer.decode(new_ids)
+    streamed: str  # the pieces written while generating, joined (equals text)
+    seconds: float  # wall time from the prefill to the last token
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.new_ids) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  use_cache: bool = True, generator: torch.Generator | None = None,
+                  write: Callable[[str], None] = lambda s: None) -> Sample:
+    """Generate one continuation of prompt_ids, calling write(piece) with each newly completed
+    piece of text as soon as its token is made. Mixed precision is the caller's (Runtime.autocast())."""
+    device = model.wte.weight.device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    decoder = StreamDecoder(tokenizer)
+    new_ids: list[int] = []
+    pieces: list[str] = []
+
+    def emit(piece: str) -> None:
+        if piece:
+            pieces.append(piece)
+            write(piece)
+
+    synchronize(device)
+    start = time.perf_counter()
+    for tok in generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, use_cache=use_cache, generator=generator):
+        token_id = int(tok[0, 0])  # .item() waits for the GPU: the token is needed to print it
+        new_ids.append(token_id)
+        emit(decoder.push(token_id))
+    emit(decoder.flush())
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return Sample(list(prompt_ids), new_ids, tokenizer.decode(new_ids), "".join(pieces), seconds)
