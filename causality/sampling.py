@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 # A random-init model needs a vocabulary size and has no data to take it from: tiny Shakespeare's
 # 65 characters keeps it the same shape as the default trained model.
 DEFAULT_RANDOM_VOCAB = 65
-TRAIN_HINT = "python train.py"
 
 
 # ---- runtime -------------------------------------------------------------------------------------
@@ -98,7 +97,7 @@ def find_latest_run(root: str | os.PathLike) -> Path:
     found = [p for name in CHECKPOINT_NAMES for p in root.rglob(name) if p.is_file()] if root.is_dir() else []
     if not found:
         raise CheckpointError(
-            f"no checkpoint given and none found under {root}/; train one first with `{TRAIN_HINT}`, then "
+            f"no checkpoint given and none found under {root}/; train one first with `python train.py`, then "
             f"`python sample.py`, or pass ckpt=<file or run dir> (mode=leakage and mode=attention also "
             f"work untrained: model=tiny)")
     newest = max(found, key=lambda p: p.stat().st_mtime)
@@ -250,10 +249,6 @@ class Sample:
     text: str  # tokenizer.decode(new_ids)
     streamed: str  # the pieces written while generating, joined (equals text)
     seconds: float  # wall time from the prefill to the last token
-
-    @property
-    def tokens_per_second(self) -> float:
-        return len(self.new_ids) / self.seconds if self.seconds > 0 else float("inf")
 
 
 def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, max_new_tokens: int,
