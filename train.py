@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import cli
-from data.config import DataError
+from causality.sampling import start_token
 from data.loader import BatchLoader
 from data.prepare import prepare, read_meta
 from data.tokenizer import Tokenizer, load_tokenizer
@@ -217,7 +217,7 @@ def set_up(cfg: TrainConfig, rt: Runtime) -> Run:
     tokens_per_step = cfg.batch_size * T * n_streams
     log.info("%s params, %d tokens per step, run dir %s", f"{model.num_params():,}", tokens_per_step, out_dir)
     return Run(out_dir, prepared, tokenizer, model, train_model, eval_model, optimizer, scaler, loop, streams,
-               eval_sets, logger, static, _sample_prompt(tokenizer), tokens_per_step,
+               eval_sets, logger, static, [start_token(tokenizer, fallback=0)], tokens_per_step,
                lockstep=rt.distributed and cfg.distributed == "fsdp", peak_flops=rt.peak_flops(cfg.peak_flops),
                rt=rt)
 
@@ -311,16 +311,6 @@ def _init_from(path: str, model_cfg: ModelConfig, tokenizer_json: str) -> tuple[
         raise ValueError(f"init_from={path} uses another tokenizer than this run's data; prepare the data "
                          f"with the model's tokenizer (data.tokenizer=pretrained data.tokenizer_path=...)")
     return ModelConfig(**{**src["model_config"], "dropout": model_cfg.dropout}), src["model"]
-
-
-def _sample_prompt(tokenizer) -> list[int]:
-    """The first token of the eval samples: end-of-text when the vocabulary has one, else a newline."""
-    if tokenizer.eot_id is not None:
-        return [tokenizer.eot_id]
-    try:
-        return tokenizer.encode("\n")[:1] or [0]
-    except DataError:  # a char vocabulary without "\n"
-        return [0]
 
 
 def _peak_memory_mb(rt: Runtime) -> float:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the repo's packages
 
-from causality.runtime import autocast, compile_for_generation, dtype_name, resolve, synchronize  # noqa: E402
+from causality.sampling import compile_for_generation, inference_runtime, synchronize  # noqa: E402
 from model import GPT, PRESETS, ModelConfig  # noqa: E402
 from model.generate import generate_tokens  # noqa: E402
 
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device, dtype = resolve(args.device, args.precision)
+    rt = inference_runtime(args.device, args.precision, args.compile)
+    device = rt.device
     vocab = args.vocab_size or PRESETS[args.preset].get("vocab_size", 65)
     torch.manual_seed(args.seed)
     model = GPT(ModelConfig(preset=args.preset, vocab_size=vocab)).to(device).eval()
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         compile_for_generation(model)
     g = torch.Generator(device=device).manual_seed(args.seed)
     prompt = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=g, device=device)  # (B, T)
-    ctx = autocast(device, dtype)
+    ctx = rt.autocast()
     generate_once(model, prompt, min(args.warmup_tokens, new_tokens), args.use_cache, ctx, g)  # warm-up
     if args.compile:  # compiled code specialises on shapes: warm up over the whole timed range too
         generate_once(model, prompt, new_tokens, args.use_cache, ctx, g)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "preset": args.preset, "params_M": round(model.num_params() / 1e6, 2), "vocab_size": vocab,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or platform.machine()})",
-        "dtype": dtype_name(dtype), "compile": args.compile, "use_cache": args.use_cache, "batch": args.batch,
+        "dtype": rt.precision, "compile": args.compile, "use_cache": args.use_cache, "batch": args.batch,
         "prompt_len": args.prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
         "tokens_per_s": round(args.batch * new_tokens / median, 1), "ms_per_token": round(1e3 * median / new_tokens, 3),
         "seconds": [round(s, 4) for s in seconds], "torch": torch.__version__,
