@@ -3,7 +3,11 @@
 - config.py     DataConfig (schema of configs/data/*.yaml) and DataError
 - sources.py    where text comes from (tiny Shakespeare, the Python stdlib, files, HF datasets)
 - tokenizer.py  char-level and byte-level BPE tokenizers behind one interface, StreamDecoder
-- prepare.py    prepare(cfg) -> cached directory of train.bin / val.bin / meta.json / tokenizer.json
+- hub.py        what comes from the Hugging Face hub, pinned to a commit (no remote code)
+- prepare.py    prepare(cfg) -> cached directory of train.bin / val.bin / meta.json / tokenizer.json,
+                safe to call from every rank at once
+- prepared.py   the layout of a prepared directory: read_meta and the checks against meta.json
+- atomic.py     atomic writes (temp file, fsync, rename, directory fsync) and the builders' file lock
 - loader.py     BatchLoader (random windows, DDP-aware, resumable) and val_batches
 
 Only the config is imported here, so `import data` stays cheap; import the modules you use.

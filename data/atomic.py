@@ -32,8 +32,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
+# False where exclusive_lock cannot lock (it then runs its block unlocked).
+LOCKS_AVAILABLE = fcntl is not None
 TEMP_INFIX = ".tmp-"
 # How often a process waiting for a lock tries it again, and how often it says that it waits.
 LOCK_POLL_S = 0.5
@@ -148,9 +155,7 @@ def exclusive_lock(
 
 def _acquire(path: Path, waiting_for: str, status: Callable[[], str] | None, timeout_s: float | None) -> int | None:
     """A descriptor of path holding its flock, or None where there are no locks."""
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         log.info("no file locks on this platform; %s is not locked", path)
         return None
     start = time.monotonic()
