@@ -1,9 +1,18 @@
 """GPU-only checks (marked `gpu`, skipped without CUDA): mixed precision and compiled paths agree
-with their references. CPU tests cover the same properties in fp32."""
+with their references, train.py's optimisation step (train.train_step) never waits for the device
+(torch.cuda.set_sync_debug_mode("error") around it, the batch loader included), and an fp16 step
+forced to overflow is skipped by the GradScaler inside the fused AdamW kernel. CPU tests cover the
+same properties in fp32 (tests/test_train_step.py reads no value back, by patching the read paths).
+scripts/gpu_suite.py runs these with `pytest -m gpu`."""
+
+import copy
 
 import pytest
 import torch
+from conftest import compose_train
 
+import train
+from engine.runtime import setup_runtime
 from model import GPT, ModelConfig
 from model.generate import generate_tokens
 
@@ -56,3 +65,78 @@ def test_compiled_and_eager_give_the_same_loss():
     _, eager = model(idx, targets)
     _, compiled = torch.compile(model)(idx, targets)
     assert abs(eager.item() - compiled.item()) < 1e-4
+
+
+# ---- train.py's step on CUDA -------------------------------------------------------------------------
+@pytest.fixture
+def cuda_run(tiny_overrides):
+    """make(*overrides) -> train.Run: the tiny test recipe set up on CUDA, closed afterwards."""
+    runs = []
+
+    def make(*extra: str) -> train.Run:
+        keep = [o for o in tiny_overrides if not o.startswith(("device=", "threads="))]
+        cfg = compose_train([*keep, "device=cuda", *extra])
+        run = train.set_up(cfg, setup_runtime(cfg.device, cfg.precision, cfg.compile, cfg.threads))
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.logger.finish()
+        run.rt.close()
+
+
+def snapshot(run) -> tuple[dict, dict]:
+    return copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.optimizer.state_dict())
+
+
+def assert_same(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    for name, tensor in a[0].items():
+        assert torch.equal(tensor, b[0][name]), f"{name} changed"
+    for pid, state in a[1]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b[1]["state"][pid][key]), f"optimizer state {pid}/{key} changed"
+
+
+def test_sync_debug_mode_catches_a_host_read():
+    # Guards the test below: in "error" mode a read of a device value raises.
+    x = torch.ones(4, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            x.sum().item()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("precision, compile", [("bf16", "false"), ("fp16", "false"), ("bf16", "true")])
+def test_the_training_step_makes_no_host_sync(cuda_run, precision, compile):
+    run = cuda_run(f"precision={precision}", f"compile={compile}")
+    for _ in range(2):  # compilation and lazy state (optimizer moments, the scaler's scale) come first
+        train.train_step(run, 1e-3, 1.0, run.rt)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises from here on
+    try:
+        for _ in range(3):
+            loss, norm, skipped = train.train_step(run, 1e-3, 1.0, run.rt)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss) and torch.isfinite(norm) and skipped.item() == 0.0
+
+
+def test_fp16_step_forced_to_overflow_is_skipped_by_the_grad_scaler(cuda_run):
+    run = cuda_run("precision=fp16")
+    assert run.optimizer.defaults["fused"]  # the skip happens inside the fused kernel (found_inf)
+    train.train_step(run, 1e-3, 1.0, run.rt)  # a finite step: the optimizer has its state
+    run.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**120)  # scaled fp16 gradients overflow
+    scale = run.scaler.get_scale()
+    before = snapshot(run)
+    loss, norm, skipped = train.train_step(run, 1e-3, 1.0, run.rt)
+    assert torch.isfinite(loss) and not torch.isfinite(norm)  # the loss is fine, the gradients overflowed
+    assert skipped.item() == 0.0  # an overflow is the scaler's business, not a bad step
+    assert_same(before, snapshot(run))
+    assert run.scaler.get_scale() == scale * 0.5
+    run.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    train.train_step(run, 1e-3, 1.0, run.rt)
+    after = snapshot(run)[0]
+    assert any(not torch.equal(after[k], before[0][k]) for k in after), "a finite step must update"
