@@ -5,6 +5,8 @@ forced to overflow is skipped by the GradScaler inside the fused AdamW kernel. C
 same properties in fp32 (tests/test_train_step.py reads no value back, by patching the read paths).
 scripts/gpu_suite.py runs these with `pytest -m gpu`."""
 
+from __future__ import annotations
+
 import copy
 
 import pytest
