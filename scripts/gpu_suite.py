@@ -577,8 +577,8 @@ def _rows(name: str, p: dict) -> list[tuple[str, str, str]]:
                     ("MFU", _fmt(p["mfu"]), f">= {p['target_mfu']}"), ("ms/step", _fmt(p["ms_per_iter"], 1), ""),
                     ("peak memory MB", _fmt(p["peak_mem_mb"], 0), "")]
         case "generation":
-            return [(f"{p['preset']} B=1, {p['new_tokens']} new tokens: tokens/s eager", _fmt(p["eager_tokens_per_s"]), ""),
-                    ("tokens/s compiled", _fmt(p["compiled_tokens_per_s"]) if p["compiled_tokens_per_s"] is not None
+            return [(f"{p['preset']} B=1, {p['new_tokens']} new tokens: tokens/s eager", _fmt(p["eager_tokens_per_s"], 1), ""),
+                    ("tokens/s compiled", _fmt(p["compiled_tokens_per_s"], 1) if p["compiled_tokens_per_s"] is not None
                      else _fmt(p["compiled_status"]), f">= {p['target_tokens_per_s']:,.0f}")]
         case "scale":
             return [(f"{p['preset']} B={p['batch_size']} T={p['block_size']} peak MB, {k}",
