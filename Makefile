@@ -12,7 +12,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint clean
+.PHONY: install train test lint clean clean-runs
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -31,5 +31,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Caches only. Runs stay: checkpoints in outputs/ and multirun/, offline W&B runs in wandb/.
 clean:
-	rm -rf outputs multirun wandb .pytest_cache
+	rm -rf .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Every run under this directory, on purpose only: outputs/, multirun/ and W&B runs not yet synced.
+clean-runs:
+	rm -rf outputs multirun wandb

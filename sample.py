@@ -291,4 +291,5 @@ def main(dcfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_configs()
+    sys.argv = cli.quote_free_text(sys.argv, cli.SAMPLE_TEXT)  # prompts, paths, names exactly as typed
     main()

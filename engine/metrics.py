@@ -4,6 +4,10 @@ One `RunLogger` per run, active on rank 0 only. W&B is imported lazily, only for
 a run with logger=none or WANDB_MODE=disabled needs neither the package nor a network. Online when
 the user is logged in, offline otherwise (`wandb sync <run_dir>/wandb/offline-run-*` later). A
 resumed run passes the W&B run id stored in its checkpoint and continues the same W&B run.
+
+metrics.jsonl survives a kill at any moment: each record is appended by one write of a complete line
+(an O_APPEND file descriptor, no buffer left to flush), and a reader (`read_metrics`) drops a line
+that a kill cut short, with a warning naming the file, so neither `resume=auto` nor a plot stops on it.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import os
 import time
 from pathlib import Path
 
+from data.atomic import atomic_write
+
 from .config import LoggerConfig
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+DEFAULT_PROJECT = "causalgpt"  # when neither logger.project nor WANDB_PROJECT names one
 
 
 def wandb_mode(cfg: LoggerConfig) -> str:
@@ -57,10 +64,9 @@ class RunLogger:
         if mode == "disabled":
             return
         import wandb
-        self.wandb = wandb.init(
-            project=cfg.project, entity=cfg.entity, name=cfg.run_name or Path(run_dir).name,
-            id=wandb_id, resume="allow" if wandb_id else None, config=config, mode=mode,
-            tags=list(cfg.tags), dir=os.environ.get("WANDB_DIR") or str(run_dir))
+        self.wandb = wandb.init(**wandb_init_args(cfg, run_dir, resuming=wandb_id is not None), id=wandb_id,
+                                resume="allow" if wandb_id else None, config=config, mode=mode,
+                                dir=os.environ.get("WANDB_DIR") or str(run_dir))
         # Plot everything against our own step: a resumed run re-logs steps after its checkpoint, which
         # W&B's internal, strictly increasing step would drop.
         self.wandb.define_metric("step")
@@ -72,20 +78,19 @@ class RunLogger:
         return self.wandb.id if self.wandb is not None else None
 
     def _truncate_after(self, step: int) -> None:
-        """Drop records after `step`: they came from the part of a killed run that is replayed now."""
+        """Drop records after `step`: they came from the part of a killed run that is replayed now
+        (and a torn last line, with a warning). The file is replaced atomically."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = [r for r in read_metrics(self.path) if (r.get("step") or 0) <= step]
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict) -> None:
         """Write one record; it must hold "step". Non-finite floats become null (valid JSON)."""
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        append_line(self.path, json.dumps(clean))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)})
 
@@ -101,10 +106,59 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.summary.update(values)
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """End the W&B run: exit_code 0 marks it finished, anything else failed."""
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=exit_code)
             self.wandb = None
+
+
+def wandb_init_args(cfg: LoggerConfig, run_dir: Path, resuming: bool = False) -> dict:
+    """project, entity, name, group and tags for wandb.init. A value set in the config wins; where it
+    is null, None is passed so that W&B reads WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME and
+    WANDB_RUN_GROUP itself, as it documents; where those are unset too: project causalgpt and the
+    run directory's name (a resumed run keeps the name it has). Tags add up: the config's and
+    WANDB_TAGS (comma-separated), which W&B would otherwise drop when tags are passed."""
+    env = os.environ
+    name = cfg.run_name or (None if env.get("WANDB_NAME") or resuming else Path(run_dir).name)
+    tags = [*cfg.tags, *(t.strip() for t in env.get("WANDB_TAGS", "").split(","))]
+    return {"project": cfg.project or (None if env.get("WANDB_PROJECT") else DEFAULT_PROJECT),
+            "entity": cfg.entity, "name": name, "group": cfg.group,
+            "tags": list(dict.fromkeys(t for t in tags if t))}
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append line + newline to path as one write(2) on an O_APPEND descriptor: in the file, complete,
+    once this returns; a kill can only cut the very write in progress, which read_metrics drops."""
+    data = memoryview((line + "\n").encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        while data:  # a regular file takes it in one go; a short write only on a full disk or a signal
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl. A line that is not a complete JSON object (the one a kill cut
+    short mid-write) is dropped with a warning naming the file and the line."""
+    path = Path(path)
+    records, torn = [], []
+    for n, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn.append(n)
+    if torn:
+        log.warning("%s: dropped %d incomplete line(s) (line %s; cut short by a kill mid-write)", path, len(torn),
+                    ", ".join(map(str, torn)))
+    return records
 
 
 class StepMeter:

@@ -1,27 +1,37 @@
 """Configs and the command line: the real YAML files compose into typed dataclasses; typos and wrong
 types are refused by Hydra with its own message; experiments hold the recipes they promise; the
-learning-rate schedules, weight-decay groups, run-directory stamp and the one-line error guard."""
+model presets are written out in YAML and agree with model/config.py; the training schema has one
+set of defaults; the learning-rate schedules, weight-decay groups, run-directory stamp and the
+one-line error guard."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import compose_train, run_script
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 import cli
-from engine.config import OptimConfig, TrainConfig
+from engine.config import LoggerConfig, OptimConfig, TrainConfig
 from engine.optim import lr_at, param_groups
 from model import GPT, ModelConfig
+from model.config import PRESETS
+
+CONFIGS = Path(cli.CONFIG_DIR)
 
 
 def test_defaults_compose_to_typed_dataclasses():
     cfg = compose_train([])
     assert isinstance(cfg, TrainConfig) and isinstance(cfg.model, ModelConfig) and isinstance(cfg.optim, OptimConfig)
-    assert cfg.model.preset == "tiny" and cfg.model.n_layer == 4  # filled from the preset
+    assert cfg.model.preset == "tiny" and cfg.model.n_layer == 4
     assert cfg.data.source == "shakespeare_char" and cfg.logger.name == "wandb"
     assert cfg.device == "auto" and cfg.precision == "auto" and cfg.compile == "auto"
     assert cfg.ckpt_interval == cfg.eval_interval
@@ -77,6 +87,8 @@ def test_multirun_sweep_gives_each_run_its_own_directory(tiny_overrides, tmp_pat
     r = run_script(["train.py", "-m", *args, "max_iters=4", "optim.lr=1e-3,2e-3",
                     f"hydra.sweep.dir={tmp_path}/sweep"])
     assert r.returncode == 0, r.stderr[-2000:]
+    table = r.stdout[r.stdout.index(f"sweep {tmp_path}/sweep: 2 jobs, all done"):].splitlines()
+    assert [line.split()[:3] for line in table[2:]] == [["0", "optim.lr=0.001", "done"], ["1", "optim.lr=0.002", "done"]]
     runs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/last.pt"))
     assert [p.name for p in runs] == ["0", "1"]
     lrs = [torch.load(p / "last.pt", weights_only=True)["config"]["optim"]["lr"] for p in runs]
@@ -126,7 +138,7 @@ def test_weight_decay_only_on_2d_weights():
         OptimConfig(schedule="linear")
 
 
-def test_run_stamp_is_shared_by_all_torchrun_processes(monkeypatch):
+def test_run_stamp_is_shared_by_all_torchrun_processes(monkeypatch, tmp_path):
     """Two 'ranks' whose clocks disagree get one stamp: the first stored in torchrun's store wins."""
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                                        timeout=datetime.timedelta(seconds=10))
@@ -137,6 +149,10 @@ def test_run_stamp_is_shared_by_all_torchrun_processes(monkeypatch):
     clock = iter(["2030-01-01/00-00-00", "2030-01-01/00-00-07", "2030-01-01/00-00-09"])
     monkeypatch.setattr(cli.time, "strftime", lambda fmt: next(clock))
     assert cli.run_stamp() == cli.run_stamp() == "2030-01-01/00-00-00"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t2")  # with the directory made: by the first process only
+    base = tmp_path / "outputs"
+    assert cli.run_stamp(str(base)) == cli.run_stamp(str(base)) == "2030-01-01/00-00-07"
+    assert [p.name for p in base.glob("*/*")] == ["00-00-07"]
     monkeypatch.setenv("CAUSALGPT_RUN_STAMP", "mine")
     assert cli.run_stamp() == "mine"
     monkeypatch.delenv("CAUSALGPT_RUN_STAMP")
@@ -160,3 +176,44 @@ def test_peak_flops_for_mfu_by_gpu_name(monkeypatch):
     assert gpu.peak_flops(override=1e12) == 1e12
     cpu = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), precision="fp32", compile=False)
     assert cpu.peak_flops() is None and cpu.peak_flops(override=2e11) == 2e11  # no MFU on CPU unless given
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_yaml_lists_every_field_as_presets_and_defaults_say(name):
+    """configs/model/<name>.yaml writes out every ModelConfig field (no null left for Python to fill),
+    with model/config.py's PRESETS values and, for the fields a preset leaves alone, ModelConfig's
+    defaults: YAML and Python cannot drift apart, and the run trains exactly what the YAML says."""
+    raw = yaml.safe_load((CONFIGS / "model" / f"{name}.yaml").read_text())
+    fields = dataclasses.fields(ModelConfig)
+    assert set(raw) - {"defaults"} == {f.name for f in fields}
+    expected = {f.name: PRESETS[name].get(f.name, f.default) for f in fields} | {"preset": name}
+    cli.register_configs()
+    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
+        written = OmegaConf.to_container(compose("train", overrides=[f"model={name}"]).model)
+    assert written == expected
+    assert dataclasses.asdict(compose_train([f"model={name}"]).model) == expected
+
+
+def test_saved_config_shows_the_model_sizes(tmp_path):
+    """--cfg job (what .hydra/config.yaml holds) names the sizes of the preset, not nulls."""
+    r = run_script(["train.py", "model=small", "--cfg", "job"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = yaml.safe_load(r.stdout)["model"]
+    assert (model["n_layer"], model["n_head"], model["n_embd"], model["block_size"], model["norm"]) == (
+        6, 6, 384, 256, "post")
+
+
+def test_training_schema_has_one_set_of_defaults():
+    """train.yaml picks groups and Hydra's settings only: every loop default lives in TrainConfig."""
+    raw = yaml.safe_load((CONFIGS / "train.yaml").read_text())
+    assert set(raw) == {"defaults", "hydra"}
+    cfg = compose_train([])
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("model", "data", "optim", "logger", "ckpt_interval"):
+            assert getattr(cfg, f.name) == f.default, f.name
+    assert cfg.ckpt_interval == cfg.eval_interval and (cfg.batch_size, cfg.final_eval_iters) == (16, 100)
+    for name in ("wandb", "none"):  # the logger group's YAML files agree with LoggerConfig
+        raw = yaml.safe_load((CONFIGS / "logger" / f"{name}.yaml").read_text())
+        defaults = dataclasses.asdict(LoggerConfig())
+        assert {k: v for k, v in raw.items() if k not in ("defaults", "name")} == {
+            k: defaults[k] for k in raw if k not in ("defaults", "name")}

@@ -1,0 +1,128 @@
+"""Run directories never clobber: a fresh run into a directory holding another run is refused in one
+line naming resume=auto and overwrite=true; overwrite=true starts over; a live run's lock keeps a
+second run out, a dead run's lock is taken over; run stamps are unique within a second; `make clean`
+keeps runs, `make clean-runs` removes them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, compose_train, run_script
+
+import cli
+import train
+from engine.metrics import read_metrics
+
+
+def test_fresh_run_into_a_run_directory_is_refused_and_overwrite_starts_over(tiny_overrides, tmp_path):
+    overrides = [*tiny_overrides, "max_iters=2", "eval_interval=2"]
+    train.train(compose_train(overrides))
+    run = tmp_path / "run"
+    before = {name: (run / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
+    with pytest.raises(ValueError, match="already holds a run .*resume=auto.*overwrite=true"):
+        train.train(compose_train(overrides))
+    assert {name: (run / name).read_bytes() for name in before} == before  # untouched
+    assert not (run / ".lock").exists()  # released although the run was refused
+
+    train.train(compose_train([*overrides, "max_iters=4", "overwrite=true"]))
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
+    assert steps[0] == 0 and steps.count(0) == 2 and steps[-1] == 4  # one run's records: params, eval at 0
+    with pytest.raises(ValueError, match="give one of them"):
+        train.train(compose_train([*overrides, "overwrite=true", "resume=auto"]))
+
+
+def test_refusal_on_the_command_line_is_one_line(tiny_overrides, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"an earlier run's")
+    r = run_script(["train.py", *tiny_overrides, f"hydra.run.dir={tmp_path}/hydra"], timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'run'} already holds a run (best.pt); continue it with resume=auto, "
+        "or start over in it with overwrite=true")
+    assert "Traceback" not in r.stderr and (tmp_path / "run" / "best.pt").read_bytes() == b"an earlier run's"
+    assert "already holds a run" in (tmp_path / "hydra" / "train.log").read_text()  # in the run's log too
+
+
+def test_a_live_runs_lock_keeps_others_out_and_a_dead_runs_lock_is_taken_over(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(f"{live.pid} {socket.gethostname()}\n")
+        with pytest.raises(ValueError, match=f"in use by a running training run \\(pid {live.pid} on "):
+            train.train(compose_train([*tiny_overrides, "max_iters=2"]))
+        assert (run / ".lock").read_text() == f"{live.pid} {socket.gethostname()}\n"  # still its lock
+        (run / ".lock").write_text(f"{live.pid} another-host\n")  # cannot tell whether it lives: refused
+        with pytest.raises(ValueError, match="on another-host"):
+            train.train(compose_train([*tiny_overrides, "max_iters=2"]))
+    finally:
+        live.kill()
+        live.wait()
+    (run / ".lock").write_text(f"{live.pid} {socket.gethostname()}\n")  # its process is gone now
+    train.train(compose_train([*tiny_overrides, "max_iters=2"]))
+    assert (run / "last.pt").is_file() and not (run / ".lock").exists()
+
+
+def test_lock_holds_pid_and_host_while_the_run_lives(tmp_path):
+    with cli.hold_run_dir(tmp_path / "run", None, False):
+        assert (tmp_path / "run" / ".lock").read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+        with pytest.raises(ValueError, match="in use"):  # a second run, even from this process
+            with cli.hold_run_dir(tmp_path / "run", None, False):
+                pass
+    assert not (tmp_path / "run" / ".lock").exists()
+    with cli.hold_run_dir(tmp_path / "other", None, False, enabled=False):  # torchrun ranks but 0
+        assert not (tmp_path / "other").exists()
+
+
+def test_run_stamps_are_unique_within_a_second(tmp_path, monkeypatch):
+    monkeypatch.delenv("CAUSALGPT_RUN_STAMP", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt: "2030-01-01/00-00-00")
+    stamps = [cli.run_stamp(str(tmp_path / "outputs")) for _ in range(3)]
+    assert stamps == ["2030-01-01/00-00-00", "2030-01-01/00-00-00-2", "2030-01-01/00-00-00-3"]
+    assert all((tmp_path / "outputs" / s).is_dir() for s in stamps)  # each one taken by creating it
+
+
+def test_two_launches_in_the_same_second_get_two_directories(tmp_path):
+    """Two processes asking for a stamp at once: two directories (mkdir decides, not a clock)."""
+    code = ("import sys, time, cli; t = float(sys.argv[1]); time.sleep(max(0, t - time.time())); "
+            "time.strftime = lambda fmt: '2030-01-01/00-00-00'; print(cli.run_stamp(sys.argv[2]))")
+    import time
+    start = str(time.time() + 2.0)
+    procs = [subprocess.Popen([sys.executable, "-c", code, start, str(tmp_path / "outputs")], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "1"},
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    stamps = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert stamps == ["2030-01-01/00-00-00", "2030-01-01/00-00-00-2"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_clean_keeps_runs_and_clean_runs_removes_them(tmp_path):
+    for d in ("outputs/2030-01-01/00-00-00", "multirun/x/0", "wandb/offline-run-1", ".pytest_cache/v",
+              "pkg/__pycache__", ".ruff_cache/x"):
+        (tmp_path / d).mkdir(parents=True)
+    make = ["make", "-s", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path)]
+    subprocess.run([*make, "clean"], check=True, capture_output=True, timeout=60)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["multirun", "outputs", "pkg", "wandb"] and not (tmp_path / "pkg" / "__pycache__").exists()
+    subprocess.run([*make, "clean-runs"], check=True, capture_output=True, timeout=60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_step_checkpoints_count_as_a_run_and_overwrite_deletes_them(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt-000250.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"already holds a run \(ckpt-000250.pt\)"):
+        with cli.hold_run_dir(run, None, False):
+            pass
+    with cli.hold_run_dir(run, "auto", False):  # resume=auto has something to continue: nothing deleted
+        assert (run / "ckpt-000250.pt").exists()
+    (run / "best.pt").write_bytes(b"x")
+    with cli.hold_run_dir(run, None, True):
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
