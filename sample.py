@@ -7,8 +7,9 @@
     python sample.py mode=leakage ckpt=<run dir>        # ... on a trained model (exit 1 if it leaks)
     python sample.py mode=attention prompt="To be, or not to be"   # attention heatmaps per head
 
-Hydra's override grammar wants quotes around text with non-ASCII characters, newlines or
-brackets: `python sample.py "prompt='Où est-il ?'"`, or use prompt=- (stdin) or prompt_file=.
+Free text is taken as the shell hands it over: `prompt=Où est-il ?`, `prompt="To be, or not to be"`,
+`prompt='He said "hi"'` need no Hydra quoting (cli.quote_free_text does it); prompt=- reads standard
+input and prompt_file= a file.
 
 Exit status: 0 done; 2 a user error (one line on stderr); mode=leakage 1 when information from the
 future reaches the past, 3 when the mask-off control shows no leakage either (inconclusive);
@@ -223,13 +224,12 @@ def attention(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, std
 
 def log_images(cfg: SampleConfig, out: Path, images: dict[str, Path], values: dict[str, Any]) -> None:
     """Log the PNGs to W&B (logger=wandb): online when logged in, offline otherwise (files in out/wandb)."""
-    from engine.metrics import wandb_mode  # the trainer's rule for online/offline/disabled
+    from engine.metrics import wandb_init_args, wandb_mode  # the trainer's rules: mode, name, project
     mode = wandb_mode(cfg.logger)
     if mode == "disabled":
         return
     import wandb
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.logger.run_name,
-                     tags=list(cfg.logger.tags), mode=mode, dir=str(out), job_type=cfg.mode,
+    run = wandb.init(**wandb_init_args(cfg.logger, out), mode=mode, dir=str(out), job_type=cfg.mode,
                      config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     run.log({name: wandb.Image(str(path)) for name, path in images.items()})
     run.summary.update(values)

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from data.atomic import (
     LOCKS_AVAILABLE,
@@ -57,6 +56,7 @@ from data.atomic import (
 )
 from data.config import MAX_VOCAB, DataConfig, DataError, resolve_cache_dir
 from data.prepared import FORMAT_VERSION, META_FILE, TOKENIZER_FILE, check_prepared, file_sha256, read_meta
+from data.progress import Progress
 from data.sources import Corpus, open_corpus
 from data.tokenizer import (
     CharTokenizer,
@@ -250,7 +250,8 @@ def _build(
         for split in ("train", "val"):
             t1 = time.perf_counter()
             path = out / f"{split}.bin"
-            counts[split], sha = _write_split(corpus.docs(split), tok, path, dtype, budgets[split], progress)
+            counts[split], sha = _write_split(corpus.docs(split), tok, path, dtype, budgets[split], progress,
+                                              corpus.chars(split))
             files[path.name] = {"bytes": counts[split] * dtype.itemsize, "sha256": sha}
             timings[f"encode_{split}"] = time.perf_counter() - t1
     if counts["train"] == 0:
@@ -349,16 +350,21 @@ def _batches(docs: Iterable[str]) -> Iterator[list[tuple[str, bool]]]:
 
 
 def _write_split(
-    docs: Iterable[str], tok: Tokenizer, path: Path, dtype: np.dtype, budget: int | None, progress: bool
+    docs: Iterable[str], tok: Tokenizer, path: Path, dtype: np.dtype, budget: int | None, progress: bool,
+    n_chars: int | None = None,
 ) -> tuple[int, str]:
     """Encode docs into path as a flat dtype array (atomically); returns the token count and the
-    sha256 of the bytes, hashed as they are written (far cheaper than the encoding)."""
+    sha256 of the bytes, hashed as they are written (far cheaper than the encoding). Progress counts
+    tokens against the token budget when there is one, else characters against n_chars when the
+    corpus knows it (else a count without an estimate of the time left)."""
     n = n_docs = 0
     digest = hashlib.sha256()
-    bar = tqdm(desc=f"tokenizing {path.stem}", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr)
+    by_chars = budget is None and n_chars is not None
+    bar = Progress(f"tokenizing {path.stem}", n_chars if by_chars else budget, unit="char" if by_chars else "tok",
+                   enabled=progress, logger=log)
     with atomic_open(path, "wb") as f, bar:
         for batch in _batches(docs):
-            for (_, starts_doc), ids in zip(batch, tok.encode_arrays([p for p, _ in batch]), strict=True):
+            for (piece, starts_doc), ids in zip(batch, tok.encode_arrays([p for p, _ in batch]), strict=True):
                 if starts_doc:
                     if n_docs and tok.eot_id is not None:  # a separator between documents
                         ids = np.concatenate(([tok.eot_id], ids))
@@ -369,7 +375,7 @@ def _write_split(
                 f.write(arr.data)
                 digest.update(arr.data)
                 n += len(ids)
-                bar.update(len(ids))
+                bar.update(len(piece) if by_chars else len(ids))
                 if budget is not None and n >= budget:
                     return n, digest.hexdigest()
     return n, digest.hexdigest()

@@ -51,6 +51,12 @@ class Corpus:
     docs_fn: Callable[[str], Iterator[str]] = field(repr=False)
     info: dict[str, Any] = field(default_factory=dict)  # recorded in meta.json
     streaming: bool = False  # documents come from a stream that may not fit in memory
+    chars_fn: Callable[[str], int] | None = field(default=None, repr=False)  # characters per split, when known
+
+    def chars(self, split: str) -> int | None:
+        """The characters of split's text when the corpus knows them up front (text held in memory),
+        else None: the denominator of a progress bar."""
+        return self.chars_fn(split) if self.chars_fn is not None else None
 
     def docs(self, split: str) -> Iterator[str]:
         """A fresh iterator over the documents of split ("train" or "val")."""
@@ -80,16 +86,24 @@ def open_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
 def _text_corpus(name: str, identity: dict, load: Callable[[], list[str]], cfg: DataConfig, info: dict) -> Corpus:
     cache: list[list[str]] = []
 
-    def docs(split: str) -> Iterator[str]:
+    def texts() -> list[str]:
         if not cache:
             cache.append(load())
-        texts = cache[0]
-        total = sum(len(t) for t in texts)
+        return cache[0]
+
+    def chars(split: str) -> int:
+        total = sum(len(t) for t in texts())
+        cut = int(total * (1 - cfg.val_fraction))
+        return cut if split == "train" else total - cut
+
+    def docs(split: str) -> Iterator[str]:
+        texts_ = texts()
+        total = sum(len(t) for t in texts_)
         if total == 0:
             raise DataError(f"the {name} corpus has no text; give a non-empty input")
         cut = int(total * (1 - cfg.val_fraction))  # nanoGPT: data[: int(n * 0.9)]
         pos = 0
-        for text in texts:
+        for text in texts_:
             lo, hi = pos, pos + len(text)
             pos = hi
             if split == "train" and lo < cut and text:
@@ -97,7 +111,7 @@ def _text_corpus(name: str, identity: dict, load: Callable[[], list[str]], cfg: 
             elif split == "val" and hi > cut and text:
                 yield text[max(cut - lo, 0) :]
 
-    return Corpus(name=name, identity=identity, docs_fn=docs, info=info)
+    return Corpus(name=name, identity=identity, docs_fn=docs, info=info, chars_fn=chars)
 
 
 def decode_utf8(data: bytes, where: str, errors: str) -> str:

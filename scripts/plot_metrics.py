@@ -10,7 +10,6 @@ the step; the learning rate on a second axis.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,16 +18,20 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repository's packages
+from engine.metrics import read_metrics  # noqa: E402
+
 SERIES = (("train/loss", "train loss (step)", dict(alpha=0.35, lw=1)),
           ("train/eval_loss", "train loss (eval)", dict(lw=2, marker="o", ms=3)),
           ("val/loss", "val loss (eval)", dict(lw=2, marker="o", ms=3)))
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_run(run_dir: Path) -> list[dict]:
+    """The run's metrics records; a line cut short by a kill is dropped with a warning (read_metrics)."""
     path = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass a run directory written by train.py")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)
 
 
 def plot(records: list[dict], out: Path, log_y: bool = False, title: str | None = None) -> Path:
@@ -63,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
     args = parser.parse_args(argv)
     try:
-        records = read_metrics(args.run_dir)
-    except (FileNotFoundError, json.JSONDecodeError) as e:
+        records = read_run(args.run_dir)
+    except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent

@@ -86,6 +86,14 @@ def test_plot_metrics_writes_png(trained):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_plot_metrics_drops_a_torn_last_line(trained, tmp_path, caplog):
+    from scripts.plot_metrics import main as plot_main
+    torn = tmp_path / "metrics.jsonl"
+    torn.write_bytes((Path(trained[1]["run_dir"]) / "metrics.jsonl").read_bytes() + b'{"step": 99, "train/lo')
+    assert plot_main([str(torn), "--out", str(tmp_path / "loss.png")]) == 0
+    assert "metrics.jsonl" in caplog.text and (tmp_path / "loss.png").stat().st_size > 10_000
+
+
 def test_init_from_takes_weights_not_state(trained, tiny_overrides, tmp_path):
     _, result = trained
     cfg = compose_train([*tiny_overrides, "max_iters=0", f"init_from={result['run_dir']}",
@@ -144,6 +152,7 @@ def test_model_vocab_size_is_filled_from_data_and_checked(tiny_overrides):
 def test_init_from_refuses_data_with_another_tokenizer(trained, tiny_overrides, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("0123456789 xyz\n" * 400, encoding="utf-8")  # another character set
-    overrides = [*tiny_overrides, f"data.path={other}", f"init_from={trained[1]['run_dir']}"]
+    overrides = [*tiny_overrides, f"data.path={other}", f"init_from={trained[1]['run_dir']}",
+                 f"out_dir={tmp_path / 'fine_tuned'}"]  # not the source run's own directory
     with pytest.raises(ValueError, match="uses another tokenizer than this run's data"):
         train.train(compose_train(overrides))

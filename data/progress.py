@@ -1,0 +1,87 @@
+"""Progress of long work (tokenizing a corpus, a whole-split eval) that never floods a log file.
+
+On a terminal: a tqdm bar. Anywhere else (a batch job, `> log`), tqdm's carriage returns would fill
+the file, so instead a log line every `every_s` seconds says how far the work got and, when the
+total is known, about how long is left; work that ends sooner writes nothing, work that wrote a
+line writes a last one when it ends.
+
+    with Progress("tokenizing train", total=n_chars, unit="char") as p:
+        for piece in pieces:
+            ...
+            p.update(len(piece))          # how much more is done
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from types import TracebackType
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+EVERY_S = 30.0  # seconds between two log lines outside a terminal
+
+
+def _count(n: float, unit: str) -> str:
+    """1234567 -> '1.23M char'."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix} {unit}"
+    return f"{n:.0f} {unit}"
+
+
+class Progress:
+    """desc: what is being done; total: the amount when known (None: a count without an ETA);
+    enabled=False: silent (e.g. every rank but 0); every_s: seconds between log lines (default EVERY_S)."""
+
+    def __init__(self, desc: str, total: float | None = None, unit: str = "it", enabled: bool = True,
+                 every_s: float | None = None, logger: logging.Logger | None = None) -> None:
+        self.desc, self.total, self.unit = desc, total, unit
+        self.every_s = EVERY_S if every_s is None else every_s
+        self.enabled = enabled and total != 0
+        self.log = logger or log
+        self.done = 0.0
+        self.start = time.perf_counter()
+        self.next_line = self.start + self.every_s
+        self.lines = 0
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, dynamic_ncols=True)
+
+    def update(self, n: float = 1) -> None:
+        """n more units done."""
+        if not self.enabled:
+            return
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now >= self.next_line:
+            self.log.info("%s: %s", self.desc, self._status(now))
+            self.lines += 1
+            self.next_line = now + self.every_s
+
+    def _status(self, now: float) -> str:
+        elapsed = now - self.start
+        if self.total:
+            left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            return (f"{_count(self.done, self.unit)} of {_count(self.total, self.unit)} "
+                    f"({100 * self.done / self.total:.0f} %), {elapsed:.0f} s, about {left:.0f} s left")
+        return f"{_count(self.done, self.unit)}, {elapsed:.0f} s"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.lines:
+            self.log.info("%s: %s in %.0f s", self.desc, _count(self.done, self.unit), time.perf_counter() - self.start)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
