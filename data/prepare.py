@@ -360,7 +360,7 @@ def _write_split(
     n = n_docs = 0
     digest = hashlib.sha256()
     by_chars = budget is None and n_chars is not None
-    bar = Progress(f"tokenizing {path.stem}", n_chars if by_chars else budget, unit="char" if by_chars else "tok",
+    bar = Progress(f"tokenizing {path.stem}", n_chars if by_chars else budget, unit="chars" if by_chars else "tokens",
                    enabled=progress, logger=log)
     with atomic_open(path, "wb") as f, bar:
         for batch in _batches(docs):

@@ -5,7 +5,7 @@ the file, so instead a log line every `every_s` seconds says how far the work go
 total is known, about how long is left; work that ends sooner writes nothing, work that wrote a
 line writes a last one when it ends.
 
-    with Progress("tokenizing train", total=n_chars, unit="char") as p:
+    with Progress("tokenizing train", total=n_chars, unit="chars") as p:
         for piece in pieces:
             ...
             p.update(len(piece))          # how much more is done
@@ -25,19 +25,19 @@ log = logging.getLogger(__name__)
 EVERY_S = 30.0  # seconds between two log lines outside a terminal
 
 
-def _count(n: float, unit: str) -> str:
-    """1234567 -> '1.23M char'."""
+def _num(n: float) -> str:
+    """1234567 -> '1.23M'; below a thousand, the integer."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if n >= scale:
-            return f"{n / scale:.2f}{suffix} {unit}"
-    return f"{n:.0f} {unit}"
+            return f"{n / scale:.2f}{suffix}"
+    return f"{n:.0f}"
 
 
 class Progress:
     """desc: what is being done; total: the amount when known (None: a count without an ETA);
     enabled=False: silent (e.g. every rank but 0); every_s: seconds between log lines (default EVERY_S)."""
 
-    def __init__(self, desc: str, total: float | None = None, unit: str = "it", enabled: bool = True,
+    def __init__(self, desc: str, total: float | None = None, unit: str = "items", enabled: bool = True,
                  every_s: float | None = None, logger: logging.Logger | None = None) -> None:
         self.desc, self.total, self.unit = desc, total, unit
         self.every_s = EVERY_S if every_s is None else every_s
@@ -69,15 +69,15 @@ class Progress:
         elapsed = now - self.start
         if self.total:
             left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
-            return (f"{_count(self.done, self.unit)} of {_count(self.total, self.unit)} "
-                    f"({100 * self.done / self.total:.0f} %), {elapsed:.0f} s, about {left:.0f} s left")
-        return f"{_count(self.done, self.unit)}, {elapsed:.0f} s"
+            return (f"{_num(self.done)}/{_num(self.total)} {self.unit} ({100 * self.done / self.total:.0f} %), "
+                    f"{elapsed:.0f} s, about {left:.0f} s left")
+        return f"{_num(self.done)} {self.unit}, {elapsed:.0f} s"
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         elif self.enabled and self.lines:
-            self.log.info("%s: %s in %.0f s", self.desc, _count(self.done, self.unit), time.perf_counter() - self.start)
+            self.log.info("%s: %s %s in %.0f s", self.desc, _num(self.done), self.unit, time.perf_counter() - self.start)
 
     def __enter__(self) -> Progress:
         return self

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT, compose_train, run_script
@@ -82,7 +83,7 @@ def test_lock_holds_pid_and_host_while_the_run_lives(tmp_path):
 def test_run_stamps_are_unique_within_a_second(tmp_path, monkeypatch):
     monkeypatch.delenv("CAUSALGPT_RUN_STAMP", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setattr(cli.time, "strftime", lambda fmt: "2030-01-01/00-00-00")
+    monkeypatch.setattr(time, "strftime", lambda fmt: "2030-01-01/00-00-00")
     stamps = [cli.run_stamp(str(tmp_path / "outputs")) for _ in range(3)]
     assert stamps == ["2030-01-01/00-00-00", "2030-01-01/00-00-00-2", "2030-01-01/00-00-00-3"]
     assert all((tmp_path / "outputs" / s).is_dir() for s in stamps)  # each one taken by creating it

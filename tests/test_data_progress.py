@@ -13,12 +13,12 @@ from data.progress import Progress
 
 def test_log_lines_say_how_far_and_how_long_is_left(caplog, capsys):
     caplog.set_level(logging.INFO)
-    with Progress("tokenizing train", total=4000, unit="char", every_s=0.0) as p:
+    with Progress("tokenizing train", total=4000, unit="chars", every_s=0.0) as p:
         for _ in range(4):
             p.update(1000)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0].startswith("tokenizing train: 1.00k char of 4.00k char (25 %)") and "s left" in lines[0]
-    assert lines[-1].startswith("tokenizing train: 4.00k char in")
+    assert lines[0].startswith("tokenizing train: 1.00k/4.00k chars (25 %)") and "s left" in lines[0]
+    assert lines[-1].startswith("tokenizing train: 4.00k chars in")
     assert "\r" not in capsys.readouterr().err  # no bar: stderr is not a terminal here
 
 
@@ -27,9 +27,9 @@ def test_quick_work_writes_nothing_and_unknown_totals_count(caplog):
     with Progress("quick", total=10) as p:  # the default 30 s never pass
         p.update(10)
     assert not caplog.records
-    with Progress("stream", total=None, unit="tok", every_s=0.0) as p:
+    with Progress("stream", total=None, unit="tokens", every_s=0.0) as p:
         p.update(2_500_000)
-    assert caplog.records[0].getMessage().startswith("stream: 2.50M tok, ")
+    assert caplog.records[0].getMessage().startswith("stream: 2.50M tokens, ")
 
 
 def test_preparing_a_file_reports_characters_of_its_known_size(corpus, tmp_path, caplog, monkeypatch):
@@ -38,5 +38,5 @@ def test_preparing_a_file_reports_characters_of_its_known_size(corpus, tmp_path,
     prepare(DataConfig(name="p", source="files", path=str(corpus), cache_dir=str(tmp_path)), progress=True)
     n_train = int(len(corpus.read_text(encoding="utf-8")) * 0.9)  # the 90/10 split of a text corpus
     train_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenizing train:")]
-    assert f"of {n_train / 1e3:.2f}k char" in train_lines[0] and "s left" in train_lines[0], train_lines
-    assert train_lines[-1].startswith(f"tokenizing train: {n_train / 1e3:.2f}k char in"), train_lines
+    assert f"/{n_train / 1e3:.2f}k chars (" in train_lines[0] and "s left" in train_lines[0], train_lines
+    assert train_lines[-1].startswith(f"tokenizing train: {n_train / 1e3:.2f}k chars in"), train_lines

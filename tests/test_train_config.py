@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,7 @@ def test_run_stamp_is_shared_by_all_torchrun_processes(monkeypatch, tmp_path):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("CAUSALGPT_RUN_STAMP", raising=False)
     clock = iter(["2030-01-01/00-00-00", "2030-01-01/00-00-07", "2030-01-01/00-00-09"])
-    monkeypatch.setattr(cli.time, "strftime", lambda fmt: next(clock))
+    monkeypatch.setattr(time, "strftime", lambda fmt: next(clock))
     assert cli.run_stamp() == cli.run_stamp() == "2030-01-01/00-00-00"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t2")  # with the directory made: by the first process only
     base = tmp_path / "outputs"

@@ -17,6 +17,7 @@ import logging
 import math
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,19 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_runs(home: Path) -> list[dict]:
-    """Each offline run under home/wandb/: name, project, group, tags, exit code and history rows."""
+def wandb_runs(home: Path, timeout: float = 20.0) -> list[dict]:
+    """Each offline run under home/wandb/: name, project, group, tags, exit code and history rows.
+    W&B's service process writes the files after finish() returns: read until every run has its
+    run and exit records, or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _read_wandb_runs(home)
+        if all("name" in r and "exit_code" in r for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
+def _read_wandb_runs(home: Path) -> list[dict]:
     runs = []
     for run_file in sorted(home.glob("wandb/offline-run-*/run-*.wandb")):
         run: dict = {"history": []}

@@ -1,0 +1,102 @@
+"""User errors as one line: `main_guard` around a Hydra task function.
+
+DataError, CheckpointError and other ValueErrors, and TrainingError end as `error: ...` on stderr and
+in the job's log file, with exit status 2; in a sweep (-m) the guard raises instead, so that Hydra
+records the job as failed and runs the next one. Every exit path finishes an open W&B run with its
+exit code. HYDRA_FULL_ERROR=1 shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from hydra.errors import CompactHydraException
+
+log = logging.getLogger("cli")
+
+
+# ---- errors --------------------------------------------------------------------------------------
+class JobFailed(CompactHydraException):
+    """A sweep job's failure, already reported in full (its line, or its traceback): Hydra records the
+    job as failed, and where it re-raises the failure it prints this message without a traceback."""
+
+
+def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a Hydra task function: user errors end as one line and exit status 2 (in a sweep the
+    job fails and the next one runs); any exit finishes an open W&B run with the exit code."""
+    from engine.state import TrainingError
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            user_error = isinstance(e, ValueError | TrainingError)  # DataError, CheckpointError: ValueErrors
+            _finish_wandb(_exit_code(e, user_error))
+            if isinstance(e, KeyboardInterrupt | SystemExit):
+                raise
+            sweep = _in_sweep()
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                _to_log_files(logging.ERROR, "".join(traceback.format_exception(e)).rstrip())
+                raise
+            if not user_error:  # a bug or a crash: its traceback, in the log file too
+                text = "".join(traceback.format_exception(e)).rstrip()
+                _to_log_files(logging.ERROR, text)
+                if not sweep:
+                    raise  # Hydra prints the traceback
+                print(text, file=sys.stderr, flush=True)
+                raise JobFailed(f"{type(e).__name__}: {_one_line(e)}") from e
+            rank = os.environ.get("RANK", "0")
+            where = "" if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else f" (rank {rank})"
+            message = _one_line(e)
+            print(f"error{where}: {message}", file=sys.stderr, flush=True)
+            _to_log_files(logging.ERROR, f"error{where}: {message}")
+            if sweep:
+                raise JobFailed(message) from e
+            sys.exit(2)
+    return wrapper
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")).strip() or type(e).__name__
+
+
+def _exit_code(e: BaseException, user_error: bool) -> int:
+    if isinstance(e, SystemExit):
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    return 2 if user_error else 1
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _to_log_files(level: int, text: str) -> None:
+    """Write text to the log files of the root logger (Hydra's `<job>.log`), not to the console:
+    the console has already shown it on stderr."""
+    record = log.makeRecord(log.name, level, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _finish_wandb(exit_code: int) -> None:
+    """Finish the W&B run this process still has open (a run that died), marked with exit_code."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception as e:  # finishing must not hide the error that ended the run
+        log.warning("could not finish the W&B run: %s", e)

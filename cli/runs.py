@@ -1,0 +1,218 @@
+"""Where a run lives and what it is called: run stamps (unique on this machine, shared by the
+processes of a torchrun job), the run-directory check and lock, and the W&B name, group and tags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import itertools
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .sweeps import _shown_overrides, _shown_path, _sweep_plan
+
+log = logging.getLogger("cli")
+_STAMP_KEY = "causalgpt/run_stamp"
+
+
+# ---- run directories -----------------------------------------------------------------------------
+def run_stamp(base: str | None = None) -> str:
+    """`YYYY-MM-DD/HH-MM-SS`, the name of a run directory under base (outputs/ or multirun/).
+
+    Unique on this machine: the directory `<base>/<stamp>` is created here (mkdir, which fails when it
+    exists), and a launch that finds it taken, e.g. a second one in the same second, takes
+    `<stamp>-2`, `-3`, .... Every process of a torchrun job must write into the same directory, so the
+    first process to ask stores its stamp in torchrun's rendezvous key-value store (compare-and-set:
+    first writer wins) and all of them use the stored one. A torchrun restart of failed workers gets
+    the same stamp, hence the same directory, which is what `resume=auto` needs.
+    CAUSALGPT_RUN_STAMP, when set, is used as is (e.g. by a launcher other than torchrun).
+    """
+    if stamp := os.environ.get("CAUSALGPT_RUN_STAMP"):
+        return stamp
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _claim_stamp(base)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        raise ValueError("several processes without torchrun's store: set CAUSALGPT_RUN_STAMP (or "
+                         "hydra.run.dir) to the same value in every process so they share one run directory")
+    from torch.distributed import TCPStore
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     timeout=datetime.timedelta(seconds=60))
+    key = f"{_STAMP_KEY}/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    if store.check([key]):
+        return store.get(key).decode()
+    mine = _claim_stamp(base)
+    stamp = store.compare_set(key, "", mine).decode()
+    if stamp != mine and base is not None:  # another process was first: give back the directory taken
+        with contextlib.suppress(OSError):
+            (Path(base) / mine).rmdir()
+    return stamp
+
+
+def _claim_stamp(base: str | None) -> str:
+    now = time.strftime("%Y-%m-%d/%H-%M-%S")
+    if base is None:
+        return now
+    for n in itertools.count(1):
+        stamp = now if n == 1 else f"{now}-{n}"
+        path = Path(base) / stamp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+            return stamp
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+# A directory holding any of these holds a run. ckpt-<step>.pt: the step-numbered checkpoints kept
+# beside last.pt (keep_last), which resume=auto falls back to.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+STEP_CHECKPOINTS = "ckpt-*.pt"
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def hold_run_dir(out_dir: Path, resume: str | None, overwrite: bool, enabled: bool = True) -> Iterator[None]:
+    """Hold out_dir for the run in this block: lock it (`<out_dir>/.lock`: pid and host, created
+    exclusively; a lock left by a run that no longer lives on this host is taken over), then refuse
+    a fresh run (no resume) into a directory that holds another run's files (RUN_FILES, step
+    checkpoints), unless overwrite=true, which deletes them. resume=auto with no checkpoint to
+    continue starts over the same way. enabled=False (every torchrun rank but 0) does nothing."""
+    if not enabled:
+        yield
+        return
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(out_dir)
+    try:
+        _check_run_dir(out_dir, resume, overwrite)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def _resuming(resume: str | None, out_dir: Path) -> bool:
+    """Whether resume= continues a checkpoint (resume=auto only when out_dir has one to continue)."""
+    value = str(resume).lower() if resume is not None else ""
+    if value in ("", "none", "null", "false", "never"):
+        return False
+    out_dir = Path(out_dir)
+    return value != "auto" or (out_dir / "last.pt").exists() or any(out_dir.glob(STEP_CHECKPOINTS))
+
+
+def _check_run_dir(out_dir: Path, resume: str | None, overwrite: bool) -> None:
+    auto = str(resume).lower() == "auto"
+    if overwrite and _resuming(resume, out_dir) and not auto:
+        raise ValueError(f"resume={resume} continues a run and overwrite=true starts over: give one of them")
+    if overwrite and auto:
+        raise ValueError("resume=auto continues the run in out_dir and overwrite=true starts over: give one of them")
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    found += sorted(p.name for p in out_dir.glob(STEP_CHECKPOINTS))
+    if not found or _resuming(resume, out_dir):
+        return
+    if not (overwrite or auto):
+        raise ValueError(f"{out_dir} already holds a run ({', '.join(found)}); continue it with resume=auto, "
+                         "or start over in it with overwrite=true")
+    log.warning("%s: starting over (%s), deleting the earlier run's %s", out_dir,
+                "overwrite=true" if overwrite else "resume=auto found no checkpoint", ", ".join(found))
+    for name in found:
+        (out_dir / name).unlink()
+
+
+def _take_lock(out_dir: Path) -> Path:
+    path, host = out_dir / LOCK_FILE, socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is None:
+                continue  # gone since: try again
+            pid, holder_host = holder
+            if holder_host == host and pid > 0 and not _pid_alive(pid):
+                log.warning("%s: taking over the lock of a run that is gone (pid %d)", out_dir, pid)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            raise ValueError(f"{out_dir} is in use by a running training run (pid {pid} on {holder_host}): wait "
+                             f"for it to end or choose another out_dir (if that run is gone, delete {path})") from None
+        try:
+            os.write(fd, f"{os.getpid()} {host}\n".encode())
+        finally:
+            os.close(fd)
+        return path
+    raise ValueError(f"{out_dir}: another run is taking its lock at the same moment; choose another out_dir")
+
+
+def _lock_holder(path: Path) -> tuple[int, str] | None:
+    """(pid, host) from a lock file; (-1, "an unknown host") when it cannot be read; None when gone."""
+    try:
+        fields = path.read_text().split()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return -1, "an unknown host"
+    if len(fields) != 2 or not fields[0].isdigit():
+        return -1, "an unknown host"
+    return int(fields[0]), fields[1]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+# ---- W&B names -----------------------------------------------------------------------------------
+_STAMP_RE = re.compile(r"(\d{4}-\d\d-\d\d)[/\\](\d\d-\d\d-\d\d(?:-\d+)?)$")
+
+
+def name_wandb_run(cfg: Any) -> None:
+    """Fill cfg.logger's run_name, group and tags, in place, so that a W&B project page of many runs
+    reads: name `<experiment or preset>-<run stamp>` (plus the swept overrides in a sweep), group =
+    the sweep directory (sweeps only), tags experiment, preset, data source and tokenizer. A value set
+    in the config wins; where it is unset, WANDB_NAME / WANDB_RUN_GROUP win over these defaults (and
+    WANDB_PROJECT, WANDB_ENTITY, WANDB_TAGS are honoured by engine/metrics.py). A resumed run keeps
+    the name it has in W&B."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    hc = HydraConfig.get()
+    sweep = hc.mode == RunMode.MULTIRUN
+    choices = hc.runtime.choices
+    experiment = choices.get("experiment") or None
+    preset = cfg.model.preset or choices.get("model")
+    lg = cfg.logger
+    if lg.run_name is None and not os.environ.get("WANDB_NAME") and not _resuming(cfg.resume, Path(cfg.out_dir)):
+        base = str(hc.sweep.dir if sweep else hc.run.dir)
+        m = _STAMP_RE.search(base.rstrip("/\\"))
+        stamp = f"{m[1]}_{m[2]}" if m else Path(base).name
+        lg.run_name = f"{experiment or preset or 'custom'}-{stamp}"
+        if sweep:
+            swept = _swept_keys(Path(str(hc.sweep.dir)))
+            lg.run_name += " " + (_shown_overrides(hc.overrides.task, swept) or f"#{hc.job.num}")
+    if lg.group is None and sweep and not os.environ.get("WANDB_RUN_GROUP"):
+        lg.group = _shown_path(str(hc.sweep.dir))[-128:]  # W&B's limit on a group name
+    auto = [f"exp:{experiment}" if experiment else None, f"model:{preset}" if preset else None,
+            f"data:{cfg.data.source}", f"tok:{cfg.data.tokenizer}"]
+    lg.tags = list(dict.fromkeys([*lg.tags, *(t for t in auto if t)]))
+
+
+def _swept_keys(sweep_dir: Path) -> set[str] | None:
+    """The keys a sweep varies, from the multirun.yaml that Hydra's sweeper writes in its directory."""
+    from omegaconf import OmegaConf
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return None
+    return _sweep_plan(OmegaConf.load(path))[0]

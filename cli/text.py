@@ -1,0 +1,91 @@
+"""Free text on the command line, taken exactly as the shell hands it over.
+
+Before Hydra parses argv, the values of free-text fields (prompts, paths, W&B names and tags) are
+quoted and escaped in its override grammar, so `prompt=To be, or not to be`, `prompt=日本語` or
+`data.path=a,b.txt` work; everything else stays Hydra syntax (-m, +key=, ~key, lists, interpolations).
+`as_typed()` turns such overrides back into shell arguments, for commands printed to be pasted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+
+log = logging.getLogger("cli")
+
+
+# ---- free text on the command line ---------------------------------------------------------------
+# How the value of each free-text field is read. TEXT: the text as given. OPTIONAL: the same, except
+# that `null` alone stays null. LIST: items separated by commas, optionally inside [...], each taken
+# as given (spaces around them dropped). TEXT_OR_LIST: [a, b] is a LIST, anything else OPTIONAL.
+TEXT, OPTIONAL, LIST, TEXT_OR_LIST = "text", "optional", "list", "text_or_list"
+_LOGGER_TEXT = {"logger.run_name": OPTIONAL, "logger.group": OPTIONAL, "logger.tags": LIST}
+TRAIN_TEXT: dict[str, str] = {"data.path": TEXT_OR_LIST, "data.cache_dir": OPTIONAL, "data.tokenizer_path": OPTIONAL,
+                              "out_dir": OPTIONAL, "resume": OPTIONAL, "init_from": OPTIONAL, **_LOGGER_TEXT}
+SAMPLE_TEXT: dict[str, str] = {"prompt": TEXT, "prompt_file": OPTIONAL, "ckpt": OPTIONAL, "outputs_dir": TEXT,
+                               "out_dir": OPTIONAL, **_LOGGER_TEXT}
+# Hydra's options that take the next argument as their value (that argument is not an override).
+_OPTIONS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
+                       "--package", "-p", "--info", "-i", "--experimental-rerun", "--shell-completion", "-sc"}
+_OVERRIDE = re.compile(r"(\+{0,2})([A-Za-z_][\w.\-]*)=(.*)", re.DOTALL)
+
+
+def quote_free_text(argv: list[str], fields: dict[str, str]) -> list[str]:
+    """argv with the value of every `field=value` override named in fields (also `+field=`,
+    `++field=`) rewritten as a quoted string of Hydra's override grammar that means exactly that
+    text: commas, quotes, `=`, colons, brackets, `${...}`, non-ASCII, spaces. Everything else (-m,
+    other overrides, sweeps, `~key`) is left for Hydra as it is."""
+    out, value_of_option = list(argv[:1]), False
+    for arg in argv[1:]:
+        if value_of_option or arg.startswith("-"):
+            value_of_option = arg in _OPTIONS_WITH_VALUE
+            out.append(arg)
+            continue
+        m = _OVERRIDE.fullmatch(arg)
+        if m and m[2] in fields:
+            arg = f"{m[1]}{m[2]}={hydra_value(m[3], fields[m[2]])}"
+        out.append(arg)
+    return out
+
+
+def hydra_value(text: str, kind: str = TEXT) -> str:
+    """The override value (Hydra's grammar) that stands for text read as kind (TEXT, OPTIONAL, ...)."""
+    if kind in (OPTIONAL, TEXT_OR_LIST) and text == "null":
+        return "null"
+    if kind == LIST or (kind == TEXT_OR_LIST and text.startswith("[") and text.endswith("]")):
+        inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        items = [item.strip() for item in inner.split(",")]
+        return "[" + ",".join(hydra_quote(item) for item in items if item) + "]"
+    return hydra_quote(text)
+
+
+def as_typed(overrides: list[str], fields: dict[str, str]) -> list[str]:
+    """Overrides as one types them in a shell: the inverse of quote_free_text for the free-text
+    fields (Hydra's quoting and OmegaConf's escapes undone), then each argument shell-quoted where the
+    shell needs it. For commands printed for the user to paste (e.g. train.py's resume line)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+    parser, out = OverridesParser.create(), []
+    for arg in overrides:
+        m = _OVERRIDE.fullmatch(arg)
+        if m and m[2] in fields and m[3][:1] in ("'", "["):  # written by hydra_value()
+            value = parser.parse_override(arg).value()
+            texts = [OmegaConf.create({"v": v})["v"] for v in (value if isinstance(value, list) else [value])]
+            arg = f"{m[1]}{m[2]}=" + (f"[{', '.join(texts)}]" if isinstance(value, list) else texts[0])
+        out.append(shlex.quote(arg))
+    return out
+
+
+def hydra_quote(text: str) -> str:
+    """text as a single-quoted string of Hydra's override grammar, which then hands OmegaConf a value
+    that resolves to text. Two layers of escaping, inside out:
+    - OmegaConf reads `${` as the start of an interpolation: written `\\${`, with the backslashes
+      right before it doubled (only when the text holds a `${`; otherwise OmegaConf reads it as is);
+    - in a quoted Hydra value only backslashes before a quote and at the end are escapes: a quote
+      becomes `\\'` with the backslashes before it doubled, and trailing backslashes are doubled."""
+    if "${" in text:
+        text = re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", text)
+    text = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", text)
+    text = re.sub(r"(\\+)$", lambda m: m[1] * 2, text)
+    return f"'{text}'"
