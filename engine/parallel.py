@@ -1,5 +1,5 @@
 """Parallelism, kept apart from the model: wrap a built GPT for DDP or FSDP2, toggle gradient
-synchronisation, and move full (unsharded) state dicts in and out.
+synchronisation, move full (unsharded) state dicts in and out, and make the ranks fail together.
 
 Checkpoints always hold full, unsharded tensors keyed by parameter name (the optimizer state too),
 gathered on save and scattered on load, so a checkpoint written by one process, DDP or FSDP loads
@@ -8,7 +8,7 @@ into any of the three.
 
 from __future__ import annotations
 
-import contextlib
+import re
 
 import torch
 import torch.distributed as dist
@@ -148,11 +148,47 @@ def gather_objects(obj: object, rt: Runtime) -> list:
     return out
 
 
-@contextlib.contextmanager
-def main_first(rt: Runtime):
-    """Rank 0 runs the body first (e.g. prepares the data), the other ranks after it (a cache hit)."""
-    if not rt.is_main:
-        rt.barrier()
-    yield
-    if rt.is_main:
-        rt.barrier()
+# ---- failing together ----------------------------------------------------------------------------
+# A rank that raises while the others wait in a collective would leave them waiting until the
+# process-group timeout. Where one rank works alone (rank 0 saving, choosing the checkpoint to
+# resume), the outcome is shared instead of a bare barrier: if any rank failed, every rank raises at
+# once, the failed one its own error, the others RankFailed with its one-line message. Elsewhere a
+# failed rank exits, and the others' next collective fails at once (gloo: "Connection closed by
+# peer"): lost_peer recognises that, and train.py turns it into one line too.
+class RankFailed(RuntimeError):
+    """Another rank of this job failed; the message is its error, prefixed with its rank."""
+
+
+def raise_together(rt: Runtime, error: Exception | None) -> None:
+    """Every rank calls this with its own error or None (a collective, in place of a barrier); if any
+    rank failed, every rank raises: its own error where it has one, else RankFailed."""
+    if not rt.distributed:
+        if error is not None:
+            raise error
+        return
+    messages = gather_objects(None if error is None else one_line(error), rt)
+    if error is not None:
+        raise error
+    for rank, message in enumerate(messages):
+        if message is not None:
+            raise RankFailed(f"rank {rank} failed: {message}")
+
+
+def one_line(error: BaseException) -> str:
+    """An error as the one line a user reads: the message of the errors we raise for users, the
+    type and message of anything else."""
+    text = " ".join(str(error).split())
+    return text if isinstance(error, ValueError | RankFailed) else f"{type(error).__name__}: {text}"
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """Why a collective failed, when it failed because another process of the job died, closed its
+    connections or stopped answering (gloo: "Connection closed by peer", timeouts; NCCL errors);
+    None for any other error."""
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(
+            s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                "gloo/transport", "NCCL")))):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip() else type(error).__name__)
+    return first.split(". ")[0][:160]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -84,9 +85,14 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Leave the process group. After a failure NCCL's is aborted instead: destroying it would
+        wait for collectives that the other ranks will never join."""
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            if failed and dist.get_backend() == "nccl":
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
 
 
 def pick_device(name: str) -> torch.device:
@@ -120,8 +126,9 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 
 def setup_runtime(device: str = "auto", precision: str = "auto", compile: str = "auto",
-                  threads: int = 0) -> Runtime:
-    """Join torchrun's process group if launched by it, and resolve device, precision and compile."""
+                  threads: int = 0, dist_timeout_s: float = 1800) -> Runtime:
+    """Join torchrun's process group if launched by it, and resolve device, precision and compile.
+    dist_timeout_s: how long a collective waits for the other ranks before it fails."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -136,7 +143,7 @@ def setup_runtime(device: str = "auto", precision: str = "auto", compile: str = 
         if dev.type == "mps":
             raise ValueError("torchrun with device=mps is not supported; use device=cpu (gloo) or CUDA")
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=(
-            dev if dev.type == "cuda" else None))
+            dev if dev.type == "cuda" else None), timeout=datetime.timedelta(seconds=dist_timeout_s))
     if dev.type == "cpu":
         _set_cpu_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         _keep_freed_memory()

@@ -110,7 +110,7 @@ def test_out_dir_rules_and_a_failed_write_leaves_it_untouched(tmp_path):
     def broken(tmp):
         (tmp / "config.json").write_text("{}")
         raise OSError("disk full")
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=f"cannot write {out}: disk full; {out} is unchanged"):
         write_dir(out, broken)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind

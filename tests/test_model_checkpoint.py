@@ -1,4 +1,14 @@
-"""Checkpoints: atomic writes, safe (weights_only) reads, clear errors naming the file."""
+"""Checkpoints: atomic writes, safe (weights_only) reads, clear errors naming the file; junk, cut-short
+and bit-flipped files, weights that do not fit their config, full disks, leftovers of killed saves."""
+
+import errno
+import io
+import os
+import pickle
+import random
+import re
+import stat
+import zipfile
 
 import pytest
 import torch
@@ -6,10 +16,14 @@ import torch
 from engine.formats.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    link_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
+    remove_leftovers,
     resolve_checkpoint,
     save_checkpoint,
+    step_checkpoints,
+    step_name,
 )
 from engine.parallel import unwrap_model
 from model import GPT, ModelConfig
@@ -99,3 +113,131 @@ def test_overrides_change_how_the_model_runs_not_its_weights(tmp_path):
     leaky = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"), causal=False, attn="explicit")
     assert not leaky.config.causal
     assert torch.equal(leaky.wte.weight, model.wte.weight)
+
+
+# ---- faults: junk, cut-short and damaged files, full disks, leftovers of killed saves -----------------
+def _zip_of_a_text_file() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("notes.txt", "hello")
+    return buf.getvalue()
+
+
+def _flipped(data: bytes) -> bytes:
+    """One byte of the weights inverted: torch.load reads it silently; the CRC check does not."""
+    out = bytearray(data)
+    out[len(out) // 2] ^= 0xFF
+    return bytes(out)
+
+
+JUNK = {  # name -> (bytes from the real checkpoint's bytes, the exception torch.load itself raises)
+    "empty": (lambda real: b"", "EOFError"),
+    "five bytes": (lambda real: b"\x80\x02]q\x00(K", "IndexError"),  # the unpickler's own failure
+    "text": (lambda real: b"not a checkpoint", "UnpicklingError"),
+    "random 4 KiB": (lambda real: random.Random(0).randbytes(4096), "UnpicklingError"),
+    "a zip of a text file": (lambda real: _zip_of_a_text_file(), "RuntimeError"),
+    "a plain pickle": (lambda real: pickle.dumps({"model": 1}, protocol=2), "RuntimeError"),
+    "cut at 10 bytes": (lambda real: real[:10], "RuntimeError"),
+    "cut at 1000 bytes": (lambda real: real[:1000], "RuntimeError"),
+    "cut in half": (lambda real: real[: len(real) // 2], "OSError"),
+    "cut by one byte": (lambda real: real[:-1], "OSError"),
+    "a flipped byte": (_flipped, None),  # loads without error in torch.load
+}
+
+
+@pytest.mark.parametrize("name", list(JUNK))
+def test_junk_cut_short_and_damaged_files_are_one_checkpoint_error(tmp_path, name):
+    real = save_checkpoint(tmp_path / "real.pt", payload(tiny(), step=3)).read_bytes()
+    make, torch_error = JUNK[name]
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(make(real))
+    if torch_error:  # what a bare torch.load does with it: many types, not one
+        with pytest.raises(Exception) as raw:
+            torch.load(bad, weights_only=True)
+        assert type(raw.value).__name__ == torch_error
+    else:
+        torch.load(bad, weights_only=True)
+    with pytest.raises(CheckpointError, match=f"^checkpoint {re.escape(str(bad))} .*corrupt") as e:
+        load_checkpoint(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_weights_that_do_not_fit_their_model_config_are_refused(tmp_path):
+    model = tiny()
+    sd = dict(model.state_dict())
+    sd["wte.weight"] = torch.zeros(5, 16)
+    save_checkpoint(tmp_path / "shape.pt", {"model": sd, "model_config": model.config.to_dict()})
+    with pytest.raises(CheckpointError, match=r"shape.pt: its weights do not match its model_config \(wte.weight "
+                                              r"has shape \[5, 16\], its model_config gives \[23, 16\]\)"):
+        load_checkpoint(tmp_path / "shape.pt")
+    sd = dict(model.state_dict())
+    del sd["h.0.attn.c_proj.weight"]
+    save_checkpoint(tmp_path / "missing.pt", {"model": sd, "model_config": model.config.to_dict()})
+    with pytest.raises(CheckpointError, match=r"\(h.0.attn.c_proj.weight is missing\)"):
+        load_checkpoint(tmp_path / "missing.pt")
+    save_checkpoint(tmp_path / "config.pt", {"model": sd, "model_config": {"n_layer": "many"}})
+    with pytest.raises(CheckpointError, match="config.pt has an invalid model_config"):
+        load_checkpoint(tmp_path / "config.pt")
+
+
+class FullDisk(io.RawIOBase):
+    """A file that takes `room` bytes and then fails every write with errno, as a full disk does."""
+
+    def __init__(self, f, room: int, err: int) -> None:
+        self.f, self.room, self.err = f, room, err
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if len(b) > self.room:
+            raise OSError(self.err, os.strerror(self.err))
+        self.room -= len(b)
+        return self.f.write(b)
+
+
+@pytest.mark.parametrize(("where", "err"), [("write", errno.ENOSPC), ("fsync", errno.EDQUOT),
+                                            ("write", errno.EROFS)])
+def test_a_disk_error_during_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where, err):
+    model = tiny()
+    path = save_checkpoint(tmp_path / "last.pt", payload(model, step=1))
+    if where == "write":  # the real torch.save, writing into a file that runs out of room
+        real_save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f, **kw: real_save(obj, FullDisk(f, 2000, err), **kw))
+    else:  # delayed allocation: the write succeeds, the flush to disk does not
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(err, os.strerror(err))
+            real_fsync(fd)
+        monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(CheckpointError, match=rf"^cannot write checkpoint {re.escape(str(path))}: "
+                                              rf"{os.strerror(err)} \({errno.errorcode[err]}\); the previous "
+                                              r"last.pt, if any, is intact") as e:
+        save_checkpoint(path, payload(model, step=2))
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the temporary file is gone
+
+
+def test_step_link_shares_the_file_or_copies_it_and_leftovers_are_found(tmp_path, monkeypatch):
+    last = save_checkpoint(tmp_path / "last.pt", payload(tiny(), step=4))
+    linked = link_checkpoint(last, tmp_path / step_name(4))
+    assert linked.name == "ckpt-000004.pt" and os.path.samefile(linked, last)  # a hard link: no disk used
+
+    def no_links(src, dst):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+    monkeypatch.setattr(os, "link", no_links)  # a file system without hard links: an atomic copy
+    copied = link_checkpoint(last, tmp_path / step_name(5))
+    assert not os.path.samefile(copied, last) and copied.read_bytes() == last.read_bytes()
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [5, 4]
+
+    killed = [".last.pt.tmp-1a2b3c4d", ".best.pt.tmp-00ff00ff", ".ckpt-000006.pt.tmp-link",
+              ".last.pt.k2j3h4g5.tmp"]  # the last: a save killed under an earlier version
+    for name in [*killed, ".keep-me", "notes.tmp", ".other.pt.tmp-12345678"]:
+        (tmp_path / name).write_bytes(b"partial")
+    assert [p.name for p in remove_leftovers(tmp_path)] == sorted(killed)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".keep-me",
+                                                                                   ".other.pt.tmp-12345678"]

@@ -1,4 +1,6 @@
-"""DDP and FSDP2 under torchrun on CPU (gloo), compared with one process.
+"""DDP and FSDP2 under torchrun on CPU (gloo), compared with one process; and the faults of a job:
+a rank failing in a save, in the set-up, in a step (NaN), or hanging, stops every rank promptly
+with one line each, never a wait for the process-group timeout.
 
 The comparison is exact by construction, not by luck: micro-batch g = rank * accum + micro of each
 step is drawn from data stream g of world_size * accum streams, so two processes with one micro-batch
@@ -9,11 +11,14 @@ windows with the same global batch size lands far outside it, which shows the to
 
 from __future__ import annotations
 
+import logging
+import re
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, run_script
+from conftest import ROOT, compose_train, run_script
 
 import train
 from engine.formats.checkpoint import load_checkpoint, model_from_checkpoint
@@ -43,7 +48,7 @@ def _torchrun(args: list[str], tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(recipe, tmp_path):
+def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(recipe, tmp_path, caplog):
     single = train.train(compose_train([*recipe, "gradient_accumulation_steps=2", f"out_dir={tmp_path / 'one'}"]))
     train.train(compose_train([*recipe, "batch_size=8", f"out_dir={tmp_path / 'other'}"]))
 
@@ -68,6 +73,133 @@ def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(recipe, tmp_p
     fsdp_ckpt = load_checkpoint(tmp_path / "fsdp")
     assert fsdp_ckpt["model"]["wte.weight"].shape[0] == fsdp_ckpt["model_config"]["vocab_size"]
     model_from_checkpoint(fsdp_ckpt)
-    resumed = train.train(compose_train([*recipe, "gradient_accumulation_steps=2", f"max_iters={STEPS + 2}",
-                                         f"resume={tmp_path / 'fsdp'}", f"out_dir={tmp_path / 'resumed'}"]))
+    with caplog.at_level(logging.WARNING):
+        resumed = train.train(compose_train([*recipe, "gradient_accumulation_steps=2", f"max_iters={STEPS + 2}",
+                                             f"resume={tmp_path / 'fsdp'}", f"out_dir={tmp_path / 'resumed'}"]))
     assert resumed["step"] == STEPS + 2
+    # Two processes' RNG states for one: rank 0 takes rank 0's; the global batch is the same.
+    assert any("the checkpoint was written by 2 process(es), this run has 1" in r.getMessage()
+               and "global batch" not in r.getMessage() for r in caplog.records)
+
+
+# ---- faults: one rank fails, every rank stops with one line ------------------------------------------
+# Runs train.py as torchrun would, with one fault injected on one rank (FAULT; STEP counts training
+# forwards after the start, or saves): these patches are the test's, nothing in the product knows them.
+INJECT = """
+import errno, os, runpy, signal, sys, time
+rank, fault, at = int(os.environ["RANK"]), os.environ["FAULT"], int(os.environ.get("AT", "0"))
+if fault == "enospc" and rank == 0:  # the disk of the run directory fills up during a save
+    import torch
+    real_save = torch.save
+    def save(obj, f, **kw):
+        if isinstance(obj, dict) and obj.get("step", 0) >= at:
+            f.write(bytes(4096))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, **kw)
+    torch.save = save
+if fault == "setup" and rank == 1:  # this rank cannot read the prepared data
+    import data.prepare
+    from data.config import DataError
+    def prepare(*a, **kw):
+        raise DataError("prepared data /injected/train.bin is cut short; delete it to rebuild")
+    data.prepare.prepare = prepare
+if fault in ("hang", "inf_then_nan") and rank == 1:
+    from model import GPT
+    real_forward, calls = GPT.forward, [0]
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if self.training:
+            calls[0] += 1
+            if fault == "hang" and calls[0] == at:  # stuck (SIGTERM kills it: torchrun then need not wait)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                time.sleep(3600)
+            if fault == "inf_then_nan" and calls[0] >= at:
+                loss = loss * float("nan")
+        return logits, loss
+    GPT.forward = forward
+if fault == "inf_then_nan":
+    import engine.guard, engine.state
+    real_poison, real_save_state, poisons = engine.guard.poison_grads_if, engine.state.save_state, [0]
+    def poison(flag, params):  # an overflow in this rank's shard of one gradient only
+        poisons[0] += 1
+        if rank == 1 and poisons[0] == 2:
+            grad = next(p.grad for p in params if p.grad is not None)
+            grad.to_local().view(-1)[0] = float("inf")
+        return real_poison(flag, params)
+    def save_state(path, rt, model, optimizer, scaler, loop, *a, **kw):
+        print(f"rank {rank} saves step {loop.step} with loss scale {scaler.get_scale()}", flush=True)
+        return real_save_state(path, rt, model, optimizer, scaler, loop, *a, **kw)
+    engine.guard.poison_grads_if, engine.state.save_state = poison, save_state
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def _inject(fault: str, at: int, args: list[str], tmp_path: Path, bound_s: float = 60) -> tuple[str, str]:
+    """torchrun with the fault on; returns (stdout, stderr) after checking that every process ended
+    with an error within bound_s (start-up included) and that none printed a traceback."""
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT)
+    start = time.monotonic()
+    r = run_script(["torchrun", "--standalone", "--nproc_per_node=2", str(script), *args],
+                   env={"FAULT": fault, "AT": str(at), "TQDM_DISABLE": "1"}, timeout=180)
+    elapsed = time.monotonic() - start
+    assert r.returncode != 0 and elapsed < bound_s, (elapsed, r.stdout[-2000:], r.stderr[-3000:])
+    # torchrun's own report of a failed job is a traceback of the launcher; none may come from a rank.
+    assert "Error executing job" not in r.stderr and f'File "{ROOT / "train.py"}"' not in r.stderr, r.stderr[-3000:]
+    return r.stdout, r.stderr
+
+
+def _errors(stderr: str) -> dict[int, str]:
+    """{rank: its error line}; two ranks writing at once may run their lines together."""
+    found = re.finditer(r"error \(rank (\d)\): (.*?)(?=error \(rank \d\): |$)", stderr, re.M)
+    return {int(m.group(1)): m.group(2) for m in found}
+
+
+@pytest.mark.slow
+def test_fsdp_fp16_from_a_one_process_checkpoint_skips_together_and_stops_together_on_nan(recipe, tmp_path):
+    """fp32 on one process -> fp16 under FSDP on two: a fresh GradScaler and rank 1 deriving its RNG
+    state, both said once. An overflow in rank 1's shard of one gradient makes both ranks skip the
+    step (the inf check is all-reduced: the loss scales stay equal); a NaN loss on rank 1 only stops
+    both, each with the same line."""
+    train.train(compose_train([*recipe, "max_iters=4", f"out_dir={tmp_path / 'one'}"]))
+    run = tmp_path / "fsdp"
+    out, err = _inject("inf_then_nan", 5, [
+        *recipe, "distributed=fsdp", "precision=fp16", "max_iters=16", "eval_interval=4", "ckpt_interval=4",
+        "log_interval=4", "max_bad_steps=2", f"resume={tmp_path / 'one'}", f"out_dir={run}"], tmp_path)
+    said = out + err
+    assert "this run uses fp16: its GradScaler starts fresh (scale 65536)" in said, said[-3000:]
+    assert "the checkpoint was written by 1 process(es), this run has 2" in said
+    for rank in (0, 1):  # the overflow at step 6 was skipped by both ranks: the same scale on both
+        assert f"rank {rank} saves step 8 with loss scale 32768.0" in out, out[-3000:]
+    errors = _errors(err)
+    assert set(errors) == {0, 1} and errors[0] == errors[1], err[-3000:]
+    assert errors[0].startswith(f"the loss was NaN/inf on 4 steps (max_bad_steps=2); stopped at step 12. "
+                                f"Last good checkpoint: {run / 'last.pt'}")
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["world_size"], ckpt["precision"]) == (8, 2, "fp16")
+    assert ckpt["scaler"]["scale"] == 32768.0 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_rank_0_stops_both_ranks_and_keeps_the_last_checkpoint(recipe, tmp_path):
+    run = tmp_path / "run"
+    _, err = _inject("enospc", 4, [*recipe, "ckpt_interval=3", f"out_dir={run}"], tmp_path)
+    errors = _errors(err)
+    disk_full = rf"cannot write checkpoint {run}/(best|last).pt: No space left on device \(ENOSPC\); the previous"
+    assert re.match(disk_full, errors[0]) and errors[1] == f"rank 0 failed: {errors[0]}", err[-3000:]
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 3
+    assert not list(run.glob(".*.tmp*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fault", "reason"), [("setup", "Connection"), ("hang", "Timed out waiting 5000ms")])
+def test_a_rank_that_fails_or_hangs_stops_the_other_promptly(recipe, tmp_path, fault, reason):
+    """Rank 1 fails in its set-up (rank 0 is then in a collective with it) or hangs in its third
+    step: rank 0 stops at once, or after dist_timeout_s, with one line; never the default 30 min."""
+    _, err = _inject(fault, 3, [*recipe, "dist_timeout_s=5", f"out_dir={tmp_path / 'run'}"], tmp_path)
+    errors = _errors(err)
+    assert re.match(rf"lost contact with another process of this job \([^)]*{reason}", errors[0]), err[-3000:]
+    assert errors[0].endswith(f"resume with resume=auto out_dir={tmp_path / 'run'}")
+    if fault == "setup":
+        assert errors[1] == "prepared data /injected/train.bin is cut short; delete it to rebuild"

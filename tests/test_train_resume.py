@@ -1,6 +1,7 @@
 """Resume: a run killed with SIGKILL and resumed with resume=auto ends bit-identical to a run that was
-never interrupted; SIGTERM saves last.pt and exits cleanly; a corrupted last.pt is a one-line error
-naming the file, with best.pt untouched."""
+never interrupted; SIGTERM saves last.pt and exits cleanly; a corrupted last.pt with no older
+checkpoint to fall back to is a one-line error naming the file, with best.pt untouched (the fallback
+to ckpt-<step>.pt files is in test_train_faults.py)."""
 
 from __future__ import annotations
 
@@ -98,8 +99,10 @@ def test_sigterm_saves_last_pt_and_exits_cleanly(tiny_overrides, tmp_path):
 
 
 def test_corrupted_last_pt_is_a_clear_error_and_best_pt_survives(tiny_overrides, tmp_path):
+    tiny_overrides = [*tiny_overrides, "keep_last=0"]  # last.pt alone: nothing older to fall back to
     train.train(compose_train(tiny_overrides))
     run = tmp_path / "run"
+    assert not list(run.glob("ckpt-*.pt"))
     best_before = (run / "best.pt").read_bytes()
     last = run / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a truncated file

@@ -13,27 +13,38 @@ The export format is what we recommend sharing, because loading it runs no pickl
     config.json         {"format": "causalgpt", "format_version": 1, "model_config": {...}}
     tokenizer.json      the tokenizer exactly as the checkpoint holds it (a `tokenizers` JSON, or
                         our small char-vocabulary JSON), absent when the checkpoint has none
+
+Writing survives kills: `save_export` writes each file atomically, config.json (what makes a
+directory an export) last; `write_dir` builds a whole directory beside its target and renames it
+into place. Overwriting an existing directory replaces file by file under a marker file
+(`.causalgpt-incomplete`), so a reader that finds the marker knows the files may come from two
+exports and stops with one line, as it does for a truncated or corrupt file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from data.atomic import atomic_write, exclusive_lock, fsync_dir, make_temp_dir, remove_temps, temp_prefix
 from model import GPT, ModelConfig
 
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from .checkpoint import CheckpointError, check_weights, load_checkpoint, model_from_checkpoint
 from .hf import is_hf_gpt2_dir, load_hf_dir
 
 EXPORT_FORMAT = "causalgpt"
 EXPORT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
+# Present in a directory only while write_dir replaces its files: a reader that finds it stops.
+INCOMPLETE_MARKER = ".causalgpt-incomplete"
 
 
 def save_export(ckpt: dict[str, Any], out_dir: str | os.PathLike) -> list[str]:
@@ -45,13 +56,20 @@ def save_export(ckpt: dict[str, Any], out_dir: str | os.PathLike) -> list[str]:
     sd = dict(ckpt["model"])
     if cfg.tie_weights:  # safetensors refuses two names for one tensor; the loader ties it again
         sd.pop("lm_head.weight", None)
-    save_file({k: v.detach().contiguous() for k, v in sd.items()}, out_dir / WEIGHTS_FILE,
-              metadata={"format": "pt", "causalgpt_format_version": str(EXPORT_VERSION)})
-    config = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "model_config": cfg.to_dict()}
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    weights = out_dir / WEIGHTS_FILE
+    tmp = out_dir / f"{temp_prefix(weights)}{secrets.token_hex(4)}"  # save_file takes a path, not a file
+    try:
+        save_file({k: v.detach().contiguous() for k, v in sd.items()}, tmp,
+                  metadata={"format": "pt", "causalgpt_format_version": str(EXPORT_VERSION)})
+        _fsync_file(tmp)
+        os.replace(tmp, weights)
+    finally:
+        tmp.unlink(missing_ok=True)
     if ckpt.get("tokenizer"):
-        (out_dir / TOKENIZER_FILE).write_text(ckpt["tokenizer"], encoding="utf-8")
-    return sorted(p.name for p in out_dir.iterdir())
+        atomic_write(out_dir / TOKENIZER_FILE, ckpt["tokenizer"])
+    config = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "model_config": cfg.to_dict()}
+    atomic_write(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")  # last: it marks an export
+    return sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
 
 
 def is_export_dir(path: Path) -> bool:
@@ -62,7 +80,7 @@ def is_export_dir(path: Path) -> bool:
 def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
     """An export directory as a checkpoint-like dict."""
     path = Path(path).expanduser()
-    config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    config = _read_json(path / CONFIG_FILE)
     if config.get("format_version") != EXPORT_VERSION:
         raise CheckpointError(f"{path / CONFIG_FILE} has format_version {config.get('format_version')}, "
                               f"this code reads version {EXPORT_VERSION}; use the causalgpt release that wrote it")
@@ -78,9 +96,13 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         raise CheckpointError(f"{weights} is not a readable safetensors file ({e})") from e
     if model_config["tie_weights"] and "wte.weight" in sd:
         sd["lm_head.weight"] = sd["wte.weight"]
+    check_weights({"model": sd, "model_config": model_config}, weights)
     tok = path / TOKENIZER_FILE
-    return {"model": sd, "model_config": model_config,
-            "tokenizer": tok.read_text(encoding="utf-8") if tok.is_file() else None, "source": "export"}
+    try:
+        tokenizer = tok.read_text(encoding="utf-8") if tok.is_file() else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{tok} is unreadable or not UTF-8 ({type(e).__name__}); export again") from e
+    return {"model": sd, "model_config": model_config, "tokenizer": tokenizer, "source": "export"}
 
 
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -90,6 +112,13 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; {_ACCEPTED}")
+    if (path / INCOMPLETE_MARKER).exists():
+        raise CheckpointError(f"{path} was being overwritten when its writer stopped ({INCOMPLETE_MARKER} is "
+                              "still there), so its files may come from two different models: export again "
+                              "(overwrite=true)")
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and _read_json(path / CONFIG_FILE, strict=True) is None:
+        raise CheckpointError(f"{path / CONFIG_FILE} is not a JSON object (truncated or corrupt): export again, "
+                              "or restore the file")
     if is_export_dir(path):
         return load_export(path, device)
     if is_hf_gpt2_dir(path):
@@ -111,15 +140,15 @@ _ACCEPTED = ("pass a checkpoint (.pt), a run directory, an export directory (scr
              "or a Hugging Face GPT-2 directory")
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object file, or {} when it is absent or not a JSON object."""
+def _read_json(path: Path, strict: bool = False) -> dict | None:
+    """A JSON object file, or {} when it is absent or not a JSON object (None then, when strict)."""
     if not path.is_file():
         return {}
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None if strict else {}
+    return obj if isinstance(obj, dict) else (None if strict else {})
 
 
 def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
@@ -143,17 +172,50 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def write_dir(out: Path, write: Any) -> list[str]:
-    """Call write(tmp_dir) on a fresh directory beside out, then move its files into out. A failed
-    write leaves out as it was; overwriting replaces our files by name and keeps any others."""
+    """Call write(tmp_dir) on a fresh directory beside out, then put its files into out.
+
+    A new out appears whole (one rename) or not at all. An existing out (overwrite) gets our files
+    replaced by name and keeps any others; while that happens a marker file in it tells readers the
+    directory is incomplete, so a kill mid-way is one clear error, never a silent mix of two models.
+    Temporary directories of killed writers are removed first (under a lock, so never a live one's).
+    A disk error is a CheckpointError naming out; out is then unchanged, or marked incomplete."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
+    with exclusive_lock(out.parent / f".{out.name}.lock", waiting_for=f"another export into {out}"):
+        remove_temps(out)
+        for stale in out.parent.glob(f".{out.name}.*"):  # mkdtemp's names, from earlier versions
+            if stale.is_dir() and re.fullmatch(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}", stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = make_temp_dir(out)
+        try:
+            write(tmp)
             for f in tmp.iterdir():
-                os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return sorted(p.name for p in out.iterdir())
+                _fsync_file(f)
+            fsync_dir(tmp)
+            if not out.exists():
+                os.replace(tmp, out)
+            else:
+                marker = out / INCOMPLETE_MARKER
+                atomic_write(marker, "files are being replaced; a reader that finds this stops\n")
+                for f in tmp.iterdir():
+                    os.replace(f, out / f.name)
+                fsync_dir(out)
+                marker.unlink()
+            fsync_dir(out.parent)
+        except OSError as e:
+            reason = f"{e.strerror or e}{f' ({errno.errorcode[e.errno]})' if e.errno in errno.errorcode else ''}"
+            state = "is marked incomplete" if (out / INCOMPLETE_MARKER).exists() else "is unchanged"
+            raise CheckpointError(f"cannot write {out}: {reason}; {out} {state}: free space or fix "
+                                  "permissions there, then export again (overwrite=true)") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a file written by another library (safetensors, transformers) to disk."""
+    if path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

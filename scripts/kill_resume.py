@@ -1,0 +1,194 @@
+"""SIGKILL a training run at random moments, resume it each time, and compare the end with a run that
+was never interrupted: on CPU the final weights and optimizer state must be bit-identical.
+
+    python scripts/kill_resume.py --kills 50 --rounds 10 --work /tmp/kill_resume
+    python scripts/kill_resume.py --kills 3 --rounds 1 -- model.n_layer=1 max_iters=40   # overrides last
+
+First one uninterrupted reference run, whose log gives the timeline of a launch: start-up, data
+preparation, set-up, steps. Then each round starts from nothing (a new run directory and an empty
+data cache, so the data is prepared again) and repeats: start `train.py ... resume=auto`, wait a
+random time, SIGKILL it. The first wait of a round is drawn around the reference's data
+preparation (it lasts well under a second: a uniform draw over the whole run would rarely land
+there); the others uniformly over what is left of the run, plus 10 %, so some kills come after the
+end. Where a kill landed is read from what the process left: a checkpoint's temporary file in the
+run directory (a save; one it left, not an earlier launch), its own log lines (before the runtime
+line: start-up; after the set-up line: training, i.e. steps, evals, samples) and the data cache (no
+finished build yet: data preparation; else set-up: resuming, building the model). Checkpoints are saved
+after every step, so many kills land during saves. After its kills a round runs to the end and its last.pt is
+compared with the reference's, tensor by tensor. Prints one line per kill and a summary, writes
+summary.json in the work directory, exits 1 when a resume failed or a final state differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small, but with dropout, two accumulation streams, evals, samples, and a save after every step: the
+# batch is small, so that saving (10 MB, ~20 ms) is a good part of a step and many kills land in one.
+RECIPE = [
+    "data=python_stdlib", "data.max_chars=null", "model=tiny", "model.dropout=0.1", "batch_size=2",
+    "gradient_accumulation_steps=2", "max_iters=300", "eval_interval=50", "eval_iters=4", "ckpt_interval=1",
+    "log_interval=10", "sample_tokens=16", "final_eval_iters=0", "threads=1", "logger=none", "device=cpu",
+    "compile=false", "keep_last=2",
+]
+PHASES = ("start-up", "data preparation", "set-up", "training", "save")
+RUNNING: list[subprocess.Popen] = []
+
+
+def launch(run: Path, cache: Path, overrides: list[str], log: Path) -> subprocess.Popen:
+    """train.py on run (resume=auto), its output appended to log."""
+    args = [*RECIPE, *overrides, f"data.cache_dir={cache}", f"hydra.run.dir={run}", "resume=auto"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT),
+           "PYTHONUNBUFFERED": "1"}  # every log line in the file before a kill can come
+    with log.open("a") as out:
+        RUNNING.append(subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=out,
+                                        stderr=subprocess.STDOUT))
+    return RUNNING[-1]
+
+
+def temps(run: Path) -> set[str]:
+    """Temporary files of checkpoint saves in the run directory."""
+    return {p.name for p in run.glob(".*.pt.tmp-*")}
+
+
+def phase_of(run: Path, cache: Path, log_text: str, temps_before: set[str]) -> str:
+    """Where a killed launch was: from the temporary file of a save it left behind (one that was not
+    there before it started), its own log lines, and the state of the data cache."""
+    if temps(run) - temps_before:
+        return "save"
+    if "tokens per step, run dir" in log_text:
+        return "training"  # steps, evals, samples
+    if "runtime: rank" not in log_text:
+        return "start-up"  # imports, Hydra
+    built = cache.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in cache.iterdir())
+    return "set-up" if built else "data preparation"  # set-up: resuming, building the model
+
+
+def timeline(log_text: str, started: float) -> dict[str, float]:
+    """Seconds from the launch to: the runtime line (start-up done), the data prepared, the set-up
+    done; from the log lines' time stamps."""
+    marks = {"runtime": "runtime: rank", "prepared": "[data.prepare]", "set_up": "tokens per step, run dir"}
+    out = {}
+    for line in log_text.splitlines():
+        for key, mark in marks.items():
+            if mark in line and line.startswith("[") and key not in out:
+                stamp = time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) + int(line[21:24]) / 1000
+                out[key] = stamp - started
+    return out
+
+
+def same_state(a: Path, b: Path) -> str | None:
+    """None when two checkpoints hold the same step, weights, optimizer and loader state; else what differs."""
+    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    if x["step"] != y["step"] or x["loader_state"] != y["loader_state"]:
+        return f"step/loader state {x['step']}/{x['loader_state']} vs {y['step']}/{y['loader_state']}"
+    for name, t in x["model"].items():
+        if not torch.equal(t, y["model"][name]):
+            return f"weight {name}"
+    for name, state in x["optimizer"]["state"].items():
+        for key, t in state.items():
+            if torch.is_tensor(t) and not torch.equal(t, y["optimizer"]["state"][name][key]):
+                return f"optimizer {name}.{key}"
+    return None
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kills", type=int, default=20, help="SIGKILLs in all (spread over the rounds)")
+    p.add_argument("--rounds", type=int, default=4, help="runs killed and resumed, each from nothing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
+    p.add_argument("--work", type=Path, default=None, help="work directory (default: a new temporary one)")
+    p.add_argument("overrides", nargs="*", help="train.py overrides, after the recipe (put them after --)")
+    args = p.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="kill_resume."))
+    work.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+
+    ref = work / "reference"
+    (work / "reference.log").unlink(missing_ok=True)
+    shutil.rmtree(ref, ignore_errors=True)
+    start = time.time()
+    proc = launch(ref / "run", ref / "cache", args.overrides, work / "reference.log")
+    if proc.wait() != 0:
+        print(f"error: the reference run failed; see {work / 'reference.log'}", file=sys.stderr)
+        return 1
+    t_ref = time.time() - start
+    marks = timeline((work / "reference.log").read_text(), start)
+    steps = torch.load(ref / "run" / "last.pt", weights_only=True)["step"]
+    t_setup = marks.get("set_up", 0.0)
+    prep = (max(0.0, marks.get("runtime", 0.0) - 0.5), marks.get("prepared", t_setup) + 0.5)
+    print(f"reference: {t_ref:.1f} s uninterrupted, {steps} steps; start-up {marks.get('runtime', 0):.1f} s, "
+          f"data prepared at {marks.get('prepared', 0):.1f} s, set-up done at {t_setup:.1f} s")
+
+    kills, rounds, failures = [], [], []
+    for r in range(args.rounds):
+        run, cache, log = work / f"round{r}" / "run", work / f"round{r}" / "cache", work / f"round{r}.log"
+        shutil.rmtree(run.parent, ignore_errors=True)
+        log.unlink(missing_ok=True)
+        launches = 0
+        for _ in range(args.kills // args.rounds + (r < args.kills % args.rounds)):
+            try:
+                done = torch.load(run / "last.pt", weights_only=True)["step"]
+            except (FileNotFoundError, RuntimeError):  # none yet (or a damaged one: the next launch says)
+                done = 0
+            if launches == 0:
+                delay = rng.uniform(*prep)
+            else:
+                delay = rng.uniform(0, 1.1 * (t_setup + (t_ref - t_setup) * (1 - done / steps)))
+            offset, before = log.stat().st_size if log.exists() else 0, temps(run)
+            proc = launch(run, cache, args.overrides, log)
+            launches += 1
+            try:
+                code = proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                code = proc.wait()
+            landed = code == -signal.SIGKILL
+            own_log = log.read_bytes()[offset:].decode(errors="replace")
+            phase = phase_of(run, cache, own_log, before) if landed else "after the end"
+            kills.append({"round": r, "launch": launches, "after_s": round(delay, 2), "phase": phase})
+            print(f"round {r} launch {launches}: kill after {delay:5.1f} s: "
+                  f"{'landed during ' + phase if landed else 'the run had already ended'}")
+            if not landed and code != 0:
+                failures.append(f"round {r} launch {launches} exited with status {code}")
+        launches += 1  # the rest of the run, uninterrupted
+        if (code := launch(run, cache, args.overrides, log).wait()) != 0:
+            failures.append(f"round {r} final launch exited with status {code}")
+        differs = same_state(ref / "run" / "last.pt", run / "last.pt") if code == 0 else "no final checkpoint"
+        rounds.append({"round": r, "launches": launches, "identical": differs is None, "differs": differs})
+        print(f"round {r}: {launches} launches, final state "
+              f"{'bit-identical to the reference' if differs is None else 'DIFFERS: ' + differs}")
+
+    landed = [k for k in kills if k["phase"] != "after the end"]
+    by_phase = {ph: sum(k["phase"] == ph for k in landed) for ph in PHASES}
+    summary = {"kills": len(kills), "landed_mid_run": len(landed), "by_phase": by_phase,
+               "rounds": rounds, "reference_s": round(t_ref, 1), "reference_marks_s": marks,
+               "torch": torch.__version__, "kill_log": kills, "failures": failures}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    identical = sum(r["identical"] for r in rounds)
+    print(f"kills: {len(kills)}, landed mid-run: {len(landed)} ("
+          + ", ".join(f"{n} during {ph}" for ph, n in by_phase.items()) + f"); final state bit-identical in "
+          f"{identical}/{len(rounds)} rounds" + (f"; failures: {'; '.join(failures)}" if failures else ""))
+    return 0 if identical == len(rounds) and not failures else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    finally:  # Ctrl-C: no training process left behind
+        for child in RUNNING:
+            if child.poll() is None:
+                child.kill()
