@@ -32,21 +32,28 @@ from data.loader import BatchLoader
 from data.prepare import prepare, read_meta
 from data.tokenizer import Tokenizer, load_tokenizer
 from engine.config import TrainConfig
-from engine.evaluate import estimate_loss, fixed_batches, generate_sample
-from engine.formats.checkpoint import load_checkpoint
+from engine.evaluate import (
+    bits_per_byte,
+    estimate_loss,
+    fixed_batches,
+    generate_sample,
+    perplexity,
+    target_bytes,
+)
+from engine.formats.checkpoint import remove_leftovers
 from engine.formats.pretrained import load_pretrained
 from engine.guard import nonfinite_flag, poison_grads_if, step_guarded
 from engine.metrics import RunLogger, StepMeter
 from engine.optim import build_optimizer, lr_at, set_lr
-from engine.parallel import clip_grad_norm, grad_sync, load_optimizer_state, main_first, wrap_model
+from engine.parallel import RankFailed, clip_grad_norm, grad_sync, load_optimizer_state, lost_peer, wrap_model
 from engine.runtime import Runtime, setup_runtime
 from engine.signals import StopRequest
 from engine.state import (
     LoopState,
     TrainingError,
-    check_resumable,
-    restore_rng,
-    resume_path,
+    find_resume,
+    grad_scaler,
+    restore_runtime,
     same_vocabulary,
     save_state,
     warn_if_resume_differs,
@@ -58,13 +65,26 @@ log = logging.getLogger("train")
 
 def train(cfg: TrainConfig) -> dict:
     """Train as cfg says; returns a summary (run_dir, step, best_val, final_val, checkpoint)."""
-    rt = setup_runtime(cfg.device, cfg.precision, cfg.compile, cfg.threads)
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.compile, cfg.threads, cfg.dist_timeout_s)
     stop = StopRequest()
-    try:
-        return _train(cfg, rt, stop)
+    failed = True
+    try:  # the run directory is locked, and checked for another run's files, for the whole run (cli.py)
+        with cli.hold_run_dir(Path(cfg.out_dir), cfg.resume, cfg.overwrite, enabled=rt.is_main):
+            result = _train(cfg, rt, stop)
+        failed = False
+        return result
+    except RankFailed as e:  # another rank failed where they all check (a save, the set-up): its line
+        raise TrainingError(str(e)) from e
+    except RuntimeError as e:  # under torchrun: another rank died or hung while this one waited for it
+        if rt.distributed and (reason := lost_peer(e)):
+            raise TrainingError(
+                f"lost contact with another process of this job ({reason}): it failed or was killed (its "
+                f"own error is in the output above) or did not answer within dist_timeout_s="
+                f"{cfg.dist_timeout_s:g}; resume with resume=auto out_dir={cfg.out_dir}") from e
+        raise
     finally:
         stop.close()
-        rt.close()
+        rt.close(failed)  # after a failure without waiting for the other ranks
 
 
 def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
@@ -156,25 +176,27 @@ class Run:
     lockstep: bool  # FSDP: every rank runs every forward (weights are all-gathered in each)
     peak_flops: float | None
     rt: Runtime
+    val_bytes: tuple[int, int] = (0, 0)  # (tokens, UTF-8 bytes) of the val eval targets: val/bpb
+    keep_last: int = 0  # step-numbered checkpoints kept beside last.pt
 
     def save(self, name: str) -> None:
         save_state(self.out_dir / name, self.rt, self.model, self.optimizer, self.scaler, self.loop,
-                   self.streams[0].state_dict(), self.static, self.logger.wandb_id)
+                   self.streams[0].state_dict(), self.static, self.logger.wandb_id,
+                   keep_last=self.keep_last if name == "last.pt" else 0)
 
 
 def set_up(cfg: TrainConfig, rt: Runtime) -> Run:
     """Data, model (fresh, resumed or fine-tuned), optimizer, loaders, eval batches and logger."""
     out_dir = Path(cfg.out_dir)
-    with main_first(rt):  # rank 0 tokenizes; the others then find it in the cache
-        prepared = prepare(cfg.data, progress=rt.is_main)
+    if rt.is_main and (leftovers := remove_leftovers(out_dir)):  # before anything writes there
+        log.info("removed %d temporary file(s) of interrupted saves in %s", len(leftovers), out_dir)
+    prepared = prepare(cfg.data, progress=rt.is_main)  # every rank; one builds, the others wait on its file lock
     meta, tokenizer = read_meta(prepared), load_tokenizer(prepared)
 
     # ---- where the weights come from: a checkpoint to resume, one to fine-tune from, or nothing ----
-    ckpt_path = resume_path(cfg.resume, out_dir)
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt_path, ckpt = find_resume(cfg.resume, out_dir, rt) or (None, None)  # falls back to older ones
     init_weights: dict | None = None
     if ckpt is not None:
-        check_resumable(ckpt, ckpt_path)
         model_cfg = ModelConfig(**ckpt["model_config"])  # the checkpoint's architecture wins
         warn_if_resume_differs(ckpt, _with_vocab(cfg.model, meta["vocab_size"]), meta)
     elif cfg.init_from:
@@ -187,11 +209,10 @@ def set_up(cfg: TrainConfig, rt: Runtime) -> Run:
         model.load_state_dict(ckpt["model"] if ckpt is not None else init_weights)
     train_model, eval_model = wrap_model(model, rt, cfg.distributed)
     optimizer = build_optimizer(model, cfg.optim, rt.device_type)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.precision == "fp16")
+    scaler = grad_scaler(rt, cfg.distributed)  # fp16 only; the plain one under FSDP2 too (engine/state.py)
     loop = LoopState()
     if ckpt is not None:
         load_optimizer_state(model, optimizer, ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
         loop = LoopState.from_payload(ckpt)
 
     # Micro-batch g = rank * accum + micro of every step comes from stream g of world * accum streams,
@@ -203,6 +224,7 @@ def set_up(cfg: TrainConfig, rt: Runtime) -> Run:
     for loader in streams:
         loader.load_state_dict(ckpt["loader_state"] if ckpt is not None else {"step": 0, "seed": cfg.seed})
     eval_sets = {s: fixed_batches(prepared, s, cfg.batch_size, T, cfg.eval_iters, rt) for s in ("train", "val")}
+    val_bytes = target_bytes(eval_sets["val"], tokenizer.decode, rt)
 
     static = {"model_config": model_cfg.to_dict(), "tokenizer": tokenizer.to_json(),
               "config": dataclasses.asdict(cfg), "data": {"prepared_dir": str(prepared), "meta": meta}}
@@ -210,16 +232,18 @@ def set_up(cfg: TrainConfig, rt: Runtime) -> Run:
                        wandb_id=ckpt.get("wandb_run_id") if ckpt else None,
                        resume_step=loop.step if ckpt else None)
     if ckpt is not None:
-        restore_rng(ckpt, rt)  # last, after everything above that may draw random numbers
+        restore_runtime(ckpt, rt, scaler, cfg.seed, n_streams)  # last: after it nothing draws random numbers
         log.info("resumed from %s at step %d", ckpt_path, loop.step)
     else:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout masks differ between ranks
     tokens_per_step = cfg.batch_size * T * n_streams
     log.info("%s params, %d tokens per step, run dir %s", f"{model.num_params():,}", tokens_per_step, out_dir)
+    if ckpt is None:  # a resumed run has it in its metrics.jsonl already
+        logger.log({"step": loop.step, "params": model.num_params()})
     return Run(out_dir, prepared, tokenizer, model, train_model, eval_model, optimizer, scaler, loop, streams,
                eval_sets, logger, static, [start_token(tokenizer, fallback=0)], tokens_per_step,
                lockstep=rt.distributed and cfg.distributed == "fsdp", peak_flops=rt.peak_flops(cfg.peak_flops),
-               rt=rt)
+               rt=rt, val_bytes=val_bytes, keep_last=cfg.keep_last)
 
 
 # ---- the pieces the loop calls -----------------------------------------------------------------------
@@ -250,10 +274,14 @@ def train_step(run: Run, lr: float, grad_clip: float, rt: Runtime) -> tuple[torc
 
 def evaluate(run: Run, cfg: TrainConfig, rt: Runtime) -> dict[str, float]:
     """Eval losses on the fixed batches, plus a sample; logged. Returns {split: loss}."""
-    losses = {s: estimate_loss(run.eval_model, b, rt, run.lockstep) for s, b in run.eval_sets.items() if b}
+    # Every rank joins every split's all-reduce, also a rank whose share of the batches is empty.
+    losses = {s: estimate_loss(run.eval_model, b, rt, run.lockstep, desc=s) for s, b in run.eval_sets.items()
+              if cfg.eval_iters}
     run.loop.last_eval_step = run.loop.step
     record = {"step": run.loop.step, **{("val/loss" if s == "val" else "train/eval_loss"): v
                                         for s, v in losses.items()}}
+    if "val" in losses:  # beside the loss: perplexity, and bits per byte, which no tokenizer changes
+        record.update({"val/ppl": perplexity(losses["val"]), "val/bpb": bits_per_byte(losses["val"], *run.val_bytes)})
     if cfg.sample_tokens and (rt.is_main or run.lockstep):
         ids = generate_sample(run.model, run.prompt, cfg.sample_tokens, rt, seed=cfg.seed + run.loop.step)
         # A model.vocab_size set above the data's may emit ids the tokenizer lacks: drop them.
@@ -285,8 +313,11 @@ def finish(run: Run, cfg: TrainConfig, rt: Runtime, stopping: bool) -> dict:
     if cfg.final_eval_iters and not stopping:
         T = run.model.config.block_size
         final = fixed_batches(run.prepared, "val", cfg.batch_size, T, cfg.final_eval_iters, rt)
-        summary["final_val"] = estimate_loss(run.eval_model, final, rt, lockstep=True)
-        run.logger.log({"step": run.loop.step, "val/final_loss": summary["final_val"]})
+        log.info("final eval: %s", "the whole val split" if cfg.final_eval_iters < 0 else f"{cfg.final_eval_iters} val batches")
+        summary["final_val"] = estimate_loss(run.eval_model, final, rt, lockstep=True, desc="final val")
+        summary["final_bpb"] = bits_per_byte(summary["final_val"], *target_bytes(final, run.tokenizer.decode, rt))
+        run.logger.log({"step": run.loop.step, "val/final_loss": summary["final_val"],
+                        "val/final_ppl": perplexity(summary["final_val"]), "val/final_bpb": summary["final_bpb"]})
     run.logger.summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
     run.logger.finish()
     return summary
@@ -328,6 +359,7 @@ def main(dcfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     cfg: TrainConfig = OmegaConf.to_object(dcfg)  # the one conversion: plain dataclasses from here on
     cfg.out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
+    cli.name_wandb_run(cfg)  # W&B name, group and tags that say what ran (unless set)
     if int(os.environ.get("RANK", "0")) != 0:  # one voice on the console: rank 0's
         logging.getLogger().setLevel(logging.WARNING)
     with logging_redirect_tqdm():
@@ -339,10 +371,13 @@ def main(dcfg: DictConfig) -> float | None:
         print(f"checkpoint: {result['checkpoint']}")
         if result["stopped"]:  # the same overrides, pointed at this run's directory
             keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "out_dir="))]
-            print(f"resume:     python train.py {' '.join([*keep, 'resume=auto', 'out_dir=' + result['run_dir']])}")
+            resume = cli.as_typed([*keep, "resume=auto", "out_dir=" + result["run_dir"]], cli.TRAIN_TEXT)
+            print(f"resume:     python train.py {' '.join(resume)}")
         print(f"try it:     python sample.py ckpt={result['run_dir']}")
-    return result.get("final_val", result["best_val"])  # the value a Hydra sweeper would minimise
+    # The value a Hydra sweeper would minimise, carrying the summary for the sweep table (cli.SweepSummary).
+    return cli.RunResult(result.get("final_val", result["best_val"]), result)
 
 
 if __name__ == "__main__":
+    sys.argv = cli.quote_free_text(sys.argv, cli.TRAIN_TEXT)  # prompts, paths, names exactly as typed
     main()

@@ -55,7 +55,8 @@ def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             rank = os.environ.get("RANK", "0")
             where = "" if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else f" (rank {rank})"
             message = _one_line(e)
-            print(f"error{where}: {message}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"error{where}: {message}\n")  # one write: lines of two ranks never interleave
+            sys.stderr.flush()
             _to_log_files(logging.ERROR, f"error{where}: {message}")
             if sweep:
                 raise JobFailed(message) from e

@@ -97,15 +97,21 @@ class OptimConfig:
 class LoggerConfig:
     # wandb (Weights & Biases, plus metrics.jsonl) or none (metrics.jsonl and the console only).
     name: str = "wandb"
-    # W&B project and entity (team or user; null = your default entity).
-    project: str = "causalgpt"
+    # W&B project and entity (team or user). A value set here wins; null: the WANDB_PROJECT and
+    # WANDB_ENTITY environment variables as W&B documents them, else project causalgpt and your
+    # default entity.
+    project: str | None = None
     entity: str | None = None
-    # W&B run name; null = the run directory's name.
+    # W&B run name; null: WANDB_NAME, else `<experiment or preset>-<run stamp>`, plus the swept
+    # overrides in a sweep (cli.name_wandb_run). A resumed run keeps its name.
     run_name: str | None = None
+    # W&B group; null: WANDB_RUN_GROUP, else the sweep directory for the jobs of a sweep (-m).
+    group: str | None = None
     # auto: online when logged in (WANDB_API_KEY or ~/.netrc), offline otherwise (`wandb sync`
     # later); the WANDB_MODE environment variable, when set, wins over auto.
     mode: str = "auto"
-    # W&B tags.
+    # W&B tags, besides those added to every run (exp:<experiment>, model:<preset>, data:<source>,
+    # tok:<tokenizer>) and those in WANDB_TAGS (comma-separated).
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -127,6 +133,9 @@ class TrainConfig:
     # null: start fresh; auto: continue from out_dir's last.pt when there is one; or a path to a
     # checkpoint file or run directory (its last.pt) to continue from, writing into out_dir.
     resume: str | None = None
+    # A fresh run (no resume) refuses an out_dir that holds another run's last.pt, best.pt or
+    # metrics.jsonl; overwrite=true deletes them and starts over there.
+    overwrite: bool = False
     # Start from the weights of a checkpoint (file or run dir), with a fresh optimizer and step 0:
     # fine-tuning. Ignored when resuming.
     init_from: str | None = None
@@ -135,7 +144,7 @@ class TrainConfig:
     # Optimisation steps (0: only evaluate, e.g. with init_from); each sees batch_size * gradient_accumulation_steps * world_size sequences.
     max_iters: int = 2000
     # Sequences per micro-batch per process. The context length is model.block_size.
-    batch_size: int = 12
+    batch_size: int = 16
     gradient_accumulation_steps: int = 1
     # Clip the gradient norm to this (0 = no clipping; the norm is logged either way).
     grad_clip: float = 1.0
@@ -144,11 +153,16 @@ class TrainConfig:
     eval_iters: int = 20
     # At the end, also report val loss on this many fixed batches (a larger, steadier number than
     # eval_iters gives); -1 = the whole val split in order; 0 = off.
-    final_eval_iters: int = 0
+    final_eval_iters: int = 100
     # Console/metrics.jsonl/W&B line every log_interval steps.
     log_interval: int = 10
-    # Write last.pt every ckpt_interval steps (0 = only at the end and on SIGTERM/Ctrl-C).
-    ckpt_interval: int = 250
+    # Write last.pt every ckpt_interval steps (0 = only at the end and on SIGTERM/Ctrl-C); null =
+    # every eval_interval steps.
+    ckpt_interval: int | None = None
+    # Keep this many step-numbered checkpoints (ckpt-000250.pt, ...) beside last.pt, the newest
+    # being a hard link to last.pt (no extra disk); resume=auto falls back to them, newest first,
+    # when last.pt does not load. 0 = last.pt only.
+    keep_last: int = 2
     # Generate this many tokens at each eval (logged to W&B and metrics.jsonl); 0 = no samples.
     sample_tokens: int = 200
     # Stop with an error after this many steps with a NaN/inf loss or gradient (each is skipped).
@@ -168,8 +182,13 @@ class TrainConfig:
     threads: int = 0
     # Peak FLOP/s of the device for MFU; null = looked up by GPU name (none on CPU: no MFU logged).
     peak_flops: float | None = None
+    # Under torchrun: seconds a collective waits for the other ranks before the run fails. It must
+    # exceed the longest stretch one rank works alone (rank 0 preparing data or saving a checkpoint).
+    dist_timeout_s: float = 1800
 
     def __post_init__(self) -> None:
+        if self.ckpt_interval is None:
+            self.ckpt_interval = self.eval_interval
         self.device = _choice("device", self.device, DEVICES)
         self.precision = _choice("precision", self.precision, PRECISIONS)
         self.compile = _choice("compile", self.compile, SWITCHES)
@@ -178,10 +197,12 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         for name in ("max_iters", "eval_iters", "ckpt_interval", "sample_tokens", "max_bad_steps",
-                     "threads"):
+                     "threads", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.final_eval_iters < -1:
             raise ValueError(f"final_eval_iters={self.final_eval_iters}: use N batches, 0 (off) or -1 (whole val split)")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"dist_timeout_s={self.dist_timeout_s} must be a positive number of seconds")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")
