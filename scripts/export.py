@@ -4,7 +4,7 @@
     python scripts/export.py ckpt=exports/shakespeare/../gpt2-hf out=exports/gpt2 overwrite=true
 
 ckpt is anything `engine.formats.pretrained.load_pretrained` reads (a checkpoint, a run directory, an export,
-a Hugging Face GPT-2 directory). The result loads with `GPT.from_pretrained(out)`, `sample.py
+a Hugging Face GPT-2 directory). The result loads with `engine.formats.from_pretrained(out)`, `sample.py
 ckpt=out`, and `train.py init_from=out`, and loading it runs no pickle: it is what we recommend sharing.
 
 Arguments are key=value, like Hydra overrides. A bad input prints one `error: ...` line and exits 2.
