@@ -56,8 +56,9 @@ class ModelConfig:
     causal: bool = True
     # Share the token embedding matrix with the LM head.
     tie_weights: bool = True
-    # MLP activation: exact "gelu", or "gelu_tanh" (GPT-2's approximation, needed for GPT-2 weights).
-    activation: str = "gelu"
+    # MLP activation: exact "gelu", or "gelu_tanh" (GPT-2's approximation, needed for GPT-2 weights);
+    # None: the preset's, else "gelu".
+    activation: str | None = None
     # RoPE base frequency.
     rope_theta: float = 10000.0
 
@@ -73,6 +74,7 @@ class ModelConfig:
                 raise ValueError(f"model.{key} is not set: give it, or choose a preset (model.preset=tiny)")
         self.norm = self.norm or "post"
         self.pos = self.pos or "learned"
+        self.activation = self.activation or "gelu"
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):

@@ -232,3 +232,10 @@ def test_rope_table_first_built_while_sampling_still_trains():
     _, loss = model.train()(torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16)))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_preset_fills_its_activation_unless_one_is_given():
+    assert ModelConfig(preset="gpt2").activation == "gelu_tanh"  # GPT-2's weights need its GELU
+    assert ModelConfig(preset="gpt2", activation="gelu").activation == "gelu"
+    assert ModelConfig(preset="tiny").activation == "gelu"
+    assert ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=4).activation == "gelu"
