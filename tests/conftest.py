@@ -93,3 +93,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def make_run(tiny_overrides):
+    """make(*overrides) -> train.Run: the tiny test recipe set up (train.set_up) without running the
+    loop, for tests of the step itself; every run's logger and runtime are closed afterwards."""
+    import train
+    from engine.runtime import setup_runtime
+    runs = []
+
+    def make(*extra: str) -> train.Run:
+        cfg = compose_train([*tiny_overrides, *extra])  # a later device=/threads= wins
+        run = train.set_up(cfg, setup_runtime(cfg.device, cfg.precision, cfg.compile, cfg.threads))
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.logger.finish()
+        run.rt.close()
+
+
+def snapshot(run) -> tuple[dict, dict]:
+    """Deep copies of a run's model and optimizer state dicts."""
+    import copy
+    return copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.optimizer.state_dict())
+
+
+def assert_same(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    """Two snapshots are equal bit for bit (raises AssertionError naming what changed)."""
+    (model_a, opt_a), (model_b, opt_b) = a, b
+    for name, tensor in model_a.items():
+        assert torch.equal(tensor, model_b[name]), f"{name} changed"
+    assert opt_a["state"].keys() == opt_b["state"].keys(), "optimizer state changed"
+    for pid, state in opt_a["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, opt_b["state"][pid][key]), f"optimizer state {pid}/{key} changed"

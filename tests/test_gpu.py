@@ -7,14 +7,11 @@ scripts/gpu_suite.py runs these with `pytest -m gpu`."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import compose_train
+from conftest import assert_same, snapshot
 
 import train
-from engine.runtime import setup_runtime
 from model import GPT, ModelConfig
 from model.generate import generate_tokens
 
@@ -71,33 +68,9 @@ def test_compiled_and_eager_give_the_same_loss():
 
 # ---- train.py's step on CUDA -------------------------------------------------------------------------
 @pytest.fixture
-def cuda_run(tiny_overrides):
+def cuda_run(make_run):
     """make(*overrides) -> train.Run: the tiny test recipe set up on CUDA, closed afterwards."""
-    runs = []
-
-    def make(*extra: str) -> train.Run:
-        keep = [o for o in tiny_overrides if not o.startswith(("device=", "threads="))]
-        cfg = compose_train([*keep, "device=cuda", *extra])
-        run = train.set_up(cfg, setup_runtime(cfg.device, cfg.precision, cfg.compile, cfg.threads))
-        runs.append(run)
-        return run
-
-    yield make
-    for run in runs:
-        run.logger.finish()
-        run.rt.close()
-
-
-def snapshot(run) -> tuple[dict, dict]:
-    return copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.optimizer.state_dict())
-
-
-def assert_same(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
-    for name, tensor in a[0].items():
-        assert torch.equal(tensor, b[0][name]), f"{name} changed"
-    for pid, state in a[1]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, b[1]["state"][pid][key]), f"optimizer state {pid}/{key} changed"
+    return lambda *extra: make_run("device=cuda", "threads=0", *extra)
 
 
 def test_sync_debug_mode_catches_a_host_read():

@@ -3,45 +3,11 @@ are skipped by the GradScaler, and the step never asks the device for a value (n
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import compose_train
+from conftest import assert_same, snapshot
 
 import train
-from engine.runtime import setup_runtime
-
-
-@pytest.fixture
-def make_run(tiny_overrides):
-    runs = []
-
-    def make(*extra: str) -> train.Run:
-        cfg = compose_train([*tiny_overrides, *extra])
-        rt = setup_runtime(cfg.device, cfg.precision, cfg.compile, cfg.threads)
-        run = train.set_up(cfg, rt)
-        runs.append(run)
-        return run
-
-    yield make
-    for run in runs:
-        run.logger.finish()
-        run.rt.close()
-
-
-def snapshot(run: train.Run) -> tuple[dict, dict]:
-    return copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.optimizer.state_dict())
-
-
-def assert_same(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
-    (model_a, opt_a), (model_b, opt_b) = a, b
-    for name, tensor in model_a.items():
-        assert torch.equal(tensor, model_b[name]), f"{name} changed"
-    assert opt_a["state"].keys() == opt_b["state"].keys()
-    for pid, state in opt_a["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, opt_b["state"][pid][key]), f"optimizer state {pid}/{key} changed"
 
 
 def nan_loss(run: train.Run, monkeypatch) -> None:
