@@ -6,6 +6,13 @@ the same parameters and give the same numbers:
   - "explicit": the math written out step by step; the only one that can return the weights;
   - "sdpa": torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
 
+With a KV cache, new positions are added after the cached ones in one of two forms:
+  - appended at `cache.length` (a Python int), attending over the valid prefix only: the least
+    work per step, and what eager generation uses;
+  - written at a position tensor, attending over the whole preallocated cache under a length mask:
+    every shape is fixed and no Python value changes from step to step, so torch.compile builds one
+    graph for every decode step and CUDA graphs can replay it.
+
 Shape legend: B batch, T query positions, S key positions (T, or the cache length), C channels,
 nh heads, hs head size (C = nh * hs).
 """
@@ -19,27 +26,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .positions import apply_rope, rope_table
+from .positions import apply_rope
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, for one layer: (B, nh, block_size, hs) each.
-    With RoPE the keys are stored already rotated. When it is full, generate() empties and refills it
+    """Keys and values of the positions seen so far, for one layer: (B, nh, max_len, hs) each,
+    allocated once and written in place (their addresses never change, as CUDA graphs need). With
+    RoPE the keys are stored already rotated. When it is full, generation empties and refills it
     (see model/generate.py)."""
 
     def __init__(self, batch_size: int, n_head: int, max_len: int, head_size: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch_size, n_head, max_len, head_size)
+        # Zeros, not empty: the static form reads the unwritten tail (masked out), and a NaN bit
+        # pattern there would survive the mask (0 * NaN = NaN).
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # number of valid positions
+        self.length = 0  # number of valid positions (the appending form)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs); return all valid keys and values (B, nh, S, hs)."""
+        """Store k, v (B, nh, T, hs) after the valid positions; return all valid keys and values
+        (B, nh, S, hs), views of the cache."""
         t = k.shape[2]
         if self.length + t > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; cannot add {t} to {self.length}")
@@ -47,6 +58,15 @@ class KVCache:
         self.v[:, :, self.length:self.length + t] = v
         self.length += t
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor,
+              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at positions (T,), a tensor; return the whole cache
+        (B, nh, max_len, hs). Positions not written yet hold zeros or an earlier sequence's values:
+        the caller masks them out (see length_mask)."""
+        self.k[:, :, positions] = k.to(self.k.dtype)
+        self.v[:, :, positions] = v.to(self.v.dtype)
+        return self.k, self.v
 
 
 def causal_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
@@ -57,12 +77,20 @@ def causal_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
     return k_pos <= q_pos  # (T, S)
 
 
+def length_mask(positions: torch.Tensor, max_len: int, causal: bool) -> torch.Tensor:
+    """Boolean (T, max_len) mask over a whole cache for queries at positions (T,): key j is allowed
+    when j <= the query's position (causal), or when it has been written at all (causal=False: every
+    position up to the last new one, as the appending form sees)."""
+    k_pos = torch.arange(max_len, device=positions.device)  # (max_len,)
+    last = positions.unsqueeze(1) if causal else positions[-1:].unsqueeze(1)  # (T, 1) or (1, 1)
+    return (k_pos <= last).expand(positions.shape[0], max_len)  # (T, max_len)
+
+
 class MaskedMultiHeadAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.head_size = config.n_head, config.head_size
-        self.impl, self.causal, self.pos = config.attn, config.causal, config.pos
-        self.rope_theta, self.block_size = config.rope_theta, config.block_size
+        self.impl, self.causal = config.attn, config.causal
         # The query, key and value projections stacked in one matrix: one matmul instead of three.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # output projection
@@ -70,40 +98,46 @@ class MaskedMultiHeadAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, *, start_pos: int = 0, cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, *, rope: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None,
                 need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, C) -> (y (B, T, C), weights (B, nh, T, S) or None).
 
-        start_pos: absolute position of x[:, 0] (used by RoPE and the cache).
+        rope: the rotations of x's positions (T, hs/2), for pos="rope" (GPT computes them once for
+        all layers). cache: x follows the cached positions; appended at cache.length, or, when
+        positions (T,) is given, written there with attention over the whole cache (static shapes).
         """
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        if self.pos == "rope":
-            freqs = rope_table(self.block_size, self.head_size, self.rope_theta, x.device)  # (block_size, hs/2)
-            freqs = freqs[start_pos:start_pos + T]  # (T, hs/2)
-            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        if cache is not None:
-            k, v = cache.append(k, v)  # (B, nh, S, hs)
-        S = k.shape[2]
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_size)  # (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
 
-        # The mask is built only where it is used: one query token (a cached decode step) may read
+        # The mask is built only where it is used: one query token appended to the cache may read
         # every key there is, and sdpa's training path applies is_causal itself.
         explicit = self.impl == "explicit" or need_weights
-        mask = causal_mask(T, S, x.device) if self.causal and T > 1 and (explicit or T != S) else None  # (T, S)
+        mask = None  # (T, S), True where allowed
+        if cache is not None and positions is not None:
+            k, v = cache.write(k, v, positions)  # (B, nh, max_len, hs)
+            mask = length_mask(positions, cache.max_len, self.causal)
+        elif cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, S, hs)
+        S = k.shape[2]
+        if mask is None and self.causal and T > 1 and (explicit or T != S):
+            mask = causal_mask(T, S, x.device)
+
         if explicit:
             y, weights = self._explicit(q, k, v, mask)
         else:
             weights = None
             p = self.dropout if self.training else 0.0
-            if self.causal and T > 1 and T == S:
+            if mask is None and self.causal and T > 1:  # T == S: a whole sequence, no cache
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-            else:  # a cached prefill (a shifted diagonal), one decode token, or no mask at all
+            else:  # a cached prefill (a shifted diagonal), a decode step, or no mask at all
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
-        return self.resid_dropout(self.c_proj(y)), weights
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        y = self.c_proj(y)
+        return (self.resid_dropout(y) if self.training else y), weights
 
     def _explicit(self, q, k, v, mask):
         B, nh, T, hs = q.shape

@@ -29,7 +29,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))  # (B, T, C)
+        y = self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))  # (B, T, C)
+        return self.dropout(y) if self.training else y  # (dropout is the identity in eval: skip the call)
 
 
 class TransformerBlock(nn.Module):
@@ -41,16 +42,17 @@ class TransformerBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, *, start_pos: int = 0, cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, *, rope: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None,
                 need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, C) -> (x (B, T, C), attention weights or None)."""
-        kwargs = dict(start_pos=start_pos, cache=cache, need_weights=need_weights)
+        """x (B, T, C) -> (x (B, T, C), attention weights or None); the keywords are the attention's."""
         if self.pre_norm:
-            a, weights = self.attn(self.ln_1(x), **kwargs)
+            a, weights = self.attn(self.ln_1(x), rope=rope, cache=cache, positions=positions,
+                                   need_weights=need_weights)
             x = x + a
             x = x + self.mlp(self.ln_2(x))
         else:
-            a, weights = self.attn(x, **kwargs)
+            a, weights = self.attn(x, rope=rope, cache=cache, positions=positions, need_weights=need_weights)
             x = self.ln_1(x + a)
             x = self.ln_2(x + self.mlp(x))
         return x, weights

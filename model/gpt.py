@@ -3,8 +3,9 @@
     logits, loss = GPT(config)(idx, targets)     # idx (B, T) int64 -> logits (B, T, vocab)
 
 Also here: one `init_weights` (GPT-2's scheme), parameter and FLOP counts for MFU, `trace` (hidden
-states, attention weights and input embeddings, for the leakage demonstration), and the one-token
-step that generation (model/generate.py) is built from.
+states, attention weights and input embeddings, for the leakage demonstration), and the cached steps
+generation (model/generate.py) is built from: `step` appends to the KV caches (eager decoding), and
+`decode`, its static-shape form, writes at a position tensor (compiled decoding, CUDA graphs).
 
 Shape legend: B batch, T time, C channels (n_embd), V vocab, nh heads, hs head size.
 """
@@ -22,7 +23,7 @@ from .attention import KVCache
 from .block import TransformerBlock
 from .config import ModelConfig
 from .generate import generate_tokens
-from .positions import sinusoidal_table
+from .positions import rope_table, sinusoidal_table
 
 
 @dataclass
@@ -73,18 +74,28 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
 
     # ---- forward passes ---------------------------------------------------------------------------
-    def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Token ids (B, T) at absolute positions start_pos.. -> input embeddings (B, T, C)."""
+    def embed(self, idx: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) at absolute positions start_pos.. (or at `positions` (T,), a tensor)
+        -> input embeddings (B, T, C)."""
         T = idx.shape[1]
-        if start_pos + T > self.config.block_size:
+        if positions is None and start_pos + T > self.config.block_size:
             raise ValueError(f"sequence of {start_pos + T} tokens is longer than model.block_size="
                              f"{self.config.block_size}; crop the input to the last block_size tokens")
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos in ("learned", "sinusoidal"):
-            positions = torch.arange(start_pos, start_pos + T, device=idx.device)
-            x = x + (self.wpe(positions) if self.config.pos == "learned" else self.pe[positions])  # (B, T, C)
+            table = self.wpe.weight if self.config.pos == "learned" else self.pe  # (block_size, C)
+            # A slice for consecutive positions: one view, where a lookup would first build an arange.
+            x = x + (table[start_pos:start_pos + T] if positions is None else table[positions])  # (B, T, C)
         return x
 
+    def rope(self, T: int, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The RoPE rotations of positions start_pos.. (or `positions`) (T, hs/2), computed once per
+        pass for every layer; None unless pos="rope"."""
+        if self.config.pos != "rope":
+            return None
+        c = self.config
+        table = rope_table(c.block_size, c.head_size, c.rope_theta, self.wte.weight.device)  # (block_size, hs/2)
+        return table[start_pos:start_pos + T] if positions is None else table[positions]  # (T, hs/2)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, V) for every position, and the mean cross-entropy against
@@ -92,8 +103,9 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         x = self.drop(self.embed(idx))
+        rope = self.rope(idx.shape[1])
         for block in self.h:
-            x, _ = block(x)
+            x, _ = block(x, rope=rope)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -108,8 +120,9 @@ class GPT(nn.Module):
             embeds = self.embed(idx)
         hidden, attentions = [], []
         x = self.drop(embeds)
+        rope = self.rope(embeds.shape[1])
         for block in self.h:
-            x, weights = block(x, need_weights=need_weights)
+            x, weights = block(x, rope=rope, need_weights=need_weights)
             hidden.append(x)
             attentions.append(weights)
         logits = self.lm_head(self.ln_f(hidden[-1]))  # (B, T, V)
@@ -117,27 +130,51 @@ class GPT(nn.Module):
 
     def new_caches(self, batch_size: int, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> list[KVCache]:
-        """One empty KV cache per layer, sized for block_size positions."""
+        """One empty KV cache per layer, sized for block_size positions. dtype defaults to what the
+        keys and values come out as: the autocast dtype under autocast (a float32 cache would double
+        the memory read per step and be cast back down for attention), else the weights' dtype."""
         p = self.wte.weight
+        device = device or p.device
+        if dtype is None:
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else p.dtype
         c = self.config
-        return [KVCache(batch_size, c.n_head, c.block_size, c.head_size, device or p.device, dtype or p.dtype)
-                for _ in range(c.n_layer)]
+        return [KVCache(batch_size, c.n_head, c.block_size, c.head_size, device, dtype) for _ in range(c.n_layer)]
 
     def step(self, idx: torch.Tensor, caches: list[KVCache], start_pos: int) -> torch.Tensor:
-        """Feed new tokens idx (B, T) at positions start_pos.. through the caches; return the logits
-        of the last position (B, V). A prefill is a step with the whole prompt."""
-        x = self.drop(self.embed(idx, start_pos))
+        """Feed new tokens idx (B, T) at positions start_pos.. through the caches (appended after
+        their valid positions); return the logits of the last position (B, V). A prefill is a step
+        with the whole prompt."""
+        x = self.embed(idx, start_pos)
+        if self.training:
+            x = self.drop(x)
+        rope = self.rope(idx.shape[1], start_pos)
         for block, cache in zip(self.h, caches, strict=True):
-            x, _ = block(x, start_pos=start_pos, cache=cache)
+            x, _ = block(x, rope=rope, cache=cache)
+        return self.lm_head(self.ln_f(x[:, -1, :]))  # (B, V)
+
+    def decode(self, idx: torch.Tensor, caches: list[KVCache], positions: torch.Tensor) -> torch.Tensor:
+        """step's static-shape form: idx (B, T) at positions (T,), a tensor, written into the caches
+        there, attention over each whole cache under a length mask; returns the last position's
+        logits (B, V). No shape and no Python value depends on the position, so one compiled graph
+        (and one CUDA graph) serves every decode step. Positions must be < block_size (unchecked: a
+        check would read the tensor back from the device)."""
+        x = self.embed(idx, positions=positions)
+        if self.training:
+            x = self.drop(x)
+        rope = self.rope(idx.shape[1], positions=positions)
+        for block, cache in zip(self.h, caches, strict=True):
+            x, _ = block(x, rope=rope, cache=cache, positions=positions)
         return self.lm_head(self.ln_f(x[:, -1, :]))  # (B, V)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens)."""
+                 generator: torch.Generator | None = None, vocab_limit: int | None = None) -> torch.Tensor:
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+        vocab_limit: sample only ids below it (a vocabulary padded past the tokenizer's)."""
         new = list(generate_tokens(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, use_cache=use_cache, generator=generator))
+                                   top_p=top_p, use_cache=use_cache, generator=generator,
+                                   vocab_limit=vocab_limit))
         return torch.cat([idx, *new], dim=1) if new else idx
 
     # ---- sizes ------------------------------------------------------------------------------------
