@@ -39,7 +39,6 @@ import cli
 from causality.leakage import LeakageConfig, run_leakage_check
 from causality.sampling import (
     Loaded,
-    compile_for_generation,
     encode_prompt,
     inference_runtime,
     labels,
@@ -52,7 +51,7 @@ from causality.sampling import (
 from engine.config import LoggerConfig
 from engine.runtime import Runtime
 from model import ModelConfig
-from model.generate import check_sampling_args
+from model.generate import check_sampling_args, compile_for_generation
 
 log = logging.getLogger("sample")
 MODES = ("generate", "leakage", "attention")
@@ -146,6 +145,7 @@ def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdo
     text = read_prompt(cfg.prompt, cfg.prompt_file, stdin)
     ids = encode_prompt(tok, text, model.config.block_size)
     shown = tok.decode(ids) if text else ""  # the (possibly cropped) prompt; not the start token
+    limit = tok.vocab_size if tok.vocab_size < vocab else None  # ids past the tokenizer are never drawn
     if cfg.compile:
         compile_for_generation(model)
         # One greedy generation of the same length compiles every shape the timed ones will meet
@@ -154,7 +154,7 @@ def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdo
         log.info("compiling: one warm-up generation of %d tokens (kept out of tokens/s)", cfg.max_new_tokens)
         with rt.autocast():
             model.generate(torch.tensor([ids], device=device), cfg.max_new_tokens, temperature=0.0,
-                           use_cache=cfg.use_cache)
+                           use_cache=cfg.use_cache, vocab_limit=limit)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def write(piece: str) -> None:
@@ -169,7 +169,7 @@ def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdo
         with rt.autocast():
             sample = stream_sample(model, tok, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                    top_k=top_k, top_p=cfg.top_p, use_cache=cfg.use_cache, generator=generator,
-                                   write=write)
+                                   write=write, vocab_limit=limit)
         tokens, seconds = tokens + len(sample.new_ids), seconds + sample.seconds
     write("\n")
     print(f"{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s "

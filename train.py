@@ -283,9 +283,9 @@ def evaluate(run: Run, cfg: TrainConfig, rt: Runtime) -> dict[str, float]:
     if "val" in losses:  # beside the loss: perplexity, and bits per byte, which no tokenizer changes
         record.update({"val/ppl": perplexity(losses["val"]), "val/bpb": bits_per_byte(losses["val"], *run.val_bytes)})
     if cfg.sample_tokens and (rt.is_main or run.lockstep):
-        ids = generate_sample(run.model, run.prompt, cfg.sample_tokens, rt, seed=cfg.seed + run.loop.step)
-        # A model.vocab_size set above the data's may emit ids the tokenizer lacks: drop them.
-        record["sample"] = run.tokenizer.decode([i for i in ids if i < run.tokenizer.vocab_size])
+        ids = generate_sample(run.model, run.prompt, cfg.sample_tokens, rt, seed=cfg.seed + run.loop.step,
+                              vocab_limit=run.tokenizer.vocab_size)  # a padded vocabulary's extra ids never drawn
+        record["sample"] = run.tokenizer.decode(ids)
         run.logger.log_samples(run.loop.step, [record["sample"]])
     run.logger.log(record)
     return losses

@@ -56,16 +56,6 @@ def inference_runtime(device: str = "auto", precision: str = "auto", compile: bo
                    compile=compile)
 
 
-def compile_for_generation(model: GPT) -> GPT:
-    """Compile what generation runs: `model.step` (prefill and one-token decode with the KV cache)
-    and `forward` (recompute without the cache). model/generate.py calls these two by name, so the
-    compiled versions are installed on the instance; the weights are shared, nothing is copied.
-    dynamic=True because the cache length and the prompt length change from call to call."""
-    model.step = torch.compile(model.step, dynamic=True)  # type: ignore[method-assign]
-    model.forward = torch.compile(model.forward, dynamic=True)  # type: ignore[method-assign]
-    return model
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a wall-clock timing covers it."""
     if device.type == "cuda":
@@ -223,7 +213,8 @@ def study_prompt(loaded: Loaded, text: str, seq_len: int, seed: int) -> torch.Te
     if tok is None:
         return torch.randint(0, model.config.vocab_size, (1, n), generator=g, device=device)  # (1, n)
     start = torch.tensor([[start_token(tok)]], device=device)  # (1, 1)
-    return model.generate(start, n - 1, temperature=1.0, generator=g) if n > 1 else start  # (1, n)
+    limit = tok.vocab_size if tok.vocab_size < model.config.vocab_size else None  # a padded vocabulary
+    return model.generate(start, n - 1, temperature=1.0, generator=g, vocab_limit=limit) if n > 1 else start  # (1, n)
 
 
 def label(tokenizer: Tokenizer | None, token_id: int, max_len: int = 10) -> str:
@@ -254,9 +245,10 @@ class Sample:
 def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, max_new_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   use_cache: bool = True, generator: torch.Generator | None = None,
-                  write: Callable[[str], None] = lambda s: None) -> Sample:
+                  write: Callable[[str], None] = lambda s: None, vocab_limit: int | None = None) -> Sample:
     """Generate one continuation of prompt_ids, calling write(piece) with each newly completed
-    piece of text as soon as its token is made. Mixed precision is the caller's (Runtime.autocast())."""
+    piece of text as soon as its token is made. Mixed precision is the caller's (Runtime.autocast()).
+    vocab_limit: draw only ids below it (a model whose vocabulary is padded past the tokenizer's)."""
     device = model.wte.weight.device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     decoder = StreamDecoder(tokenizer)
@@ -271,7 +263,7 @@ def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, ma
     synchronize(device)
     start = time.perf_counter()
     for tok in generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, use_cache=use_cache, generator=generator):
+                               top_p=top_p, use_cache=use_cache, generator=generator, vocab_limit=vocab_limit):
         token_id = int(tok[0, 0])  # .item() waits for the GPU: the token is needed to print it
         new_ids.append(token_id)
         emit(decoder.push(token_id))

@@ -239,3 +239,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint") and "missing.pt" in lines[0]
     assert "Traceback" not in p.stderr
+
+
+def test_a_padded_vocabulary_never_yields_ids_past_the_tokenizer(tmp_path):
+    # model.vocab_size=64 over a 20-character tokenizer (as gpt2_124m pads 50257 to 50304): the 44
+    # extra rows of an untrained head get as much probability as real ones, so without the cap hot
+    # sampling would draw them at once and the char tokenizer could not decode them.
+    tok = CharTokenizer.from_text([TEXT])
+    cfg = ModelConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "padded.pt", {"model": GPT(cfg).state_dict(), "model_config": cfg.to_dict(),
+                                                    "tokenizer": tok.to_json(), "config": {}, "step": 0})
+    code, out, err = run_sample(f"ckpt={path}", "prompt=Speak", "max_new_tokens=300", "temperature=2.0", "seed=3")
+    assert code == 0, err
+    assert set(out) <= set(TEXT) and len(out) == len("Speak") + 300 + 1
