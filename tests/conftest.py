@@ -37,6 +37,19 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def runs_outside_the_repository(tmp_path_factory: pytest.TempPathFactory):
+    """Runs that a test starts without out_dir (Hydra's outputs/<date>/<time>, multirun/) go to a
+    temporary folder, not the checkout's outputs/: $CAUSALGPT_RUNS, which configs/train.yaml reads."""
+    before = os.environ.get("CAUSALGPT_RUNS")
+    os.environ["CAUSALGPT_RUNS"] = str(tmp_path_factory.mktemp("runs"))
+    yield
+    if before is None:
+        os.environ.pop("CAUSALGPT_RUNS", None)
+    else:
+        os.environ["CAUSALGPT_RUNS"] = before
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data_cache")

@@ -38,7 +38,8 @@ runpy.run_path(root + "/train.py", run_name="__main__")
 
 def run_train_in(cwd, args: list[str], env: dict, driver: str | None = None) -> subprocess.CompletedProcess:
     """`python train.py args` (or a driver script) run in cwd, so that outputs/ and multirun/ land there."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    inherited = {k: v for k, v in os.environ.items() if k != "CAUSALGPT_RUNS"}  # runs in cwd, as a user's
+    full_env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
     cmd = [sys.executable, "-c", driver, str(ROOT), *args] if driver else [sys.executable, str(ROOT / "train.py"), *args]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
 
