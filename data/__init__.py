@@ -1,7 +1,9 @@
 """The data package: raw text -> token files -> training batches.
 
 - config.py     DataConfig (schema of configs/data/*.yaml) and DataError
-- sources.py    where text comes from (tiny Shakespeare, the Python stdlib, files, HF datasets)
+- sources.py    where text comes from: tiny Shakespeare, the Python stdlib, local files (open_corpus)
+- hf_datasets.py  Hugging Face datasets (hub, local save_to_disk, builders) as a corpus
+- corpus.py     Corpus (what every source returns) and resolve_files
 - tokenizer.py  char-level and byte-level BPE tokenizers behind one interface, StreamDecoder
 - hub.py        what comes from the Hugging Face hub, pinned to a commit (no remote code)
 - prepare.py    prepare(cfg) -> cached directory of train.bin / val.bin / meta.json / tokenizer.json,
@@ -9,6 +11,7 @@
 - prepared.py   the layout of a prepared directory: read_meta and the checks against meta.json
 - atomic.py     atomic writes (temp file, fsync, rename, directory fsync) and the builders' file lock
 - loader.py     BatchLoader (random windows, DDP-aware, resumable) and val_batches
+- progress.py   progress of long work: a bar on a terminal, else a log line with the time left
 
 Only the config is imported here, so `import data` stays cheap; import the modules you use.
 """

@@ -55,9 +55,10 @@ from data.atomic import (
     remove_temps,
 )
 from data.config import MAX_VOCAB, DataConfig, DataError, resolve_cache_dir
+from data.corpus import Corpus
 from data.prepared import FORMAT_VERSION, META_FILE, TOKENIZER_FILE, check_prepared, file_sha256, read_meta
 from data.progress import Progress
-from data.sources import Corpus, open_corpus
+from data.sources import open_corpus
 from data.tokenizer import (
     CharTokenizer,
     Tokenizer,
