@@ -5,7 +5,7 @@
     python scripts/bench_train.py --data path/to/tinyshakespeare.txt --steps 200
 
 Each step is train.py's optimisation step (forward and backward under autocast, GradScaler for fp16,
-gradient clipping, AdamW, the per-step loss sync of the NaN guard), timed one by one; the output has
+gradient clipping, AdamW, the device-side NaN guard), read back and timed one by one; the output has
 the median and mean step time, tokens/s, MFU when the device's peak is known (or --peak-flops), peak
 memory and the last loss. Batches come from the real loader when --data is a text file (tokenized
 through data.prepare, char-level), else random token ids (throughput does not depend on them).
@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 from engine.config import OptimConfig  # noqa: E402
+from engine.guard import nonfinite_flag, poison_grads_if, step_guarded  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from engine.parallel import clip_grad_norm, wrap_model  # noqa: E402
 from engine.runtime import setup_runtime  # noqa: E402
@@ -98,13 +99,18 @@ def main(argv: list[str] | None = None) -> dict:
                 _, loss = train_model(x, y)
             loss_sum += loss.detach()
             scaler.scale(loss / args.accum).backward()
+        loss = loss_sum / args.accum
+        flag = nonfinite_flag(loss, rt)  # train.py's NaN/inf guard, decided on the device
+        if scaler.is_enabled():
+            poison_grads_if(flag, list(model.parameters()))
         scaler.unscale_(optimizer)
         norm = clip_grad_norm(model, 1.0)
-        loss, _ = torch.stack([loss_sum / args.accum, norm.to(loss_sum)]).tolist()  # train.py's one sync
-        scaler.step(optimizer)
+        step_guarded(optimizer, scaler, flag, norm)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        # train.py reads the loss only at log steps; here every step is read back so that each timed
+        # step has finished on the device when its clock stops.
+        return loss.item()
 
     t_start = time.perf_counter()
     for _ in range(args.warmup):
