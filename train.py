@@ -31,6 +31,7 @@ from causality.sampling import start_token
 from data.loader import BatchLoader
 from data.prepare import prepare, read_meta
 from data.tokenizer import Tokenizer, load_tokenizer
+from engine.checkpoint import check_fits_data, remove_leftovers
 from engine.config import TrainConfig
 from engine.evaluate import (
     bits_per_byte,
@@ -40,24 +41,14 @@ from engine.evaluate import (
     perplexity,
     target_bytes,
 )
-from engine.formats.checkpoint import remove_leftovers
 from engine.formats.pretrained import load_pretrained
-from engine.guard import nonfinite_flag, poison_grads_if, step_guarded
 from engine.metrics import RunLogger, StepMeter
-from engine.optim import build_optimizer, lr_at, set_lr
-from engine.parallel import RankFailed, clip_grad_norm, grad_sync, load_optimizer_state, lost_peer, wrap_model
+from engine.optim import build_optimizer, lr_at
+from engine.parallel import RankFailed, lost_peer, wrap_model
 from engine.runtime import Runtime, setup_runtime
 from engine.signals import StopRequest
-from engine.state import (
-    LoopState,
-    TrainingError,
-    find_resume,
-    grad_scaler,
-    restore_runtime,
-    same_vocabulary,
-    save_state,
-    warn_if_resume_differs,
-)
+from engine.state import TrainingError, TrainState, find_resume, grad_scaler
+from engine.step import train_step
 from model import GPT, ModelConfig
 
 log = logging.getLogger("train")
@@ -89,10 +80,9 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
     run = set_up(cfg, rt)
-    loop, logger, out_dir = run.loop, run.logger, run.out_dir
+    loop, logger, out_dir = run.state, run.logger, run.out_dir  # loop: the TrainState's counters
     start_step, stopping = loop.step, False
     meter = StepMeter(run.tokens_per_step, warmup_steps=2 if rt.compile else 1)
-    bad_count = torch.zeros((), device=rt.device)  # skipped steps since the last log, on the device
     interactive = rt.is_main and sys.stderr.isatty()  # a bar on a terminal; plain log lines in a file
     bar = tqdm(total=cfg.max_iters, initial=loop.step, disable=not interactive, desc="train", dynamic_ncols=True)
     while True:
@@ -114,25 +104,19 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
         if done or stopping:
             break
 
-        # ---- the optimisation step: no host sync in it (engine/guard.py) ---------------------------
+        # ---- the optimisation step: no host sync in it (engine/step.py) ----------------------------
         meter.start()
         lr = lr_at(loop.step, cfg.optim, cfg.max_iters)
-        loss, norm, skipped = train_step(run, lr, cfg.grad_clip, rt)
-        bad_count += skipped
-        loop.step += 1
-        loop.tokens_seen += run.tokens_per_step
+        loss, norm, _ = train_step(loop, run.train_model, [s.next_batch() for s in run.streams], lr, cfg.grad_clip)
         meter.stop()
         bar.update(1)
 
         # ---- every log_interval steps: read the loss, count skipped steps, log; the stop flag ------
         if loop.step % cfg.log_interval == 0 or loop.step == cfg.max_iters:
-            train_loss, grad_norm, n_bad = torch.stack([loss.float(), norm.float().to(loss.device),
-                                                        bad_count.to(loss.device)]).tolist()  # the sync
+            train_loss, grad_norm = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()  # the sync
             meter.synced()
-            bad_count.zero_()
-            if n_bad:
-                loop.bad_steps += int(n_bad)
-                check_bad_steps(loop, int(n_bad), cfg.max_bad_steps, train_loss, grad_norm, out_dir, logger)
+            if n_bad := loop.read_bad_steps():
+                check_bad_steps(loop, n_bad, cfg.max_bad_steps, train_loss, grad_norm, out_dir, logger)
             record = {"step": loop.step, "train/loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens_seen": loop.tokens_seen, "mem_mb": _peak_memory_mb(rt), **meter.read()}
             if run.peak_flops and "tokens_per_s" in record:
@@ -161,28 +145,32 @@ class Run:
     out_dir: Path
     prepared: Path
     tokenizer: Tokenizer
-    model: GPT  # the plain GPT: saving, sampling, FLOP counts
+    state: TrainState  # model (the plain GPT: saving, sampling, FLOP counts), optimizer, counters, ...
     train_model: torch.nn.Module  # compiled / DDP / FSDP2, what the step calls
     eval_model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    loop: LoopState
-    streams: list[BatchLoader]  # one per accumulation micro-step
     eval_sets: dict[str, list]
     logger: RunLogger
-    static: dict  # the checkpoint keys that do not change during the run
     prompt: list[int]
     tokens_per_step: int
     lockstep: bool  # FSDP: every rank runs every forward (weights are all-gathered in each)
     peak_flops: float | None
-    rt: Runtime
     val_bytes: tuple[int, int] = (0, 0)  # (tokens, UTF-8 bytes) of the val eval targets: val/bpb
     keep_last: int = 0  # step-numbered checkpoints kept beside last.pt
 
+    @property
+    def model(self) -> GPT:
+        return self.state.model
+
+    @property
+    def rt(self) -> Runtime:
+        return self.state.rt
+
+    @property
+    def streams(self) -> list[BatchLoader]:
+        return self.state.loaders
+
     def save(self, name: str) -> None:
-        save_state(self.out_dir / name, self.rt, self.model, self.optimizer, self.scaler, self.loop,
-                   self.streams[0].state_dict(), self.static, self.logger.wandb_id,
-                   keep_last=self.keep_last if name == "last.pt" else 0)
+        self.state.save(self.out_dir / name, keep_last=self.keep_last if name == "last.pt" else 0)
 
 
 def set_up(cfg: TrainConfig, rt: Runtime) -> Run:
@@ -197,23 +185,21 @@ def set_up(cfg: TrainConfig, rt: Runtime) -> Run:
     ckpt_path, ckpt = find_resume(cfg.resume, out_dir, rt) or (None, None)  # falls back to older ones
     init_weights: dict | None = None
     if ckpt is not None:
+        check_fits_data(ckpt, ckpt_path, tokenizer.to_json(), meta["vocab_size"], use="resume")
         model_cfg = ModelConfig(**ckpt["model_config"])  # the checkpoint's architecture wins
-        warn_if_resume_differs(ckpt, _with_vocab(cfg.model, meta["vocab_size"]), meta)
+        _warn_if_resume_differs(ckpt, _with_vocab(cfg.model, meta["vocab_size"]), meta)
     elif cfg.init_from:
-        model_cfg, init_weights = _init_from(cfg.init_from, cfg.model, tokenizer.to_json())
+        src = load_pretrained(cfg.init_from)
+        check_fits_data(src, cfg.init_from, tokenizer.to_json(), meta["vocab_size"], use="init_from")
+        model_cfg = ModelConfig(**{**src["model_config"], "dropout": cfg.model.dropout})  # this run's dropout
+        init_weights = src["model"]
     else:
         model_cfg = _with_vocab(cfg.model, meta["vocab_size"])
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(model_cfg).to(rt.device)
-    if ckpt is not None or init_weights is not None:
-        model.load_state_dict(ckpt["model"] if ckpt is not None else init_weights)
+    if init_weights is not None:  # fine-tuning: weights only; optimizer and step start fresh
+        model.load_state_dict(init_weights)
     train_model, eval_model = wrap_model(model, rt, cfg.distributed)
-    optimizer = build_optimizer(model, cfg.optim, rt.device_type)
-    scaler = grad_scaler(rt, cfg.distributed)  # fp16 only; the plain one under FSDP2 too (engine/state.py)
-    loop = LoopState()
-    if ckpt is not None:
-        load_optimizer_state(model, optimizer, ckpt["optimizer"])
-        loop = LoopState.from_payload(ckpt)
 
     # Micro-batch g = rank * accum + micro of every step comes from stream g of world * accum streams,
     # so a step sees the same windows however it is split between processes and accumulation.
@@ -222,76 +208,54 @@ def set_up(cfg: TrainConfig, rt: Runtime) -> Run:
     streams = [BatchLoader(prepared, "train", cfg.batch_size, T, device=rt.device, seed=cfg.seed,
                            rank=rt.rank * accum + m, world_size=n_streams) for m in range(accum)]
     for loader in streams:
-        loader.load_state_dict(ckpt["loader_state"] if ckpt is not None else {"step": 0, "seed": cfg.seed})
+        loader.load_state_dict({"step": 0, "seed": cfg.seed})
     eval_sets = {s: fixed_batches(prepared, s, cfg.batch_size, T, cfg.eval_iters, rt) for s in ("train", "val")}
     val_bytes = target_bytes(eval_sets["val"], tokenizer.decode, rt)
 
     static = {"model_config": model_cfg.to_dict(), "tokenizer": tokenizer.to_json(),
               "config": dataclasses.asdict(cfg), "data": {"prepared_dir": str(prepared), "meta": meta}}
+    state = TrainState(model, build_optimizer(model, cfg.optim, rt.device_type), grad_scaler(rt), rt,
+                       loaders=streams, static=static, seed=cfg.seed)
     logger = RunLogger(cfg.logger, out_dir, static["config"], enabled=rt.is_main,
                        wandb_id=ckpt.get("wandb_run_id") if ckpt else None,
-                       resume_step=loop.step if ckpt else None)
+                       resume_step=int(ckpt["step"]) if ckpt else None)
     if ckpt is not None:
-        restore_runtime(ckpt, rt, scaler, cfg.seed, n_streams)  # last: after it nothing draws random numbers
-        log.info("resumed from %s at step %d", ckpt_path, loop.step)
+        state.load_state_dict(ckpt)  # last: after it nothing draws random numbers
+        log.info("resumed from %s at step %d", ckpt_path, state.step)
     else:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout masks differ between ranks
+    state.wandb_id = logger.wandb_id
     tokens_per_step = cfg.batch_size * T * n_streams
     log.info("%s params, %d tokens per step, run dir %s", f"{model.num_params():,}", tokens_per_step, out_dir)
     if ckpt is None:  # a resumed run has it in its metrics.jsonl already
-        logger.log({"step": loop.step, "params": model.num_params()})
-    return Run(out_dir, prepared, tokenizer, model, train_model, eval_model, optimizer, scaler, loop, streams,
-               eval_sets, logger, static, [start_token(tokenizer, fallback=0)], tokens_per_step,
+        logger.log({"step": state.step, "params": model.num_params()})
+    return Run(out_dir, prepared, tokenizer, state, train_model, eval_model, eval_sets, logger,
+               [start_token(tokenizer, fallback=0)], tokens_per_step,
                lockstep=rt.distributed and cfg.distributed == "fsdp", peak_flops=rt.peak_flops(cfg.peak_flops),
-               rt=rt, val_bytes=val_bytes, keep_last=cfg.keep_last)
+               val_bytes=val_bytes, keep_last=cfg.keep_last)
 
 
 # ---- the pieces the loop calls -----------------------------------------------------------------------
-def train_step(run: Run, lr: float, grad_clip: float, rt: Runtime) -> tuple[torch.Tensor, ...]:
-    """One optimisation step over every accumulation micro-batch. Returns (mean loss, gradient norm,
-    skipped) as device tensors: nothing here waits for the device (engine/guard.py)."""
-    set_lr(run.optimizer, lr)
-    accum = len(run.streams)
-    loss_sum = torch.zeros((), device=rt.device)
-    for micro, loader in enumerate(run.streams):
-        x, y = loader.next_batch()  # (B, T) each
-        grad_sync(run.train_model, micro == accum - 1)  # all-reduce on the last micro-step only
-        with rt.autocast():
-            _, loss = run.train_model(x, y)
-        loss_sum += loss.detach()
-        run.scaler.scale(loss / accum).backward()
-    loss = loss_sum / accum
-    loss_flag = nonfinite_flag(loss, rt)
-    if run.scaler.is_enabled():
-        poison_grads_if(loss_flag, list(run.model.parameters()))  # the scaler's inf check then skips
-    run.scaler.unscale_(run.optimizer)  # so the norm and clipping see true gradients (fp16)
-    norm = clip_grad_norm(run.model, grad_clip)
-    skipped = step_guarded(run.optimizer, run.scaler, loss_flag, norm)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    return loss, norm, skipped
-
-
 def evaluate(run: Run, cfg: TrainConfig, rt: Runtime) -> dict[str, float]:
-    """Eval losses on the fixed batches, plus a sample; logged. Returns {split: loss}."""
+    """Eval losses on the fixed batches (engine/evaluate.py), plus a sample; logged. Returns {split: loss}."""
     # Every rank joins every split's all-reduce, also a rank whose share of the batches is empty.
     losses = {s: estimate_loss(run.eval_model, b, rt, run.lockstep, desc=s) for s, b in run.eval_sets.items()
               if cfg.eval_iters}
-    run.loop.last_eval_step = run.loop.step
-    record = {"step": run.loop.step, **{("val/loss" if s == "val" else "train/eval_loss"): v
+    run.state.last_eval_step = run.state.step
+    record = {"step": run.state.step, **{("val/loss" if s == "val" else "train/eval_loss"): v
                                         for s, v in losses.items()}}
     if "val" in losses:  # beside the loss: perplexity, and bits per byte, which no tokenizer changes
         record.update({"val/ppl": perplexity(losses["val"]), "val/bpb": bits_per_byte(losses["val"], *run.val_bytes)})
     if cfg.sample_tokens and (rt.is_main or run.lockstep):
-        ids = generate_sample(run.model, run.prompt, cfg.sample_tokens, rt, seed=cfg.seed + run.loop.step,
+        ids = generate_sample(run.model, run.prompt, cfg.sample_tokens, rt, seed=cfg.seed + run.state.step,
                               vocab_limit=run.tokenizer.vocab_size)  # a padded vocabulary's extra ids never drawn
         record["sample"] = run.tokenizer.decode(ids)
-        run.logger.log_samples(run.loop.step, [record["sample"]])
+        run.logger.log_samples(run.state.step, [record["sample"]])
     run.logger.log(record)
     return losses
 
 
-def check_bad_steps(loop: LoopState, n_bad: int, max_bad_steps: int, train_loss: float, grad_norm: float,
+def check_bad_steps(loop: TrainState, n_bad: int, max_bad_steps: int, train_loss: float, grad_norm: float,
                     out_dir: Path, logger: RunLogger) -> None:
     """Report steps skipped since the last log; stop the run when there were too many."""
     log.warning("%d step(s) up to step %d skipped: loss %s, grad norm %s (%d/%d)", n_bad, loop.step, train_loss,
@@ -308,7 +272,7 @@ def check_bad_steps(loop: LoopState, n_bad: int, max_bad_steps: int, train_loss:
 def finish(run: Run, cfg: TrainConfig, rt: Runtime, stopping: bool) -> dict:
     """The final whole-split eval (unless stopped early), the W&B summary, and the run's summary."""
     out_dir = run.out_dir
-    summary = {"run_dir": str(out_dir), "step": run.loop.step, "best_val": run.loop.best_val, "stopped": stopping,
+    summary = {"run_dir": str(out_dir), "step": run.state.step, "best_val": run.state.best_val, "stopped": stopping,
                "checkpoint": str(out_dir / ("best.pt" if (out_dir / "best.pt").exists() else "last.pt"))}
     if cfg.final_eval_iters and not stopping:
         T = run.model.config.block_size
@@ -316,7 +280,7 @@ def finish(run: Run, cfg: TrainConfig, rt: Runtime, stopping: bool) -> dict:
         log.info("final eval: %s", "the whole val split" if cfg.final_eval_iters < 0 else f"{cfg.final_eval_iters} val batches")
         summary["final_val"] = estimate_loss(run.eval_model, final, rt, lockstep=True, desc="final val")
         summary["final_bpb"] = bits_per_byte(summary["final_val"], *target_bytes(final, run.tokenizer.decode, rt))
-        run.logger.log({"step": run.loop.step, "val/final_loss": summary["final_val"],
+        run.logger.log({"step": run.state.step, "val/final_loss": summary["final_val"],
                         "val/final_ppl": perplexity(summary["final_val"]), "val/final_bpb": summary["final_bpb"]})
     run.logger.summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
     run.logger.finish()
@@ -333,15 +297,16 @@ def _with_vocab(model_cfg: ModelConfig, vocab_size: int) -> ModelConfig:
     return model_cfg
 
 
-def _init_from(path: str, model_cfg: ModelConfig, tokenizer_json: str) -> tuple[ModelConfig, dict]:
-    """Fine-tuning: the architecture and weights of our checkpoint or run dir, our export, or a
-    Hugging Face GPT-2 directory, with this run's dropout; optimizer and step start fresh. The data
-    must have been prepared with the model's tokenizer, or the token ids would mean other things."""
-    src = load_pretrained(path)
-    if src.get("tokenizer") and not same_vocabulary(src["tokenizer"], tokenizer_json):
-        raise ValueError(f"init_from={path} uses another tokenizer than this run's data; prepare the data "
-                         f"with the model's tokenizer (data.tokenizer=pretrained data.tokenizer_path=...)")
-    return ModelConfig(**{**src["model_config"], "dropout": model_cfg.dropout}), src["model"]
+def _warn_if_resume_differs(ckpt: dict, model_cfg: ModelConfig, meta: dict) -> None:
+    """Resuming keeps the checkpoint's model; say so when this run's config or data differ from it."""
+    changed = {k: (v, model_cfg.to_dict()[k]) for k, v in ckpt["model_config"].items()
+               if model_cfg.to_dict().get(k) != v}
+    if changed:
+        log.warning("resuming with the checkpoint's model; ignoring changed model settings %s",
+                    ", ".join(f"model.{k}: {old} -> {new}" for k, (old, new) in changed.items()))
+    if ckpt.get("data", {}).get("meta", {}).get("fingerprint") != meta.get("fingerprint"):
+        log.warning("resuming on other data than the checkpoint was trained on (prepared data fingerprint "
+                    "differs): the data order cannot match an uninterrupted run")
 
 
 def _peak_memory_mb(rt: Runtime) -> float:

@@ -28,12 +28,7 @@ import torch
 
 from data.config import DataError
 from data.tokenizer import StreamDecoder, Tokenizer, tokenizer_from_json
-from engine.formats.checkpoint import (
-    CHECKPOINT_NAMES,
-    CheckpointError,
-    model_from_checkpoint,
-    resolve_checkpoint,
-)
+from engine.checkpoint import CHECKPOINT_GLOBS, CheckpointError, check_fits_data, model_from_checkpoint
 from engine.formats.pretrained import load_pretrained
 from engine.runtime import Runtime, pick_device, pick_precision
 from model import GPT, ModelConfig
@@ -75,23 +70,17 @@ class Loaded:
     step: int | None = None  # the training step of the checkpoint
 
 
-def run_dir_of(ckpt_path: Path) -> Path:
-    """The run directory of a checkpoint file: its folder, or the folder above `checkpoints/`."""
-    parent = ckpt_path.parent
-    return parent.parent if parent.name == "checkpoints" else parent
-
-
 def find_latest_run(root: str | os.PathLike) -> Path:
-    """The run directory under root holding the most recently written best.pt or last.pt."""
+    """The run directory under root holding the most recently written checkpoint."""
     root = Path(root)
-    found = [p for name in CHECKPOINT_NAMES for p in root.rglob(name) if p.is_file()] if root.is_dir() else []
+    found = [p for name in CHECKPOINT_GLOBS for p in root.rglob(name) if p.is_file()] if root.is_dir() else []
     if not found:
         raise CheckpointError(
             f"no checkpoint given and none found under {root}/; train one first with `python train.py`, then "
             f"`python sample.py`, or pass ckpt=<file or run dir> (mode=leakage and mode=attention also "
             f"work untrained: model=tiny)")
     newest = max(found, key=lambda p: p.stat().st_mtime)
-    return run_dir_of(newest)
+    return newest.parent
 
 
 def load_from_checkpoint(ckpt: str | os.PathLike | None, outputs_dir: str | os.PathLike,
@@ -101,11 +90,13 @@ def load_from_checkpoint(ckpt: str | os.PathLike | None, outputs_dir: str | os.P
     target = Path(ckpt) if ckpt else find_latest_run(outputs_dir)
     payload = load_pretrained(target, device="cpu")
     is_checkpoint = payload["source"] == "checkpoint"
-    path = resolve_checkpoint(target) if is_checkpoint else target  # a run directory -> best.pt or last.pt
-    model = model_from_checkpoint(payload, device=device).eval()
+    path = Path(payload["path"]) if is_checkpoint else target  # a run directory -> the file chosen
     tokenizer = tokenizer_from_json(payload["tokenizer"]) if payload.get("tokenizer") else None
+    if tokenizer is not None:
+        check_fits_data(payload, path, None, tokenizer.vocab_size, use="sample")
+    model = model_from_checkpoint(payload, device=device).eval()
     log.info("loaded %s (%s, step %s)", path, payload["source"], payload.get("step"))
-    return Loaded(model, tokenizer, str(path), run_dir_of(path) if is_checkpoint else None, payload.get("step"))
+    return Loaded(model, tokenizer, str(path), path.parent if is_checkpoint else None, payload.get("step"))
 
 
 def random_init(config: ModelConfig, seed: int, device: torch.device) -> Loaded:

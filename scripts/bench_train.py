@@ -4,8 +4,8 @@
     python scripts/bench_train.py --preset gpt2 --batch-size 16 --precision bf16 --compile true   # a GPU
     python scripts/bench_train.py --data path/to/tinyshakespeare.txt --steps 200
 
-Each step is train.py's optimisation step (forward and backward under autocast, GradScaler for fp16,
-gradient clipping, AdamW, the device-side NaN guard), read back and timed one by one; the output has
+Each step is train.py's optimisation step, engine/step.py's train_step (forward and backward under
+autocast, GradScaler for fp16, gradient clipping, AdamW, the device-side NaN guard), read back and timed one by one; the output has
 the median and mean step time, tokens/s, MFU when the device's peak is known (or --peak-flops), peak
 memory and the last loss. Batches come from the real loader when --data is a text file (tokenized
 through data.prepare, char-level), else random token ids (throughput does not depend on them).
@@ -28,10 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 from engine.config import OptimConfig  # noqa: E402
-from engine.guard import nonfinite_flag, poison_grads_if, step_guarded  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
-from engine.parallel import clip_grad_norm, wrap_model  # noqa: E402
+from engine.parallel import wrap_model  # noqa: E402
 from engine.runtime import setup_runtime  # noqa: E402
+from engine.state import TrainState, grad_scaler  # noqa: E402
+from engine.step import train_step  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 
@@ -89,25 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     train_model, _ = wrap_model(model, rt, "ddp")
     fused = None if args.fused == "auto" else args.fused == "true"
     optimizer = build_optimizer(model, OptimConfig(lr=1e-3, betas=[0.9, 0.99], fused=fused), rt.device_type)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.precision == "fp16")
+    state = TrainState(model, optimizer, grad_scaler(rt), rt)
 
     def step() -> float:
-        loss_sum = torch.zeros((), device=rt.device)
-        for _ in range(args.accum):
-            x, y = next_batch()
-            with rt.autocast():
-                _, loss = train_model(x, y)
-            loss_sum += loss.detach()
-            scaler.scale(loss / args.accum).backward()
-        loss = loss_sum / args.accum
-        flag = nonfinite_flag(loss, rt)  # train.py's NaN/inf guard, decided on the device
-        if scaler.is_enabled():
-            poison_grads_if(flag, list(model.parameters()))
-        scaler.unscale_(optimizer)
-        norm = clip_grad_norm(model, 1.0)
-        step_guarded(optimizer, scaler, flag, norm)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss, _, _ = train_step(state, train_model, [next_batch() for _ in range(args.accum)], None, 1.0)
         # train.py reads the loss only at log steps; here every step is read back so that each timed
         # step has finished on the device when its clock stops.
         return loss.item()

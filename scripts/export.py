@@ -24,7 +24,7 @@ from cli import fail, parse_args  # noqa: E402
 def main(argv: list[str]) -> None:
     usage = "python scripts/export.py ckpt=<checkpoint, run dir, export or HF GPT-2 dir> out=<dir> [overwrite=true]"
     args = parse_args(argv, {"ckpt": None, "out": None, "overwrite": False}, usage)
-    from engine.formats.checkpoint import CheckpointError
+    from engine.checkpoint import CheckpointError
     from engine.formats.pretrained import load_pretrained, prepare_out_dir, save_export, write_dir
     try:
         out = prepare_out_dir(args["out"], args["overwrite"])

@@ -31,7 +31,7 @@ def verify(ckpt: dict, out: Path) -> float:
     import torch
     import transformers
 
-    from engine.formats.checkpoint import model_from_checkpoint
+    from engine.checkpoint import model_from_checkpoint
     ours = model_from_checkpoint(ckpt, "cpu").eval()
     theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     cfg = ours.config
@@ -43,7 +43,7 @@ def verify(ckpt: dict, out: Path) -> float:
 def main(argv: list[str]) -> None:
     usage = "python scripts/export_hf.py ckpt=<checkpoint, run dir or export> out=<dir> [overwrite=true] [verify=false]"
     args = parse_args(argv, {"ckpt": None, "out": None, "overwrite": False, "verify": True}, usage)
-    from engine.formats.checkpoint import CheckpointError
+    from engine.checkpoint import CheckpointError
     from engine.formats.hf import check_gpt2_expressible, require_transformers, save_hf
     from engine.formats.pretrained import load_pretrained, prepare_out_dir, write_dir
     try:

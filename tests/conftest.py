@@ -128,10 +128,16 @@ def make_run(tiny_overrides):
         run.rt.close()
 
 
+def train_step(run, lr: float = 1e-3, clip: float = 1.0):
+    """One step as train.py's loop runs it (engine/step.py's train_step on every stream's next batch)."""
+    from engine.step import train_step as step
+    return step(run.state, run.train_model, [s.next_batch() for s in run.streams], lr, clip)
+
+
 def snapshot(run) -> tuple[dict, dict]:
     """Deep copies of a run's model and optimizer state dicts."""
     import copy
-    return copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.optimizer.state_dict())
+    return copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.state.optimizer.state_dict())
 
 
 def assert_same(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:

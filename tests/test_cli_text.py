@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 
 import cli
 from data.tokenizer import CharTokenizer
-from engine.formats.checkpoint import save_checkpoint
+from engine.checkpoint import save_checkpoint
 from model import GPT, ModelConfig
 
 B = "\\"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data.tokenizer import CharTokenizer, tokenizer_from_json
-from engine.formats.checkpoint import CheckpointError, save_checkpoint
+from engine.checkpoint import CheckpointError, save_checkpoint
 from engine.formats.pretrained import (
     from_pretrained,
     load_pretrained,

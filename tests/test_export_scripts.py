@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data.tokenizer import CharTokenizer
-from engine.formats.checkpoint import save_checkpoint
+from engine.checkpoint import save_checkpoint
 from engine.formats.pretrained import from_pretrained
 from model import GPT, ModelConfig
 

@@ -11,7 +11,7 @@ import torch
 from conftest import compose_train
 
 import train
-from engine.formats.checkpoint import load_checkpoint, model_from_checkpoint
+from engine.checkpoint import load_checkpoint, model_from_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1_last.pt"
 LINE = "hello world, this is some text for the old format.\n"  # its corpus: this line, 300 times

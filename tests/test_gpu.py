@@ -1,5 +1,5 @@
 """GPU-only checks (marked `gpu`, skipped without CUDA): mixed precision and compiled paths agree
-with their references, train.py's optimisation step (train.train_step) never waits for the device
+with their references, train.py's optimisation step (engine/step.py's train_step) never waits for the device
 (torch.cuda.set_sync_debug_mode("error") around it, the batch loader included), and an fp16 step
 forced to overflow is skipped by the GradScaler inside the fused AdamW kernel. CPU tests cover the
 same properties in fp32 (tests/test_train_step.py reads no value back, by patching the read paths).
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same, snapshot
+from conftest import assert_same, snapshot, train_step
 
-import train
 from model import GPT, ModelConfig
 from model.generate import generate_tokens
 
@@ -88,12 +87,12 @@ def test_sync_debug_mode_catches_a_host_read():
 def test_the_training_step_makes_no_host_sync(cuda_run, precision, compile):
     run = cuda_run(f"precision={precision}", f"compile={compile}")
     for _ in range(2):  # compilation and lazy state (optimizer moments, the scaler's scale) come first
-        train.train_step(run, 1e-3, 1.0, run.rt)
+        train_step(run)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises from here on
     try:
         for _ in range(3):
-            loss, norm, skipped = train.train_step(run, 1e-3, 1.0, run.rt)
+            loss, norm, skipped = train_step(run)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss) and torch.isfinite(norm) and skipped.item() == 0.0
@@ -101,17 +100,17 @@ def test_the_training_step_makes_no_host_sync(cuda_run, precision, compile):
 
 def test_fp16_step_forced_to_overflow_is_skipped_by_the_grad_scaler(cuda_run):
     run = cuda_run("precision=fp16")
-    assert run.optimizer.defaults["fused"]  # the skip happens inside the fused kernel (found_inf)
-    train.train_step(run, 1e-3, 1.0, run.rt)  # a finite step: the optimizer has its state
-    run.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**120)  # scaled fp16 gradients overflow
-    scale = run.scaler.get_scale()
+    assert run.state.optimizer.defaults["fused"]  # the skip happens inside the fused kernel (found_inf)
+    train_step(run)  # a finite step: the optimizer has its state
+    run.state.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**120)  # scaled fp16 gradients overflow
+    scale = run.state.scaler.get_scale()
     before = snapshot(run)
-    loss, norm, skipped = train.train_step(run, 1e-3, 1.0, run.rt)
+    loss, norm, skipped = train_step(run)
     assert torch.isfinite(loss) and not torch.isfinite(norm)  # the loss is fine, the gradients overflowed
     assert skipped.item() == 0.0  # an overflow is the scaler's business, not a bad step
     assert_same(before, snapshot(run))
-    assert run.scaler.get_scale() == scale * 0.5
-    run.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
-    train.train_step(run, 1e-3, 1.0, run.rt)
+    assert run.state.scaler.get_scale() == scale * 0.5
+    run.state.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    train_step(run)
     after = snapshot(run)[0]
     assert any(not torch.equal(after[k], before[0][k]) for k in after), "a finite step must update"

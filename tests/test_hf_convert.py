@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.formats.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError
 from engine.formats.hf import tokenizer_json_from_hf_dir
 from engine.formats.pretrained import from_pretrained, load_pretrained
 from model import GPT, ModelConfig

@@ -13,12 +13,14 @@ import zipfile
 import pytest
 import torch
 
-from engine.formats.checkpoint import (
+from engine.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    candidates,
     link_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
+    open_checkpoint,
     remove_leftovers,
     resolve_checkpoint,
     save_checkpoint,
@@ -50,13 +52,19 @@ def test_round_trip_rebuilds_the_same_model(tmp_path, pos):
     assert torch.equal(model(idx)[0], again(idx)[0])
 
 
-def test_run_directory_prefers_best_then_last_then_checkpoints_folder(tmp_path):
+def test_run_directory_order_is_last_then_step_files_newest_first_then_best(tmp_path, caplog):
     model = tiny()
-    save_checkpoint(tmp_path / "checkpoints" / "last.pt", payload(model))
-    assert resolve_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last.pt"
-    save_checkpoint(tmp_path / "last.pt", payload(model))
-    save_checkpoint(tmp_path / "best.pt", payload(model))
+    save_checkpoint(tmp_path / "best.pt", payload(model, step=3))
     assert resolve_checkpoint(tmp_path) == tmp_path / "best.pt"
+    for step in (4, 6):
+        save_checkpoint(tmp_path / f"ckpt-00000{step}.pt", payload(model, step=step))
+    assert candidates(tmp_path) == [tmp_path / "ckpt-000006.pt", tmp_path / "ckpt-000004.pt", tmp_path / "best.pt"]
+    assert load_checkpoint(tmp_path)["step"] == 6  # a run dir of step files only is a run dir
+    save_checkpoint(tmp_path / "last.pt", payload(model, step=7), keep_last=3)  # ckpt-000007.pt: a hard link
+    assert candidates(tmp_path)[:2] == [tmp_path / "last.pt", tmp_path / "ckpt-000006.pt"]
+    (tmp_path / "last.pt").write_bytes(b"junk")  # in place: ckpt-000007.pt, the same file, is junk too
+    assert open_checkpoint(tmp_path)[0] == tmp_path / "ckpt-000006.pt"
+    assert "skipping" in caplog.text and "last.pt" in caplog.text
 
 
 def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -109,10 +109,10 @@ def test_crash_then_resume_with_muon_is_bit_identical(tiny_overrides, tmp_path, 
     import engine.state
     real_save = engine.state.save_checkpoint
 
-    def crash_at_step_8(path: Path, payload: dict) -> None:
+    def crash_at_step_8(path: Path, payload: dict, **kw) -> None:
         if path.name == "last.pt" and payload["step"] == 8:
             raise KeyboardInterrupt("crash")
-        real_save(path, payload)
+        real_save(path, payload, **kw)
 
     run = tmp_path / "crashed"
     monkeypatch.setattr(engine.state, "save_checkpoint", crash_at_step_8)

@@ -24,7 +24,7 @@ import sample
 from causality.sampling import encode_prompt, stream_sample
 from data.config import DataError
 from data.tokenizer import CharTokenizer, train_bpe
-from engine.formats.checkpoint import CheckpointError, save_checkpoint
+from engine.checkpoint import CheckpointError, save_checkpoint
 from model import GPT, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]

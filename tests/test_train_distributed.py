@@ -21,7 +21,7 @@ import torch
 from conftest import ROOT, compose_train, run_script
 
 import train
-from engine.formats.checkpoint import load_checkpoint, model_from_checkpoint
+from engine.checkpoint import load_checkpoint, model_from_checkpoint
 
 STEPS = 6
 
@@ -118,18 +118,18 @@ if fault in ("hang", "inf_then_nan") and rank == 1:
         return logits, loss
     GPT.forward = forward
 if fault == "inf_then_nan":
-    import engine.guard, engine.state
-    real_poison, real_save_state, poisons = engine.guard.poison_grads_if, engine.state.save_state, [0]
+    import engine.step, engine.state
+    real_poison, real_save, poisons = engine.step.poison_grads_if, engine.state.TrainState.save, [0]
     def poison(flag, params):  # an overflow in this rank's shard of one gradient only
         poisons[0] += 1
         if rank == 1 and poisons[0] == 2:
             grad = next(p.grad for p in params if p.grad is not None)
             grad.to_local().view(-1)[0] = float("inf")
         return real_poison(flag, params)
-    def save_state(path, rt, model, optimizer, scaler, loop, *a, **kw):
-        print(f"rank {rank} saves step {loop.step} with loss scale {scaler.get_scale()}", flush=True)
-        return real_save_state(path, rt, model, optimizer, scaler, loop, *a, **kw)
-    engine.guard.poison_grads_if, engine.state.save_state = poison, save_state
+    def save(self, path, *a, **kw):
+        print(f"rank {rank} saves step {self.step} with loss scale {self.scaler.get_scale()}", flush=True)
+        return real_save(self, path, *a, **kw)
+    engine.step.poison_grads_if, engine.state.TrainState.save = poison, save
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """

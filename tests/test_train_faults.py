@@ -24,9 +24,14 @@ import torch
 from conftest import compose_train, run_script
 
 import train
-from engine.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_checkpoints
+from engine.checkpoint import (
+    CheckpointError,
+    keep_history,
+    load_checkpoint,
+    save_checkpoint,
+    step_checkpoints,
+)
 from engine.formats.pretrained import INCOMPLETE_MARKER, load_pretrained, save_export, write_dir
-from engine.state import keep_history
 
 
 def _model_equal(a: dict, b: dict) -> bool:
@@ -68,8 +73,8 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tiny_overrides, t
         resumed = train.train(compose_train([*recipe, "resume=auto"]))
     assert resumed["step"] == 20
     messages = [r.getMessage() for r in caplog.records]
-    assert any(f"resume: skipping {last}, it does not load: checkpoint {last} is corrupt" in m for m in messages)
-    assert any(f"continuing from {run / 'ckpt-000015.pt'} (step 15), the newest checkpoint that loads" in m
+    assert any(f"skipping {last}, it does not load: checkpoint {last} is corrupt" in m for m in messages)
+    assert any(f"using {run / 'ckpt-000015.pt'} (step 15), the newest checkpoint of {run} that loads" in m
                for m in messages)
     assert any("removed 3 temporary file(s) of interrupted saves" in m for m in messages)
     assert not any(p.exists() for p in leftovers)
@@ -77,10 +82,10 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tiny_overrides, t
     got = torch.load(run / "last.pt", weights_only=True)
     assert _model_equal(got["model"], want["model"])
 
-    for path in [last, *(p for _, p in step_checkpoints(run))]:  # every checkpoint damaged: one line
+    for path in [last, *(p for _, p in step_checkpoints(run)), run / "best.pt"]:  # all damaged: one line
         path.write_bytes(b"junk")
     (run / "junk.pt").write_bytes(b"")  # not a checkpoint's name: not a candidate
-    with pytest.raises(CheckpointError, match=rf"^resume=auto: none of last.pt, ckpt-000015.pt in {run} loads "
+    with pytest.raises(CheckpointError, match=rf"^none of last.pt, ckpt-000015.pt, best.pt in {run} loads "
                                               rf"\(checkpoint {last} is corrupt"):
         train.train(compose_train([*recipe, "resume=auto"]))
 

@@ -15,7 +15,7 @@ import torch
 from conftest import compose_train
 
 import train
-from engine.formats.checkpoint import load_checkpoint, model_from_checkpoint
+from engine.checkpoint import load_checkpoint, model_from_checkpoint
 from engine.state import TrainingError
 from model import GPT
 
@@ -68,7 +68,7 @@ def test_checkpoint_contents(trained):
     assert set(raw["rng"][0]) == {"python", "numpy", "torch", "cuda"}
     assert raw["optimizer"]["state"]["wte.weight"]["exp_avg"].shape == raw["model"]["wte.weight"].shape
     # sample.py's path: rebuild the model and the tokenizer from the checkpoint alone.
-    model = model_from_checkpoint(load_checkpoint(run))  # the run dir resolves to best.pt
+    model = model_from_checkpoint(load_checkpoint(run))  # the run dir resolves to last.pt
     from data.tokenizer import tokenizer_from_json
     tok = tokenizer_from_json(raw["tokenizer"])
     assert tok.decode(tok.encode("the king")) == "the king"
@@ -154,5 +154,5 @@ def test_init_from_refuses_data_with_another_tokenizer(trained, tiny_overrides, 
     other.write_text("0123456789 xyz\n" * 400, encoding="utf-8")  # another character set
     overrides = [*tiny_overrides, f"data.path={other}", f"init_from={trained[1]['run_dir']}",
                  f"out_dir={tmp_path / 'fine_tuned'}"]  # not the source run's own directory
-    with pytest.raises(ValueError, match="uses another tokenizer than this run's data"):
+    with pytest.raises(ValueError, match="does not fit this data: it was trained with another tokenizer"):
         train.train(compose_train(overrides))

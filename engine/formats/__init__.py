@@ -9,7 +9,7 @@ model/ stays the network alone (it reads and writes no file); the mapping betwee
 names and GPT-2's, which touches no disk, is model/gpt2.py.
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .pretrained import from_pretrained, load_pretrained
 
 __all__ = ["CheckpointError", "from_pretrained", "load_checkpoint", "load_pretrained", "model_from_checkpoint",

@@ -29,7 +29,7 @@ from model.gpt2 import (
     to_hf_state_dict,
 )
 
-from .checkpoint import CheckpointError
+from ..checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 

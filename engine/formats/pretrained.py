@@ -1,7 +1,7 @@
 """Loading a model from anywhere, and our pickle-free export format.
 
 `load_pretrained(path)` accepts, and tells apart by what is on disk:
-  - our checkpoint file, or a run directory holding best.pt / last.pt    -> source "checkpoint"
+  - our checkpoint file, or a run directory (engine/checkpoint.py's order) -> source "checkpoint"
   - our export directory (config.json with "format": "causalgpt")        -> source "export"
   - a local Hugging Face GPT-2 directory (config.json, model_type gpt2)  -> source "hf"
 and returns a checkpoint-like dict {"model", "model_config", "tokenizer", "source"} (a checkpoint
@@ -37,7 +37,7 @@ import torch
 from data.atomic import atomic_write, exclusive_lock, fsync_dir, make_temp_dir, remove_temps, temp_prefix
 from model import GPT, ModelConfig
 
-from .checkpoint import CheckpointError, check_weights, load_checkpoint, model_from_checkpoint
+from ..checkpoint import CheckpointError, check_weights, model_from_checkpoint, open_checkpoint
 from .hf import is_hf_gpt2_dir, load_hf_dir
 
 EXPORT_FORMAT = "causalgpt"
@@ -128,12 +128,12 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{path / CONFIG_FILE}: model_type={model_type!r}; of Hugging Face models "
                               "only GPT-2 (model_type 'gpt2') loads")
     try:
-        ckpt = load_checkpoint(path, map_location=device)
+        file, ckpt = open_checkpoint(path, map_location=device)  # a run dir: its first one that loads
     except CheckpointError as e:
         if path.is_dir():  # say what else a directory could have been
             raise CheckpointError(f"{e}; {_ACCEPTED}") from e
         raise
-    return {**ckpt, "tokenizer": ckpt.get("tokenizer"), "source": "checkpoint"}
+    return {**ckpt, "tokenizer": ckpt.get("tokenizer"), "source": "checkpoint", "path": str(file)}
 
 
 _ACCEPTED = ("pass a checkpoint (.pt), a run directory, an export directory (scripts/export.py) "

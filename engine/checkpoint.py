@@ -1,31 +1,38 @@
-"""Checkpoints: written atomically, read back without unpickling arbitrary objects.
+"""Checkpoints: the one module that writes, reads and chooses them, for every caller.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
-`torch.load(weights_only=True)`. Keys written by the trainer (the model keys are required):
+`torch.load(weights_only=True)`. Keys written by the trainer (engine/state.py's TrainState; the
+model keys are required):
 
     format_version  int, FORMAT_VERSION
-    model           state dict of the unwrapped, uncompiled GPT
+    model           full state dict of the unwrapped, uncompiled GPT
     model_config    ModelConfig.to_dict()
     tokenizer       the tokenizer as a JSON string (sampling needs no data directory), or None
     config          the whole resolved run config as plain data
-    step, tokens_seen, best_val, optimizer, scaler, loader_state, rng, wandb_run_id, data,
-    precision, device   (what the run trained with: a resume that changes them is told what resets)
+    step, tokens_seen, best_val, loop, optimizer, scaler, loader_state, rng, wandb_run_id, data,
+    world_size, precision, device   (a resume that changes the last three is told what resets)
 
-Writing: a temporary file beside the target (`.<name>.tmp-<random>`), fsync'ed, renamed over the
-target, then the directory fsync'ed (data/atomic.py): a kill or a power cut leaves the old file or
-the new one, never a mix. A failed write (disk full, quota, read-only) removes the temporary file,
-keeps the previous checkpoint and raises one CheckpointError naming the path. A run directory
-also holds step-numbered checkpoints (`ckpt-000250.pt`, see engine/state.py) and, after a kill,
-temporary files that `remove_leftovers` deletes.
+Writing (`save_checkpoint`): a temporary file beside the target, fsync'ed, renamed over it, the
+directory fsync'ed (data/atomic.py), so a kill leaves the old file or the new one. keep_last > 0 also
+names the file ckpt-<step>.pt (a hard link: no second write) and deletes older step files beyond
+that many. A disk error (full, quota, read-only) leaves no temporary file, keeps the previous
+checkpoint and is one CheckpointError naming the path.
 
-Reading: anything torch.load fails on (junk, a cut-short file, a zip of something else), a record
-whose CRC-32 does not match (bit rot: torch.load does not check them) and weights that do not fit
-their model_config are one CheckpointError naming the file, never a traceback.
+Choosing: in a run directory the order is last.pt, then the step files newest first, then best.pt
+(`candidates`); resume, sample.py, init_from, the exports and the scripts all use it, and a file
+that does not load is skipped with a warning naming it (`open_checkpoint`).
+
+Reading: anything torch.load fails on, a record whose CRC-32 does not match (torch.load does not
+check them) and weights that do not fit their model_config are one CheckpointError naming the file.
+Whether a checkpoint fits the data it is used with (vocabulary, tokenizer) is checked here too
+(`check_fits_data`), for every load that meets data.
 """
 
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
 import re
 import shutil
@@ -39,7 +46,10 @@ from model import GPT, ModelConfig
 from model.positions import sinusoidal_table
 
 FORMAT_VERSION = 1
-CHECKPOINT_NAMES = ("best.pt", "last.pt")  # looked for, in this order, inside a run directory
+log = logging.getLogger(__name__)
+# The names of a run directory's checkpoints, in the order they are tried (`candidates`).
+CHECKPOINT_GLOBS = ("last.pt", "ckpt-*.pt", "best.pt")
+
 STEP_NAME = re.compile(r"^ckpt-(\d+)\.pt$")  # step-numbered checkpoints: ckpt-000250.pt
 # What killed saves leave: `.<name>.tmp-<random>` (data/atomic.py; `.tmp-link` for a step file's
 # hard link), and mkstemp's `.<name>.<random>.tmp` from earlier versions.
@@ -73,9 +83,10 @@ def step_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+def save_checkpoint(path: str | os.PathLike, payload: dict, keep_last: int = 0) -> Path:
     """Write payload to path atomically (temporary file, fsync, rename, directory fsync). A crash
-    mid-save leaves the previous checkpoint intact; a disk error is a CheckpointError naming path."""
+    mid-save leaves the previous checkpoint intact; a disk error is a CheckpointError naming path.
+    keep_last > 0: also keep payload["step"]'s step file and at most keep_last of them (`keep_history`)."""
     path = Path(path)
     payload = {"format_version": FORMAT_VERSION, **payload}
     try:
@@ -88,7 +99,24 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
         if (error := _write_error(path, e)) is None:
             raise
         raise error from e
+    if keep_last:
+        keep_history(path, int(payload["step"]), keep_last)
     return path
+
+
+def keep_history(last: Path, step: int, keep_last: int) -> None:
+    """Name the checkpoint just written to `last` also ckpt-<step>.pt (a hard link) and delete the
+    step files beyond the newest keep_last. Those of later steps than this one belong to a run that
+    was resumed from an earlier checkpoint: they are deleted too."""
+    link_checkpoint(last, last.parent / step_name(step))
+    older = [p for s, p in step_checkpoints(last.parent) if s <= step]  # newest first
+    for p in older[keep_last:]:
+        p.unlink(missing_ok=True)
+    for s, p in step_checkpoints(last.parent):
+        if s > step:
+            log.info("removing %s: it is from before this run was resumed at an earlier step", p)
+            p.unlink(missing_ok=True)
+    fsync_dir(last.parent)
 
 
 def link_checkpoint(src: Path, dst: Path) -> Path:
@@ -142,24 +170,72 @@ def _write_error(path: Path, e: BaseException) -> CheckpointError | None:
         f"{hint.format(dir=path.parent)}, then run again (resume=auto continues from the last checkpoint)")
 
 
+def candidates(run_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints of a run directory in the order every reader tries them: last.pt, the step
+    files newest first, best.pt. A second name for a file already listed (the hard link between
+    last.pt and the newest step file) is left out."""
+    run_dir = Path(run_dir)
+    names = [run_dir / "last.pt", *(p for _, p in step_checkpoints(run_dir)), run_dir / "best.pt"]
+    seen, out = set(), []
+    for path in names:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            out.append(path)
+    return out
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run directory (its best.pt, else last.pt, also under checkpoints/)."""
+    """A checkpoint file as given, or a run directory's first candidate (existence only: see
+    open_checkpoint for the one that loads)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for folder in (path, path / "checkpoints"):
-            for name in CHECKPOINT_NAMES:
-                if (folder / name).is_file():
-                    return folder / name
-        raise CheckpointError(f"no checkpoint in directory {path}: expected one of {list(CHECKPOINT_NAMES)}")
+        if found := candidates(path):
+            return found[0]
+        raise CheckpointError(f"no checkpoint in directory {path}: expected last.pt, ckpt-<step>.pt or best.pt")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass a .pt file or a run directory")
     return path
 
 
+def open_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    training_state: bool = False) -> tuple[Path, dict]:
+    """(file, checkpoint) for a file or a run directory: of a directory the first candidate that
+    loads, each one skipped named in a warning. training_state: it must hold what resume needs."""
+    path = Path(path).expanduser()
+    files = [resolve_checkpoint(path)] if not path.is_dir() else candidates(path)
+    if not files:
+        resolve_checkpoint(path)  # raises: nothing there
+    errors: list[CheckpointError] = []
+    for file in files:
+        try:
+            ckpt = _load_file(file, map_location)
+            if training_state:
+                _check_resumable(ckpt, file)
+        except CheckpointError as e:
+            if len(files) == 1:
+                raise
+            log.warning("skipping %s, it does not load: %s", file, e)
+            errors.append(e)
+            continue
+        if errors:
+            log.warning("using %s (step %s), the newest checkpoint of %s that loads", file, ckpt.get("step"), path)
+        return file, ckpt
+    raise CheckpointError(f"none of {', '.join(p.name for p in files)} in {path} loads ({errors[0]}); pass a "
+                          "checkpoint file that does, or start fresh in another out_dir")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint file or run directory safely (weights_only=True) and check its format and
-    that its weights fit its model_config. Every failure is one CheckpointError naming the file."""
-    path = resolve_checkpoint(path)
+    """open_checkpoint(path)'s checkpoint: a file, or the first one of a run directory that loads."""
+    return open_checkpoint(path, map_location)[1]
+
+
+def _load_file(path: Path, map_location: str | torch.device) -> dict:
+    """Load one checkpoint file safely (weights_only=True) and check its format and that its weights
+    fit its model_config. Every failure is one CheckpointError naming the file."""
     try:
         _check_crcs(path)
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -182,6 +258,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                               f"{FORMAT_VERSION}; use the causalgpt release that wrote it")
     check_weights(ckpt, path)
     return ckpt
+
+
+def _check_resumable(ckpt: dict, path: Path) -> None:
+    """A file that has weights but no training state (e.g. an exported model) cannot be resumed."""
+    missing = [k for k in ("step", "optimizer", "loader_state", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no training state ({', '.join(missing)} missing); "
+                              "use init_from= to start from its weights instead of resume=")
 
 
 def _check_crcs(path: Path) -> None:
@@ -216,6 +300,46 @@ def check_weights(ckpt: dict, path: Path) -> None:
     if problem:
         raise CheckpointError(f"checkpoint {path}: its weights do not match its model_config ({problem}); "
                               "the file is damaged or was edited: pick another checkpoint")
+
+
+def check_fits_data(ckpt: dict, path: str | os.PathLike, tokenizer_json: str | None, vocab_size: int,
+                    use: str) -> None:
+    """The one check that a checkpoint's weights can read this data: its tokenizer maps text to the
+    same ids as the data's (when both are known), and the data's ids fit its embedding. use: what the
+    caller does with it ("resume", "init_from", "sample"), named in the fix. A CheckpointError else."""
+    model_vocab = int(ckpt["model_config"]["vocab_size"])
+    saved = ckpt.get("tokenizer")
+    problem = None
+    if saved and tokenizer_json and not same_vocabulary(saved, tokenizer_json):
+        problem = f"it was trained with another tokenizer ({_describe(saved)}) than this data's ({_describe(tokenizer_json)})"
+    elif vocab_size > model_vocab:
+        problem = f"this data has {vocab_size} token ids, its embedding only {model_vocab}"
+    if problem is None:
+        return
+    fix = {"resume": "resume with the data it was trained on (the data.* settings of its run), or start a new "
+                     f"run from these weights with init_from={path} on data prepared with its tokenizer",
+           "init_from": "prepare the data with the model's tokenizer (data.tokenizer=pretrained "
+                        "data.tokenizer_path=...)"}.get(use, "use a checkpoint that holds its own tokenizer")
+    raise CheckpointError(f"checkpoint {path} does not fit this data: {problem}; {fix}")
+
+
+def same_vocabulary(a: str, b: str) -> bool:
+    """Whether two tokenizer JSONs map text to the same ids: equal, or the same `tokenizers` model
+    (vocabulary and merges) and special tokens, whatever the formatting of the files."""
+    if a == b:
+        return True
+    ja, jb = json.loads(a), json.loads(b)
+    keys = ("model", "added_tokens", "pre_tokenizer", "normalizer")
+    return "model" in ja and all(ja.get(k) == jb.get(k) for k in keys)
+
+
+def _describe(tokenizer_json: str) -> str:
+    """A tokenizer JSON in a few words: its kind and vocabulary size."""
+    obj = json.loads(tokenizer_json)
+    if obj.get("kind") == "char":
+        return f"char, {len(obj['chars']) + bool(obj.get('unk'))} tokens"
+    model = obj.get("model") or {}
+    return f"{str(model.get('type', 'tokenizers')).lower()}, {len(model.get('vocab') or {})} tokens"
 
 
 def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", **overrides) -> GPT:
