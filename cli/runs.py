@@ -10,7 +10,6 @@ import itertools
 import logging
 import os
 import re
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,23 +79,28 @@ LOCK_FILE = ".lock"
 
 @contextlib.contextmanager
 def hold_run_dir(out_dir: Path, resume: str | None, overwrite: bool, enabled: bool = True) -> Iterator[None]:
-    """Hold out_dir for the run in this block: lock it (`<out_dir>/.lock`: pid and host, created
-    exclusively; a lock left by a run that no longer lives on this host is taken over), then refuse
-    a fresh run (no resume) into a directory that holds another run's files (RUN_FILES, step
-    checkpoints), unless overwrite=true, which deletes them. resume=auto with no checkpoint to
-    continue starts over the same way. enabled=False (every torchrun rank but 0) does nothing."""
+    """Hold out_dir for the run in this block: lock it (`<out_dir>/.lock`, an OS file lock, which the
+    OS releases when the process dies, however it dies), then refuse a fresh run (no resume) into a
+    directory that holds another run's files (RUN_FILES, step checkpoints), unless overwrite=true,
+    which deletes them. resume=auto with no checkpoint to continue starts over the same way.
+    enabled=False (every torchrun rank but 0) does nothing."""
     if not enabled:
         yield
         return
+    from filelock import FileLock, Timeout
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = _take_lock(out_dir)
+    lock = FileLock(out_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(f"{out_dir} is in use by another training run that is still running: wait for it to "
+                         "end, or choose another out_dir") from None
     try:
         _check_run_dir(out_dir, resume, overwrite)
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+        lock.release()
 
 
 def _resuming(resume: str | None, out_dir: Path) -> bool:
@@ -125,54 +129,6 @@ def _check_run_dir(out_dir: Path, resume: str | None, overwrite: bool) -> None:
                 "overwrite=true" if overwrite else "resume=auto found no checkpoint", ", ".join(found))
     for name in found:
         (out_dir / name).unlink()
-
-
-def _take_lock(out_dir: Path) -> Path:
-    path, host = out_dir / LOCK_FILE, socket.gethostname()
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(path)
-            if holder is None:
-                continue  # gone since: try again
-            pid, holder_host = holder
-            if holder_host == host and pid > 0 and not _pid_alive(pid):
-                log.warning("%s: taking over the lock of a run that is gone (pid %d)", out_dir, pid)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            raise ValueError(f"{out_dir} is in use by a running training run (pid {pid} on {holder_host}): wait "
-                             f"for it to end or choose another out_dir (if that run is gone, delete {path})") from None
-        try:
-            os.write(fd, f"{os.getpid()} {host}\n".encode())
-        finally:
-            os.close(fd)
-        return path
-    raise ValueError(f"{out_dir}: another run is taking its lock at the same moment; choose another out_dir")
-
-
-def _lock_holder(path: Path) -> tuple[int, str] | None:
-    """(pid, host) from a lock file; (-1, "an unknown host") when it cannot be read; None when gone."""
-    try:
-        fields = path.read_text().split()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return -1, "an unknown host"
-    if len(fields) != 2 or not fields[0].isdigit():
-        return -1, "an unknown host"
-    return int(fields[0]), fields[1]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 # ---- W&B names -----------------------------------------------------------------------------------

@@ -72,10 +72,6 @@ class Runtime:
                     return flops if self.precision != "fp32" else None  # fp32 peaks differ: no guess
         return None
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def any_flag(self, *flags: bool) -> list[bool]:
         """Per flag, whether it is set on any rank (one small all-reduce; free in one process).
         Used so that every rank stops, or skips a step, together."""

@@ -203,3 +203,41 @@ def test_a_rank_that_fails_or_hangs_stops_the_other_promptly(recipe, tmp_path, f
     assert errors[0].endswith(f"resume with resume=auto out_dir={tmp_path / 'run'}")
     if fault == "setup":
         assert errors[1] == "prepared data /injected/train.bin is cut short; delete it to rebuild"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(args: list[str]) -> list:
+    """Two torchrun launchers, one process each, meeting at a c10d rendezvous on localhost: the way
+    two machines run one job (`--nnodes=2`), here on one machine."""
+    import os
+    import subprocess
+    import sys
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=multinode-test", "train.py", *args]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    out = [p.communicate(timeout=240) for p in nodes]
+    for p, (stdout, stderr) in zip(nodes, out, strict=True):
+        assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_nodes_train_into_one_run_dir_and_resume(recipe, tmp_path):
+    _two_nodes([*recipe, f"hydra.run.dir={tmp_path}/nodes/${{run_stamp:}}"])
+    run_dirs = [p.parent for p in (tmp_path / "nodes").glob("*/*/last.pt")]
+    assert len(run_dirs) == 1 and len(list((tmp_path / "nodes").glob("*/*"))) == 1  # one dir for the job
+    ckpt = torch.load(run_dirs[0] / "last.pt", weights_only=True)
+    assert ckpt["step"] == STEPS and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    _two_nodes([*recipe, f"max_iters={STEPS + 2}", "resume=auto", f"out_dir={run_dirs[0]}"])
+    resumed = torch.load(run_dirs[0] / "last.pt", weights_only=True)
+    assert resumed["step"] == STEPS + 2 and resumed["world_size"] == 2
+    assert not torch.equal(resumed["model"]["wte.weight"], ckpt["model"]["wte.weight"])
