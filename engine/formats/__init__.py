@@ -1,6 +1,6 @@
-"""File formats: everything that turns a model into files and files back into a model.
+"""File formats: our export and Hugging Face directories, and one loader for every model file
+(training checkpoints themselves are engine/checkpoint.py's).
 
-- checkpoint.py  training checkpoints (.pt, weights_only-loadable plain data), written atomically
 - pretrained.py  `load_pretrained(path)`: a checkpoint, a run directory, our safetensors export or a
                  Hugging Face GPT-2 directory, told apart by what is on disk; our export format
 - hf.py          Hugging Face GPT-2 directories: read without transformers, written with it
