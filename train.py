@@ -23,13 +23,13 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import cli
 from causality.sampling import start_token
 from data.loader import BatchLoader
 from data.prepare import prepare, read_meta
+from data.progress import Progress
 from data.tokenizer import Tokenizer, load_tokenizer
 from engine.checkpoint import check_fits_data, remove_leftovers
 from engine.config import TrainConfig
@@ -83,16 +83,16 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
     loop, logger, out_dir = run.state, run.logger, run.out_dir  # loop: the TrainState's counters
     start_step, stopping = loop.step, False
     meter = StepMeter(run.tokens_per_step, warmup_steps=2 if rt.compile else 1)
-    interactive = rt.is_main and sys.stderr.isatty()  # a bar on a terminal; plain log lines in a file
-    bar = tqdm(total=cfg.max_iters, initial=loop.step, disable=not interactive, desc="train", dynamic_ncols=True)
+    # A bar on a terminal (log lines print above it); the log lines below are the record elsewhere.
+    bar = Progress("train", cfg.max_iters, unit="steps", enabled=rt.is_main, every_s=math.inf, logger=log)
+    bar.update(loop.step)
     while True:
         done = loop.step >= cfg.max_iters
 
         # ---- every eval_interval steps and at the end: eval losses, a sample, best.pt --------------
         if not stopping and (done or loop.step % cfg.eval_interval == 0) and loop.last_eval_step != loop.step:
             losses = evaluate(run, cfg, rt)
-            if rt.is_main:
-                bar.write(f"step {loop.step}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items()))
+            log.info("step %d: %s", loop.step, ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items()))
             if losses.get("val", math.inf) < loop.best_val:
                 loop.best_val = losses["val"]
                 run.save("best.pt")
@@ -122,12 +122,9 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
             if run.peak_flops and "tokens_per_s" in record:
                 record["mfu"] = run.model.estimate_mfu(record["tokens_per_s"], run.peak_flops * rt.world_size)
             logger.log(record)
-            if interactive:
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record.get('tokens_per_s', 0):,.0f}")
-            elif rt.is_main:
-                log.info("step %d/%d: loss %.4f, lr %.2e, %s tok/s, %s ms/step", loop.step, cfg.max_iters,
-                         train_loss, lr, f"{record.get('tokens_per_s', 0):,.0f}",
-                         f"{record['step_ms']:.1f}" if "step_ms" in record else "-")
+            log.info("step %d/%d: loss %.4f, lr %.2e, %s tok/s, %s ms/step", loop.step, cfg.max_iters,
+                     train_loss, lr, f"{record.get('tokens_per_s', 0):,.0f}",
+                     f"{record['step_ms']:.1f}" if "step_ms" in record else "-")
         # One process: look at the flag every step. Under torchrun every rank must agree, which takes
         # a collective: only at log steps (a stop waits at most log_interval steps).
         if not rt.distributed:
