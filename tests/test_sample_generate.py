@@ -8,6 +8,7 @@ sample.run(); two subprocess checks cover the command line end to end (exit stat
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -151,6 +152,20 @@ def test_ckpt_defaults_to_the_newest_run_under_outputs(ckpt, tmp_path):
     code, out, err = run_sample(f"outputs_dir={tmp_path / 'outputs'}", "prompt=All", "temperature=1",
                                 "max_new_tokens=40")
     assert code == 0 and out == from_new
+
+
+def test_a_run_dir_of_step_files_only_samples_its_newest_and_a_bad_vocabulary_is_one_line(ckpt, tmp_path):
+    run = tmp_path / "steps_only"
+    run.mkdir()
+    (run / "ckpt-000100.pt").write_bytes(ckpt.read_bytes())
+    train_checkpoint(run / "ckpt-000001.pt", steps=1)
+    assert gen(run, "prompt=All", "temperature=1") == gen(ckpt, "prompt=All", "temperature=1")
+    payload = torch.load(ckpt, weights_only=True)
+    tok = json.loads(payload["tokenizer"])
+    tok["chars"] = "".join(sorted(set(tok["chars"]) | set("0123456789"))) # 10 more ids than the embedding
+    save_checkpoint(tmp_path / "wide.pt", {**payload, "tokenizer": json.dumps(tok)})
+    with pytest.raises(CheckpointError, match=r"does not fit this data: this data has \d+ token ids, its embedding only"):
+        run_sample(f"ckpt={tmp_path / 'wide.pt'}")
 
 
 # ---- bad input: one clear error or warning each ----------------------------------------------

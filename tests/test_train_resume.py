@@ -127,3 +127,15 @@ def test_resume_from_another_run_directory_continues_its_state(tiny_overrides, t
     assert ckpt["tokens_seen"] == 30 * 4 * 16 and ckpt["loader_state"]["step"] == 30
     with pytest.raises(CheckpointError, match="does not exist"):
         train.train(compose_train([*tiny_overrides, f"resume={tmp_path / 'nope.pt'}"]))
+
+
+def test_resume_onto_data_with_another_vocabulary_is_one_line(tiny_overrides, tmp_path):
+    train.train(compose_train([*tiny_overrides, "max_iters=4"]))
+    other = tmp_path / "other.txt"
+    other.write_text("0123456789 ~!@#$%^&*() other characters entirely\n" * 200, encoding="utf-8")
+    args = [a for a in tiny_overrides if not a.startswith("data.path=")]
+    r = run_script(["train.py", *args, f"data.path={other}", "resume=auto", "max_iters=8"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: checkpoint {tmp_path / 'run' / 'last.pt'} does not fit this data: it was "
+                           "trained with another tokenizer (char, ") and "init_from=" in line
