@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
         elif loop.step % cfg.log_interval == 0:
             (stopping,) = rt.any_flag(stop.requested)
     bar.close()
-    return finish(run, cfg, rt, stopping)
+    return finish(run, cfg, rt, stop.signum if stopping else None)
 
 
 # ---- set-up ------------------------------------------------------------------------------------------
@@ -266,10 +267,12 @@ def check_bad_steps(loop: TrainState, n_bad: int, max_bad_steps: int, train_loss
             f"{last if last.exists() else 'none yet'}. Try a lower optim.lr or precision=fp32")
 
 
-def finish(run: Run, cfg: TrainConfig, rt: Runtime, stopping: bool) -> dict:
+def finish(run: Run, cfg: TrainConfig, rt: Runtime, signum: int | None) -> dict:
     """The final whole-split eval (unless stopped early), the W&B summary, and the run's summary."""
     out_dir = run.out_dir
+    stopping = signum is not None or run.state.step < cfg.max_iters  # signum None: another rank's signal
     summary = {"run_dir": str(out_dir), "step": run.state.step, "best_val": run.state.best_val, "stopped": stopping,
+               "signal": signum,
                "checkpoint": str(out_dir / ("best.pt" if (out_dir / "best.pt").exists() else "last.pt"))}
     if cfg.final_eval_iters and not stopping:
         T = run.model.config.block_size
@@ -280,7 +283,7 @@ def finish(run: Run, cfg: TrainConfig, rt: Runtime, stopping: bool) -> dict:
         run.logger.log({"step": run.state.step, "val/final_loss": summary["final_val"],
                         "val/final_ppl": perplexity(summary["final_val"]), "val/final_bpb": summary["final_bpb"]})
     run.logger.summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
-    run.logger.finish()
+    run.logger.finish(128 + (signum or signal.SIGTERM) if stopping else 0, preempted=stopping)
     return summary
 
 
@@ -336,6 +339,8 @@ def main(dcfg: DictConfig) -> float | None:
             resume = cli.as_typed([*keep, "resume=auto", "out_dir=" + result["run_dir"]], cli.TRAIN_TEXT)
             print(f"resume:     python train.py {' '.join(resume)}")
         print(f"try it:     python sample.py ckpt={result['run_dir']}")
+    if result["stopped"]:  # stopped by a signal after a clean save: 128 + its number (schedulers read it)
+        raise SystemExit(128 + (result["signal"] or signal.SIGTERM))
     # The value a Hydra sweeper would minimise, carrying the summary for the sweep table (cli.SweepSummary).
     return cli.RunResult(result.get("final_val", result["best_val"]), result)
 

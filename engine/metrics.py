@@ -106,9 +106,12 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.summary.update(values)
 
-    def finish(self, exit_code: int = 0) -> None:
-        """End the W&B run: exit_code 0 marks it finished, anything else failed."""
+    def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
+        """End the W&B run: exit_code 0 marks it finished, anything else failed; preempted (stopped by
+        a signal after a clean save) tells W&B so, which a resumed run then continues."""
         if self.wandb is not None:
+            if preempted:
+                self.wandb.mark_preempting()
             self.wandb.finish(exit_code=exit_code)
             self.wandb = None
 

@@ -289,3 +289,21 @@ def test_a_long_eval_logs_its_progress(monkeypatch, caplog):
         evaluate_mod.estimate_loss(model, batches, rt, desc="final val")
     assert [m for m in caplog.messages if m.startswith("eval final val")][-1] == "eval final val: 3 batches in 0 s"
     assert "eval final val: 1/3 batches" in caplog.text and "s left" in caplog.text
+
+
+def test_a_run_stopped_by_a_signal_tells_wandb_it_was_preempted(tmp_path):
+    from engine.config import LoggerConfig
+    from engine.metrics import RunLogger
+    calls = []
+
+    class FakeRun:
+        def mark_preempting(self):
+            calls.append("mark_preempting")
+
+        def finish(self, exit_code):
+            calls.append(("finish", exit_code))
+
+    logger = RunLogger(LoggerConfig(mode="disabled"), tmp_path, {}, enabled=True)
+    logger.wandb = FakeRun()
+    logger.finish(143, preempted=True)
+    assert calls == ["mark_preempting", ("finish", 143)] and logger.wandb is None
