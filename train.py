@@ -28,6 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import cli
 from causality.sampling import start_token
+from data.config import DataConfig
 from data.loader import BatchLoader
 from data.prepare import prepare, read_meta
 from data.progress import Progress
@@ -55,14 +56,16 @@ from model import GPT, ModelConfig
 log = logging.getLogger("train")
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train as cfg says; returns a summary (run_dir, step, best_val, final_val, checkpoint)."""
+def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
+    """Train as cfg says; returns a summary (run_dir, step, best_val, final_val, checkpoint).
+    explicit: the settings given on the command line (e.g. {"data.path", "model"}); a resumed run
+    then takes every other data.* setting from its checkpoint, as it was trained. None: cfg as is."""
     rt = setup_runtime(cfg.device, cfg.precision, cfg.compile, cfg.threads, cfg.dist_timeout_s)
     stop = StopRequest()
     failed = True
     try:  # the run directory is locked, and checked for another run's files, for the whole run (cli.py)
         with cli.hold_run_dir(Path(cfg.out_dir), cfg.resume, cfg.overwrite, enabled=rt.is_main):
-            result = _train(cfg, rt, stop)
+            result = _train(cfg, rt, stop, explicit)
         failed = False
         return result
     except RankFailed as e:  # another rank failed where they all check (a save, the set-up): its line
@@ -79,8 +82,8 @@ def train(cfg: TrainConfig) -> dict:
         rt.close(failed)  # after a failure without waiting for the other ranks
 
 
-def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict:
-    run = set_up(cfg, rt)
+def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] | None = None) -> dict:
+    run = set_up(cfg, rt, explicit)
     loop, logger, out_dir = run.state, run.logger, run.out_dir  # loop: the TrainState's counters
     start_step, stopping = loop.step, False
     meter = StepMeter(run.tokens_per_step, warmup_steps=2 if rt.compile else 1)
@@ -171,21 +174,23 @@ class Run:
         self.state.save(self.out_dir / name, keep_last=self.keep_last if name == "last.pt" else 0)
 
 
-def set_up(cfg: TrainConfig, rt: Runtime) -> Run:
-    """Data, model (fresh, resumed or fine-tuned), optimizer, loaders, eval batches and logger."""
+def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None) -> Run:
+    """Data, model (fresh, resumed or fine-tuned), optimizer, loaders, eval batches and logger.
+    explicit: see train()."""
     out_dir = Path(cfg.out_dir)
     if rt.is_main and (leftovers := remove_leftovers(out_dir)):  # before anything writes there
         log.info("removed %d temporary file(s) of interrupted saves in %s", len(leftovers), out_dir)
-    prepared = prepare(cfg.data, progress=rt.is_main)  # every rank; one builds, the others wait on its file lock
-    meta, tokenizer = read_meta(prepared), load_tokenizer(prepared)
-
     # ---- where the weights come from: a checkpoint to resume, one to fine-tune from, or nothing ----
     ckpt_path, ckpt = find_resume(cfg.resume, out_dir, rt) or (None, None)  # falls back to older ones
+    if ckpt is not None and explicit is not None:
+        cfg.data = _data_as_trained(ckpt, cfg.data, explicit)
+    prepared = prepare(cfg.data, progress=rt.is_main)  # every rank; one builds, the others wait on its file lock
+    meta, tokenizer = read_meta(prepared), load_tokenizer(prepared)
     init_weights: dict | None = None
     if ckpt is not None:
         check_fits_data(ckpt, ckpt_path, tokenizer.to_json(), meta["vocab_size"], use="resume")
         model_cfg = ModelConfig(**ckpt["model_config"])  # the checkpoint's architecture wins
-        _warn_if_resume_differs(ckpt, _with_vocab(cfg.model, meta["vocab_size"]), meta)
+        _warn_if_resume_differs(ckpt, _with_vocab(cfg.model, meta["vocab_size"]), meta, explicit)
     elif cfg.init_from:
         src = load_pretrained(cfg.init_from)
         check_fits_data(src, cfg.init_from, tokenizer.to_json(), meta["vocab_size"], use="init_from")
@@ -297,10 +302,29 @@ def _with_vocab(model_cfg: ModelConfig, vocab_size: int) -> ModelConfig:
     return model_cfg
 
 
-def _warn_if_resume_differs(ckpt: dict, model_cfg: ModelConfig, meta: dict) -> None:
-    """Resuming keeps the checkpoint's model; say so when this run's config or data differ from it."""
-    changed = {k: (v, model_cfg.to_dict()[k]) for k, v in ckpt["model_config"].items()
-               if model_cfg.to_dict().get(k) != v}
+def _data_as_trained(ckpt: dict, data: DataConfig, explicit: set[str]) -> DataConfig:
+    """The data settings a resumed run continues on: the checkpoint's, except those given on the
+    command line (data=<group> or experiment=: all of this run's)."""
+    saved = (ckpt.get("config") or {}).get("data")
+    if not isinstance(saved, dict) or explicit & {"data", "experiment"}:
+        return data
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    mine = {k.removeprefix("data."): getattr(data, k.removeprefix("data.")) for k in explicit
+            if k.startswith("data.") and k.removeprefix("data.") in known}
+    resolved = DataConfig(**{**{k: v for k, v in saved.items() if k in known}, **mine})
+    if resolved != data:
+        log.info("resuming on the data the checkpoint was trained on (data.source=%s%s)%s", resolved.source,
+                 f", data.path={resolved.path}" if resolved.path else "",
+                 f"; from the command line: {', '.join(sorted(mine))}" if mine else "")
+    return resolved
+
+
+def _warn_if_resume_differs(ckpt: dict, model_cfg: ModelConfig, meta: dict, explicit: set[str] | None) -> None:
+    """Resuming keeps the checkpoint's model; say so when settings given for this run differ from it
+    (explicit: only those given on the command line; None: all of cfg.model)."""
+    given = model_cfg.to_dict()
+    changed = {k: (v, given[k]) for k, v in ckpt["model_config"].items() if given.get(k) != v and (
+        explicit is None or f"model.{k}" in explicit or explicit & {"model", "experiment"})}
     if changed:
         log.warning("resuming with the checkpoint's model; ignoring changed model settings %s",
                     ", ".join(f"model.{k}: {old} -> {new}" for k, (old, new) in changed.items()))
@@ -313,6 +337,12 @@ def _peak_memory_mb(rt: Runtime) -> float:
     if rt.device_type == "cuda":
         return torch.cuda.max_memory_allocated(rt.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _explicit_settings(overrides: list[str]) -> set[str]:
+    """The settings a command line gives: ["data.path=x", "+model=small", "~data.revision"] ->
+    {"data.path", "model", "data.revision"}."""
+    return {o.lstrip("+~").split("=", 1)[0] for o in overrides}
 
 
 cli.register_configs()
@@ -328,7 +358,7 @@ def main(dcfg: DictConfig) -> float | None:
     if int(os.environ.get("RANK", "0")) != 0:  # one voice on the console: rank 0's
         logging.getLogger().setLevel(logging.WARNING)
     with logging_redirect_tqdm():
-        result = train(cfg)
+        result = train(cfg, _explicit_settings(HydraConfig.get().overrides.task))
     if int(os.environ.get("RANK", "0")) == 0:
         final = f", final val {result['final_val']:.4f}" if "final_val" in result else ""
         print(f"\n{'stopped early' if result['stopped'] else 'done'}: step {result['step']}, "

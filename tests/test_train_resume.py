@@ -139,3 +139,15 @@ def test_resume_onto_data_with_another_vocabulary_is_one_line(tiny_overrides, tm
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: checkpoint {tmp_path / 'run' / 'last.pt'} does not fit this data: it was "
                            "trained with another tokenizer (char, ") and "init_from=" in line
+
+
+def test_resume_without_the_data_overrides_continues_on_the_data_it_was_trained_on(tiny_overrides, tmp_path):
+    train.train(compose_train([*tiny_overrides, "max_iters=4"]))
+    run = tmp_path / "run"
+    keep = [a for a in tiny_overrides if not a.startswith(("data", "out_dir="))]  # no data=, data.path=, ...
+    r = run_script(["train.py", *keep, "resume=auto", f"out_dir={run}", "max_iters=8"])
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "resuming on the data the checkpoint was trained on (data.source=files" in r.stdout + r.stderr
+    assert "ignoring changed model settings" not in r.stdout + r.stderr
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["step"] == 8 and last["config"]["data"]["source"] == "files"
