@@ -215,8 +215,11 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None) -> R
     eval_sets = {s: fixed_batches(prepared, s, cfg.batch_size, T, cfg.eval_iters, rt) for s in ("train", "val")}
     val_bytes = target_bytes(eval_sets["val"], tokenizer.decode, rt)
 
+    corpus = _name_corpus(cfg, meta)  # what it really trains on: W&B tags and name, the done: line, plots
+    # The config as run: the model with its real vocabulary size, and the corpus used.
+    config = {**dataclasses.asdict(cfg), "model": model_cfg.to_dict(), "corpus": corpus}
     static = {"model_config": model_cfg.to_dict(), "tokenizer": tokenizer.to_json(),
-              "config": dataclasses.asdict(cfg), "data": {"prepared_dir": str(prepared), "meta": meta}}
+              "config": config, "data": {"prepared_dir": str(prepared), "meta": meta}}
     state = TrainState(model, build_optimizer(model, cfg.optim, rt.device_type), grad_scaler(rt), rt,
                        loaders=streams, static=static, seed=cfg.seed)
     logger = RunLogger(cfg.logger, out_dir, static["config"], enabled=rt.is_main,
@@ -231,7 +234,7 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None) -> R
     tokens_per_step = cfg.batch_size * T * n_streams
     log.info("%s params, %d tokens per step, run dir %s", f"{model.num_params():,}", tokens_per_step, out_dir)
     if ckpt is None:  # a resumed run has it in its metrics.jsonl already
-        logger.log({"step": state.step, "params": model.num_params()})
+        logger.log({"step": state.step, "params": model.num_params(), "corpus": corpus})
     return Run(out_dir, prepared, tokenizer, state, train_model, eval_model, eval_sets, logger,
                [start_token(tokenizer, fallback=0)], tokens_per_step,
                lockstep=rt.distributed and cfg.distributed == "fsdp", peak_flops=rt.peak_flops(cfg.peak_flops),
@@ -277,6 +280,7 @@ def finish(run: Run, cfg: TrainConfig, rt: Runtime, signum: int | None) -> dict:
     out_dir = run.out_dir
     stopping = signum is not None or run.state.step < cfg.max_iters  # signum None: another rank's signal
     summary = {"run_dir": str(out_dir), "step": run.state.step, "best_val": run.state.best_val, "stopped": stopping,
+               "corpus": run.state.static["config"]["corpus"],
                "signal": signum,
                "checkpoint": str(out_dir / ("best.pt" if (out_dir / "best.pt").exists() else "last.pt"))}
     if cfg.final_eval_iters and not stopping:
@@ -300,6 +304,20 @@ def _with_vocab(model_cfg: ModelConfig, vocab_size: int) -> ModelConfig:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the data's vocabulary of "
                          f"{vocab_size} tokens; remove the override (it is filled in from the data)")
     return model_cfg
+
+
+def _name_corpus(cfg: TrainConfig, meta: dict) -> str:
+    """The corpus the prepared data holds, marked when it is a fallback for the one asked for (e.g.
+    offline: "python_stdlib (fallback for shakespeare_char)"); the W&B data tag and name say it too."""
+    source, asked = meta.get("source", cfg.data.source), meta.get("requested_source", cfg.data.source)
+    if source == asked:
+        return source
+    corpus = f"{source} (fallback for {asked})"
+    lg = cfg.logger
+    lg.tags = [t for t in lg.tags if t != f"data:{asked}"] + [f"data:{source}", "fallback"]
+    if lg.run_name:
+        lg.run_name += f" [{source} fallback]"
+    return corpus
 
 
 def _data_as_trained(ckpt: dict, data: DataConfig, explicit: set[str]) -> DataConfig:
@@ -362,7 +380,7 @@ def main(dcfg: DictConfig) -> float | None:
     if int(os.environ.get("RANK", "0")) == 0:
         final = f", final val {result['final_val']:.4f}" if "final_val" in result else ""
         print(f"\n{'stopped early' if result['stopped'] else 'done'}: step {result['step']}, "
-              f"best val {result['best_val']:.4f}{final}")
+              f"best val {result['best_val']:.4f}{final}, on {result['corpus']}")
         print(f"checkpoint: {result['checkpoint']}")
         if result["stopped"]:  # the same overrides, pointed at this run's directory
             keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "out_dir="))]

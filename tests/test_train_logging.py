@@ -307,3 +307,22 @@ def test_a_run_stopped_by_a_signal_tells_wandb_it_was_preempted(tmp_path):
     logger.wandb = FakeRun()
     logger.finish(143, preempted=True)
     assert calls == ["mark_preempting", ("finish", 143)] and logger.wandb is None
+
+
+def test_a_fallback_corpus_is_named_in_tags_config_metrics_and_summary(tiny_overrides, monkeypatch):
+    import urllib.error
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("data.sources.fetch_url", offline)
+    keep = [a for a in tiny_overrides if not a.startswith(("data=", "data.path="))]
+    cfg = compose_train([*keep, "data=shakespeare_char", "data.max_chars=20000", "max_iters=2",
+                         "logger.run_name=probe", "logger.tags=[data:shakespeare_char]"])
+    with pytest.warns(UserWarning, match="could not be downloaded"):
+        result = train.train(cfg)
+    assert result["corpus"] == "python_stdlib (fallback for shakespeare_char)"
+    assert cfg.logger.tags == ["data:python_stdlib", "fallback"] and cfg.logger.run_name == "probe [python_stdlib fallback]"
+    run = Path(result["run_dir"])
+    assert read_metrics(run / "metrics.jsonl")[0]["corpus"] == result["corpus"]
+    assert torch.load(run / "last.pt", weights_only=True)["config"]["corpus"] == result["corpus"]
