@@ -277,6 +277,8 @@ def setup_console_logging() -> None:
 @cli.main_guard
 def main(dcfg: DictConfig) -> None:
     setup_console_logging()
+    from hydra.core.hydra_config import HydraConfig
+    cli.check_added_keys(HydraConfig.get().overrides.task, SampleConfig, cli.CONFIG_DIR)  # +prompts=...: refused
     cfg: SampleConfig = OmegaConf.to_object(dcfg)  # the one conversion: validated dataclasses from here on
     try:
         code = run(cfg)

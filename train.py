@@ -370,6 +370,7 @@ cli.register_configs()
 @cli.main_guard
 def main(dcfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    cli.check_added_keys(HydraConfig.get().overrides.task, TrainConfig, cli.CONFIG_DIR)  # +max_iter=...: refused
     cfg: TrainConfig = OmegaConf.to_object(dcfg)  # the one conversion: plain dataclasses from here on
     cfg.out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
     cli.name_wandb_run(cfg)  # W&B name, group and tags that say what ran (unless set)

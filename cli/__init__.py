@@ -52,13 +52,14 @@ from .text import (
     TEXT_OR_LIST,
     TRAIN_TEXT,
     as_typed,
+    check_added_keys,
     hydra_quote,
     hydra_value,
     quote_free_text,
 )
 
 __all__ = ["CONFIG_DIR", "LIST", "LOCK_FILE", "OPTIONAL", "RUN_FILES", "SAMPLE_TEXT", "TEXT", "TEXT_OR_LIST",
-           "TRAIN_TEXT", "JobFailed", "RunResult", "SweepSummary", "as_typed", "fail", "format_sweep_table",
+           "TRAIN_TEXT", "JobFailed", "RunResult", "SweepSummary", "as_typed", "check_added_keys", "fail", "format_sweep_table",
            "hold_run_dir", "hydra_quote", "hydra_value", "main_guard", "name_wandb_run", "parse_args",
            "quote_free_text", "register_configs", "run_stamp"]
 

@@ -8,9 +8,13 @@ quoted and escaped in its override grammar, so `prompt=To be, or not to be`, `pr
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import re
 import shlex
+import typing
+from pathlib import Path
 
 log = logging.getLogger("cli")
 
@@ -89,3 +93,36 @@ def hydra_quote(text: str) -> str:
     text = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", text)
     text = re.sub(r"(\\+)$", lambda m: m[1] * 2, text)
     return f"'{text}'"
+
+
+# ---- `+key=value` for a key that no schema has ---------------------------------------------------
+def check_added_keys(overrides: list[str], schema: type, config_dir: str) -> None:
+    """Refuse, in one ValueError naming the closest real setting, a `+key=value` (or `++key=`) whose
+    key is no field of the schema: Hydra would add it to the config, where nothing reads it (Hydra's
+    own hint after a typo is to add a `+`). Hydra's `hydra.*` keys and config groups stay allowed."""
+    groups = {p.name for p in Path(config_dir).iterdir() if p.is_dir()}
+    known = _field_paths(schema)
+    for override in overrides:
+        m = _OVERRIDE.fullmatch(override)
+        if not m or not m.group(1):
+            continue
+        key = m.group(2)
+        if key.startswith("hydra.") or key.split("/")[0] in groups or key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}? (a setting that exists is set without +: {close[0]}={m.group(3)})" \
+            if close else "; `python <script>.py --cfg job` lists every setting"
+        raise ValueError(f"{override}: no setting is called {key}{hint}")
+
+
+def _field_paths(schema: type, prefix: str = "") -> list[str]:
+    """Every setting of a dataclass schema as a dotted path: ["max_iters", "model.n_layer", ...]."""
+    hints = typing.get_type_hints(schema)
+    paths = []
+    for field in dataclasses.fields(schema):
+        kind = hints.get(field.name)
+        if dataclasses.is_dataclass(kind):
+            paths += _field_paths(kind, f"{prefix}{field.name}.")
+        else:
+            paths.append(prefix + field.name)
+    return paths
