@@ -121,14 +121,15 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
             meter.synced()
             if n_bad := loop.read_bad_steps():
                 check_bad_steps(loop, n_bad, cfg.max_bad_steps, train_loss, grad_norm, out_dir, logger)
-            record = {"step": loop.step, "train/loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_seen": loop.tokens_seen, "mem_mb": _peak_memory_mb(rt), **meter.read()}
-            if run.peak_flops and "tokens_per_s" in record:
-                record["mfu"] = run.model.estimate_mfu(record["tokens_per_s"], run.peak_flops * rt.world_size)
-            logger.log(record)
+            perf = meter.read()  # tokens_per_s, step_ms (none while only warm-up steps ran)
+            if run.peak_flops and "tokens_per_s" in perf:
+                perf["mfu"] = run.model.estimate_mfu(perf["tokens_per_s"], run.peak_flops * rt.world_size)
+            logger.log({"step": loop.step, "train/loss": train_loss, "train/tokens_seen": loop.tokens_seen,
+                        "opt/lr": lr, "opt/grad_norm": grad_norm, "perf/mem_mb": _peak_memory_mb(rt),
+                        **{f"perf/{k}": v for k, v in perf.items()}})
             log.info("step %d/%d: loss %.4f, lr %.2e, %s tok/s, %s ms/step", loop.step, cfg.max_iters,
-                     train_loss, lr, f"{record.get('tokens_per_s', 0):,.0f}",
-                     f"{record['step_ms']:.1f}" if "step_ms" in record else "-")
+                     train_loss, lr, f"{perf.get('tokens_per_s', 0):,.0f}",
+                     f"{perf['step_ms']:.1f}" if "step_ms" in perf else "-")
         # One process: look at the flag every step. Under torchrun every rank must agree, which takes
         # a collective: only at log steps (a stop waits at most log_interval steps).
         if not rt.distributed:
@@ -234,7 +235,7 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None) -> R
     tokens_per_step = cfg.batch_size * T * n_streams
     log.info("%s params, %d tokens per step, run dir %s", f"{model.num_params():,}", tokens_per_step, out_dir)
     if ckpt is None:  # a resumed run has it in its metrics.jsonl already
-        logger.log({"step": state.step, "params": model.num_params(), "corpus": corpus})
+        logger.log({"step": state.step, "model/params": model.num_params(), "corpus": corpus})
     return Run(out_dir, prepared, tokenizer, state, train_model, eval_model, eval_sets, logger,
                [start_token(tokenizer, fallback=0)], tokens_per_step,
                lockstep=rt.distributed and cfg.distributed == "fsdp", peak_flops=rt.peak_flops(cfg.peak_flops),
@@ -255,8 +256,8 @@ def evaluate(run: Run, cfg: TrainConfig, rt: Runtime) -> dict[str, float]:
     if cfg.sample_tokens and (rt.is_main or run.lockstep):
         ids = generate_sample(run.model, run.prompt, cfg.sample_tokens, rt, seed=cfg.seed + run.state.step,
                               vocab_limit=run.tokenizer.vocab_size)  # a padded vocabulary's extra ids never drawn
-        record["sample"] = run.tokenizer.decode(ids)
-        run.logger.log_samples(run.state.step, [record["sample"]])
+        record["val/sample"] = run.tokenizer.decode(ids)
+        run.logger.log_samples(run.state.step, [record["val/sample"]])
     run.logger.log(record)
     return losses
 
@@ -266,7 +267,7 @@ def check_bad_steps(loop: TrainState, n_bad: int, max_bad_steps: int, train_loss
     """Report steps skipped since the last log; stop the run when there were too many."""
     log.warning("%d step(s) up to step %d skipped: loss %s, grad norm %s (%d/%d)", n_bad, loop.step, train_loss,
                 grad_norm, loop.bad_steps, max_bad_steps)
-    logger.log({"step": loop.step, "skipped_steps": loop.bad_steps})
+    logger.log({"step": loop.step, "train/skipped_steps": loop.bad_steps})
     if loop.bad_steps > max_bad_steps:
         last = out_dir / "last.pt"
         raise TrainingError(
@@ -292,7 +293,8 @@ def finish(run: Run, cfg: TrainConfig, rt: Runtime, signum: int | None) -> dict:
         run.logger.log({"step": run.state.step, "val/final_loss": summary["final_val"],
                         "val/final_ppl": perplexity(summary["final_val"]), "val/final_bpb": summary["final_bpb"]})
     run.logger.summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
-    run.logger.finish(128 + (signum or signal.SIGTERM) if stopping else 0, preempted=stopping)
+    run.logger.finish(128 + (signum or signal.SIGTERM) if stopping else 0, preempted=stopping,
+                      checkpoint=Path(summary["checkpoint"]) if cfg.logger.log_checkpoints else None)
     return summary
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .sweeps import _shown_overrides, _shown_path, _sweep_plan
+from .sweeps import _shown_overrides, _sweep_plan
 
 log = logging.getLogger("cli")
 _STAMP_KEY = "causalgpt/run_stamp"
@@ -159,7 +159,8 @@ def name_wandb_run(cfg: Any) -> None:
             swept = _swept_keys(Path(str(hc.sweep.dir)))
             lg.run_name += " " + (_shown_overrides(hc.overrides.task, swept) or f"#{hc.job.num}")
     if lg.group is None and sweep and not os.environ.get("WANDB_RUN_GROUP"):
-        lg.group = _shown_path(str(hc.sweep.dir))[-128:]  # W&B's limit on a group name
+        m = _STAMP_RE.search(str(hc.sweep.dir).rstrip("/\\"))  # multirun/<date>/<time>, wherever it lies
+        lg.group = (f"multirun/{m[1]}/{m[2]}" if m else Path(str(hc.sweep.dir)).name)[-128:]  # W&B's limit
     auto = [f"exp:{experiment}" if experiment else None, f"model:{preset}" if preset else None,
             f"data:{cfg.data.source}", f"tok:{cfg.data.tokenizer}"]
     lg.tags = list(dict.fromkeys([*lg.tags, *(t for t in auto if t)]))

@@ -113,6 +113,9 @@ class LoggerConfig:
     # W&B tags, besides those added to every run (exp:<experiment>, model:<preset>, data:<source>,
     # tok:<tokenizer>) and those in WANDB_TAGS (comma-separated).
     tags: list[str] = field(default_factory=list)
+    # Upload best.pt (else last.pt) as a W&B model artifact when the run ends. Off: checkpoints can be
+    # large, and they stay in the run directory either way.
+    log_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         self.name = _choice("logger.name", self.name, LOGGERS)

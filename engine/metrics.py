@@ -55,6 +55,7 @@ class RunLogger:
         self.path = Path(run_dir) / METRICS_FILE
         self.wandb = None
         self.samples: list[list] = []
+        self.last_step: int | None = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,25 +92,32 @@ class RunLogger:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         append_line(self.path, json.dumps(clean))
+        self.last_step = record["step"]
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)})
 
     def log_samples(self, step: int, texts: list[str]) -> None:
-        """A growing W&B table of generated text, one row per eval (metrics.jsonl gets it via log)."""
-        if self.wandb is None:
-            return
-        import wandb
+        """Rows (step, text) of the W&B samples table, logged once when the run ends (a table logged at
+        every eval would be a new artifact version each time); metrics.jsonl gets each via log."""
         self.samples.extend([step, t] for t in texts)
-        self.wandb.log({"step": step, "samples": wandb.Table(columns=["step", "text"], data=self.samples)})
 
     def summary(self, values: dict) -> None:
         if self.wandb is not None:
             self.wandb.summary.update(values)
 
-    def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
-        """End the W&B run: exit_code 0 marks it finished, anything else failed; preempted (stopped by
-        a signal after a clean save) tells W&B so, which a resumed run then continues."""
+    def finish(self, exit_code: int = 0, preempted: bool = False, checkpoint: Path | None = None) -> None:
+        """End the W&B run: the samples table, the checkpoint as a model artifact when given, then
+        exit_code 0 marks it finished, anything else failed; preempted (stopped by a signal after a
+        clean save) tells W&B so, which a resumed run then continues."""
         if self.wandb is not None:
+            import wandb
+            if self.samples:
+                self.wandb.log({"samples": wandb.Table(columns=["step", "text"], data=self.samples)})
+            if checkpoint is not None and checkpoint.is_file():
+                artifact = wandb.Artifact(f"model-{self.wandb.id}", type="model",
+                                          metadata={"file": checkpoint.name, "step": self.last_step})
+                artifact.add_file(str(checkpoint))
+                self.wandb.log_artifact(artifact, aliases=[checkpoint.stem, "latest"])
             if preempted:
                 self.wandb.mark_preempting()
             self.wandb.finish(exit_code=exit_code)

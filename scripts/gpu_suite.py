@@ -341,10 +341,10 @@ def part_time_to_loss(s: Suite, r: dict, cap: float) -> None:
         return bool(r["reached"])
 
     (proc,) = s.run([("time_to_loss", _train(s, run_dir, r["overrides"]))], cap, watch)
-    steps = [rec for rec in _read_metrics(run_dir) if "tokens_per_s" in rec]
+    steps = [rec for rec in _read_metrics(run_dir) if "perf/tokens_per_s" in rec]
     if steps:
-        r["tokens_per_s"] = round(statistics.median(rec["tokens_per_s"] for rec in steps), 1)
-        mfus = [rec["mfu"] for rec in steps if rec.get("mfu") is not None]
+        r["tokens_per_s"] = round(statistics.median(rec["perf/tokens_per_s"] for rec in steps), 1)
+        mfus = [rec["perf/mfu"] for rec in steps if rec.get("perf/mfu") is not None]
         r["mfu"] = round(statistics.median(mfus), 4) if mfus else None
     if not r["reached"]:
         r["reached"] = False
@@ -460,8 +460,9 @@ def _one_step(spec: dict, preset: str, mode: str) -> dict:
 
     from engine.config import OptimConfig
     from engine.optim import build_optimizer
-    from engine.parallel import clip_grad_norm, wrap_model
+    from engine.parallel import wrap_model
     from engine.runtime import Runtime, setup_runtime
+    from engine.step import clip_grad_norm
     from model import GPT, ModelConfig
 
     class Checkpointed(nn.Module):

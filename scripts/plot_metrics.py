@@ -40,7 +40,7 @@ def plot(records: list[dict], out: Path, log_y: bool = False, title: str | None 
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points, strict=True), label=label, **style)
-    lrs = [(r["step"], r["lr"]) for r in records if r.get("lr") is not None]
+    lrs = [(r["step"], r["opt/lr"]) for r in records if r.get("opt/lr") is not None]
     if lrs:
         ax2 = ax.twinx()
         ax2.plot(*zip(*lrs, strict=True), color="grey", ls="--", lw=1, label="lr")

@@ -112,7 +112,7 @@ def test_wandb_offline_writes_a_run_and_resume_continues_it(tiny_overrides, tmp_
     [run] = wandb_runs(home)  # read back: the run directory's name (no Hydra here), finished with 0
     assert (run["name"], run["project"], run["exit_code"]) == ("run", "causalgpt", 0)
     logged = {k for row in run["history"] for k in row}
-    assert {"params", "val/loss", "val/bpb", "val/ppl", "train/loss"} <= logged
+    assert {"model/params", "val/loss", "val/bpb", "val/ppl", "train/loss"} <= logged
 
     train.train(compose_train([*overrides, "max_iters=6", "resume=auto"]))
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["wandb_run_id"] == run_id
@@ -258,7 +258,7 @@ def test_each_record_is_one_write_of_a_complete_line(tmp_path, monkeypatch):
 def test_eval_records_carry_ppl_bpb_and_the_parameter_count(tiny_overrides, tmp_path):
     result = train.train(compose_train([*tiny_overrides, "max_iters=4", "eval_interval=2", "final_eval_iters=3"]))
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert records[0] == {"step": 0, "params": train.GPT(train.ModelConfig(**torch.load(
+    assert records[0] == {"step": 0, "corpus": "files", "model/params": train.GPT(train.ModelConfig(**torch.load(
         tmp_path / "run" / "last.pt", weights_only=True)["model_config"])).num_params()}
     evals = [r for r in records if "val/loss" in r]
     assert len(evals) == 3
@@ -291,22 +291,39 @@ def test_a_long_eval_logs_its_progress(monkeypatch, caplog):
     assert "eval final val: 1/3 batches" in caplog.text and "s left" in caplog.text
 
 
-def test_a_run_stopped_by_a_signal_tells_wandb_it_was_preempted(tmp_path):
+def test_finish_logs_the_samples_once_the_checkpoint_artifact_and_a_preemption(tmp_path):
+    import wandb
+
     from engine.config import LoggerConfig
     from engine.metrics import RunLogger
     calls = []
 
     class FakeRun:
+        id = "abc"
+
+        def log(self, row):
+            calls.append(("log", {k: (v.data if isinstance(v, wandb.Table) else v) for k, v in row.items()}))
+
+        def log_artifact(self, artifact, aliases):
+            calls.append(("artifact", artifact.name, artifact.type, sorted(artifact.manifest.entries), aliases))
+
         def mark_preempting(self):
             calls.append("mark_preempting")
 
         def finish(self, exit_code):
             calls.append(("finish", exit_code))
 
+    (tmp_path / "best.pt").write_bytes(b"weights")
     logger = RunLogger(LoggerConfig(mode="disabled"), tmp_path, {}, enabled=True)
     logger.wandb = FakeRun()
-    logger.finish(143, preempted=True)
-    assert calls == ["mark_preempting", ("finish", 143)] and logger.wandb is None
+    for step in (0, 10):  # two evals: rows collected, nothing sent to W&B yet
+        logger.log_samples(step, [f"text {step}"])
+    assert calls == []
+    logger.last_step = 10
+    logger.finish(143, preempted=True, checkpoint=tmp_path / "best.pt")
+    assert calls == [("log", {"samples": [[0, "text 0"], [10, "text 10"]]}),
+                     ("artifact", "model-abc", "model", ["best.pt"], ["best", "latest"]),
+                     "mark_preempting", ("finish", 143)] and logger.wandb is None
 
 
 def test_a_fallback_corpus_is_named_in_tags_config_metrics_and_summary(tiny_overrides, monkeypatch):

@@ -48,11 +48,11 @@ def test_loss_goes_down_and_outputs_appear(trained, caplog):
     assert math.isfinite(result["final_val"])
     logs = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in logs] == [5, 10, 15, 20, 25, 30, 35, 40]
-    for key in ("lr", "grad_norm", "tokens_per_s", "step_ms", "tokens_seen", "mem_mb"):
+    for key in ("opt/lr", "opt/grad_norm", "perf/tokens_per_s", "perf/step_ms", "train/tokens_seen", "perf/mem_mb"):
         assert all(r[key] is not None and r[key] >= 0 for r in logs), key
-    assert "mfu" not in logs[0]  # no peak FLOPs known for a CPU unless peak_flops= is given
-    assert logs[-1]["tokens_seen"] == 40 * 4 * 16
-    assert all(isinstance(r["sample"], str) for r in evals)
+    assert "perf/mfu" not in logs[0]  # no peak FLOPs known for a CPU unless peak_flops= is given
+    assert logs[-1]["train/tokens_seen"] == 40 * 4 * 16
+    assert all(isinstance(r["val/sample"], str) for r in evals)
     assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
 
 
@@ -129,8 +129,8 @@ def test_nan_loss_is_skipped_then_stops(tiny_overrides, tmp_path, monkeypatch):
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["step"] == 4
     assert all(torch.isfinite(t).all() for t in last["model"].values())
-    skipped = [json.loads(line)["skipped_steps"] for line in (run / "metrics.jsonl").read_text().splitlines()
-               if "skipped_steps" in line]
+    skipped = [json.loads(line)["train/skipped_steps"] for line in (run / "metrics.jsonl").read_text().splitlines()
+               if "train/skipped_steps" in line]
     assert skipped == [1, 2, 3, 4]
 
 
