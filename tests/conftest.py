@@ -86,6 +86,12 @@ def run_script(args: list[str], env: dict | None = None, timeout: float = 120,
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def names_besides_locks(directory: Path) -> list[str]:
+    """The sorted names in directory, less the lock files (`*.lock`): filelock leaves a released
+    lock's empty file in place, and the next holder simply locks it again."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".lock"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `gpu` need CUDA: skip them cleanly on a machine without it."""
     import torch
