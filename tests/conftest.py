@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 import cli
 from engine.config import TrainConfig
+from model import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +67,11 @@ def tiny_overrides(corpus: Path, data_cache: Path, tmp_path: Path) -> list[str]:
         "log_interval=5", "sample_tokens=8", "final_eval_iters=0", "threads=1",
         f"out_dir={tmp_path / 'run'}",
     ]
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """configs/model/<name>.yaml with overrides, as `model=<name> model.<key>=<value>` composes it."""
+    return ModelConfig(**{**cli.model_preset(name), **overrides})
 
 
 def compose_train(overrides: list[str]) -> TrainConfig:
