@@ -47,6 +47,7 @@ from causality.sampling import (
     read_prompt,
     stream_sample,
     study_prompt,
+    vocab_limit,
 )
 from engine.config import LoggerConfig
 from engine.runtime import Runtime
@@ -145,7 +146,7 @@ def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdo
     text = read_prompt(cfg.prompt, cfg.prompt_file, stdin)
     ids = encode_prompt(tok, text, model.config.block_size)
     shown = tok.decode(ids) if text else ""  # the (possibly cropped) prompt; not the start token
-    limit = tok.vocab_size if tok.vocab_size < vocab else None  # ids past the tokenizer are never drawn
+    limit = vocab_limit(tok, model)  # ids past the tokenizer are never drawn
     if cfg.compile:
         compile_for_generation(model)
         # One greedy generation of the same length compiles every shape the timed ones will meet

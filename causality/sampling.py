@@ -9,8 +9,9 @@
   length, empty); ids back to short labels for plot axes. Problems are one-line DataError or
   ValueError; the recoverable ones (an empty prompt, one longer than the context) are warnings;
 - streaming: each completed piece of text is written as soon as its token exists, through
-  data.tokenizer.StreamDecoder, so a BPE token holding half of a UTF-8 character is held back
-  until the character is whole; the pieces joined equal decode(all new ids). Timed, for tokens/s.
+  Tokenizer.decode_stream (tokenizers' DecodeStream for BPE), so a BPE token holding half of a UTF-8
+  character is held back until the character is whole; the pieces joined equal decode(all new
+  ids). Timed, for tokens/s. `vocab_limit` keeps a padded vocabulary's extra ids out of it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -27,7 +28,7 @@ from typing import TextIO
 import torch
 
 from data.config import DataError
-from data.tokenizer import StreamDecoder, Tokenizer, tokenizer_from_json
+from data.tokenizer import Tokenizer, tokenizer_from_json
 from engine.checkpoint import CHECKPOINT_GLOBS, CheckpointError, check_fits_data, model_from_checkpoint
 from engine.formats.pretrained import load_pretrained
 from engine.runtime import Runtime, pick_device, pick_precision
@@ -204,8 +205,15 @@ def study_prompt(loaded: Loaded, text: str, seq_len: int, seed: int) -> torch.Te
     if tok is None:
         return torch.randint(0, model.config.vocab_size, (1, n), generator=g, device=device)  # (1, n)
     start = torch.tensor([[start_token(tok)]], device=device)  # (1, 1)
-    limit = tok.vocab_size if tok.vocab_size < model.config.vocab_size else None  # a padded vocabulary
-    return model.generate(start, n - 1, temperature=1.0, generator=g, vocab_limit=limit) if n > 1 else start  # (1, n)
+    if n == 1:
+        return start
+    return model.generate(start, n - 1, temperature=1.0, generator=g, vocab_limit=vocab_limit(tok, model))  # (1, n)
+
+
+def vocab_limit(tokenizer: Tokenizer, model: GPT) -> int | None:
+    """The ids generation may draw: the tokenizer's, where the model's vocabulary is padded past it
+    (GPT-2's 50257 ids in a 50304-row table, whose extra ids have no text); None (all) otherwise."""
+    return tokenizer.vocab_size if tokenizer.vocab_size < model.config.vocab_size else None
 
 
 def label(tokenizer: Tokenizer | None, token_id: int, max_len: int = 10) -> str:
@@ -242,23 +250,20 @@ def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, ma
     vocab_limit: draw only ids below it (a model whose vocabulary is padded past the tokenizer's)."""
     device = model.wte.weight.device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    decoder = StreamDecoder(tokenizer)
     new_ids: list[int] = []
     pieces: list[str] = []
 
-    def emit(piece: str) -> None:
-        if piece:
-            pieces.append(piece)
-            write(piece)
+    def ids() -> Iterator[int]:
+        for tok in generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, use_cache=use_cache, generator=generator, vocab_limit=vocab_limit):
+            new_ids.append(int(tok[0, 0]))  # waits for the GPU: the token is needed to print it
+            yield new_ids[-1]
 
     synchronize(device)
     start = time.perf_counter()
-    for tok in generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, use_cache=use_cache, generator=generator, vocab_limit=vocab_limit):
-        token_id = int(tok[0, 0])  # .item() waits for the GPU: the token is needed to print it
-        new_ids.append(token_id)
-        emit(decoder.push(token_id))
-    emit(decoder.flush())
+    for piece in tokenizer.decode_stream(ids()):
+        pieces.append(piece)
+        write(piece)
     synchronize(device)
     seconds = time.perf_counter() - start
     return Sample(list(prompt_ids), new_ids, tokenizer.decode(new_ids), "".join(pieces), seconds)

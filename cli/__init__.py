@@ -5,6 +5,7 @@
     sweeps.py   SweepSummary: one table of every job of a -m run
     runs.py     run stamps, the run-directory check and lock, W&B names
     scripts.py  key=value arguments for the scripts without Hydra
+    presets.py  model_preset(name): a named size from configs/model/, outside Hydra
 
     import cli
     cli.register_configs()          # schemas of the config groups + the train root, once
@@ -34,6 +35,7 @@
 - `run_stamp()`: `<date>/<time>` for the run directory, unique on this machine, identical in every
   process of a torchrun job. `name_wandb_run()`: W&B name, group and tags that say what ran.
 - `parse_args()`, `fail()`: key=value arguments and one-line errors for the scripts that do without Hydra.
+- `model_preset(name)`: the fields of configs/model/<name>.yaml, for `ModelConfig(**fields)` in scripts and tests.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import JobFailed, main_guard
+from .presets import model_preset
 from .runs import LOCK_FILE, RUN_FILES, hold_run_dir, name_wandb_run, run_stamp
 from .scripts import fail, parse_args
 from .sweeps import RunResult, SweepSummary, format_sweep_table
@@ -59,8 +62,9 @@ from .text import (
 )
 
 __all__ = ["CONFIG_DIR", "LIST", "LOCK_FILE", "OPTIONAL", "RUN_FILES", "SAMPLE_TEXT", "TEXT", "TEXT_OR_LIST",
-           "TRAIN_TEXT", "JobFailed", "RunResult", "SweepSummary", "as_typed", "check_added_keys", "fail", "format_sweep_table",
-           "hold_run_dir", "hydra_quote", "hydra_value", "main_guard", "name_wandb_run", "parse_args",
+           "TRAIN_TEXT", "JobFailed", "RunResult", "SweepSummary", "as_typed", "check_added_keys", "fail",
+           "format_sweep_table", "hold_run_dir", "hydra_quote", "hydra_value", "main_guard", "model_preset",
+           "name_wandb_run", "parse_args",
            "quote_free_text", "register_configs", "run_stamp"]
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")

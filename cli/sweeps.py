@@ -1,11 +1,11 @@
 """Sweeps that finish: the Hydra callback that prints one table of every job's result at the end of
-a `-m` run (configs/train.yaml registers it), and exits non-zero when a job failed.
+a `-m` run (configs/train.yaml registers it), and exits non-zero when a job failed. Built on Hydra's
+public API only: the Callback events, JobReturn, and the override parser that sweepers use.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -64,7 +64,9 @@ class SweepSummary(Callback):
             return
         row = {"num": int(config.hydra.job.num), "overrides": _shown_overrides(job_return.overrides, self.swept),
                "run_dir": str(job_return.cfg.get("out_dir") or config.hydra.runtime.output_dir)}
-        value = job_return._return_value  # read without .return_value, which re-raises a failure
+        # The JobReturn field a launcher fills, read as Hydra's own LogJobReturnCallback reads it:
+        # the .return_value property would print Hydra's error report and re-raise a failure.
+        value = job_return._return_value
         if job_return.status == JobStatus.COMPLETED:
             summary = getattr(value, "summary", {})
             row.update(status="stopped" if summary.get("stopped") else "done", best=summary.get("best_val"),
@@ -121,8 +123,9 @@ def format_sweep_table(rows: list[dict], sweep_dir: str) -> str:
 
 def _sweep_plan(config: Any) -> tuple[set[str] | None, list[int] | None]:
     """The keys swept over, and (for Hydra's basic sweeper) the job count at the end of each batch,
-    computed the way the sweeper computes them; (None, None) where that is not possible."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    counted as that sweeper counts: every combination of the keys' values (a key given twice takes
+    its last override), in batches of hydra.sweeper.max_batch_size jobs (one batch without it).
+    (None, None) where the overrides cannot be read here."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     params = config.hydra.sweeper.get("params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
@@ -131,15 +134,21 @@ def _sweep_plan(config: Any) -> tuple[set[str] | None, list[int] | None]:
     except Exception as e:  # e.g. glob() over a config group needs Hydra's config loader
         log.debug("sweep plan unknown: %s", e)
         return None, None
-    swept = {o.get_key_element() for o in overrides if o.is_sweep_override()}
+    swept = {_override_key(o.get_key_element()) for o in overrides if o.is_sweep_override()}  # +key: key
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return swept, None
+    values: dict[str, int] = {}
     try:
-        batches = BasicSweeper.split_arguments(overrides, config.hydra.sweeper.get("max_batch_size"))
-    except Exception as e:
+        for o in overrides:
+            if o.is_sweep_override() and not o.is_discrete_sweep():  # interval(): not the basic sweeper's
+                return swept, None
+            values[o.get_key_element()] = len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
+    except Exception as e:  # e.g. a glob() the parser alone cannot expand
         log.debug("sweep batches unknown: %s", e)
         return swept, None
-    return swept, list(itertools.accumulate(len(b) for b in batches))
+    jobs = math.prod(values.values())
+    size = config.hydra.sweeper.get("max_batch_size") or jobs
+    return swept, [*range(size, jobs, size), jobs]
 
 
 def _override_key(override: str) -> str:

@@ -1,22 +1,22 @@
 """Atomic file writes, and the exclusive lock that the builder of a shared file or directory holds.
 
-A file written here is never seen half-written under its final name, neither after a kill nor
-after a power cut: the bytes go to a temporary file beside it (`.<name>.tmp-<random>`, in the same
-directory so the rename cannot cross file systems), are flushed and fsync'ed, the temporary file
-replaces the final name (os.replace), and the directory is fsync'ed so that the rename itself is
-durable. On an error or an interrupt the temporary file is removed; the temporary files of a killed
-writer are what `remove_temps` deletes, where no other writer of the same file can be running
-(e.g. under `exclusive_lock`).
+The one atomic-write helper of the project. A file written here is never seen half-written under
+its final name, neither after a kill nor after a power cut: the bytes go to a temporary file beside
+it (`.<name>.tmp-<random>`, in the same directory so the rename cannot cross file systems), are
+flushed and fsync'ed, the temporary file replaces the final name (os.replace), and the directory is
+fsync'ed so that the rename itself is durable. On an error or an interrupt the temporary file is
+removed; the temporary files of a killed writer are what `remove_temps` deletes, where no other
+writer of the same file can be running (e.g. under `exclusive_lock`).
 
 - atomic_write(path, data)          bytes or str, in one call
 - atomic_open(path, mode)           a context manager yielding the file object, for streamed writes
 - make_temp_dir(path)               an empty directory beside path, to build a whole directory in
 - fsync_dir(path)                   make creations, renames and removals in a directory durable
 - remove_temps(path)                delete what killed writers of path left beside it
-- exclusive_lock(path, ...)         an flock held for a block, waited for with a log line a minute
+- exclusive_lock(path, ...)         filelock.FileLock held for a block, waited for with a log line a minute
 
-Standard library only: data/ uses it for prepared data, tokenizers and downloads, and engine/
-(checkpoints, metrics, exports) can use it without importing anything else of data/.
+Standard library and filelock only: data/ uses it for prepared data, tokenizers and downloads, and
+engine/ (checkpoints, metrics, exports) can use it without importing anything else of data/.
 """
 
 from __future__ import annotations
@@ -32,15 +32,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-try:
-    import fcntl
-except ImportError:  # not POSIX
-    fcntl = None  # type: ignore[assignment]
+import filelock
 
 log = logging.getLogger(__name__)
 
-# False where exclusive_lock cannot lock (it then runs its block unlocked).
-LOCKS_AVAILABLE = fcntl is not None
 TEMP_INFIX = ".tmp-"
 # How often a process waiting for a lock tries it again, and how often it says that it waits.
 LOCK_POLL_S = 0.5
@@ -134,67 +129,33 @@ def exclusive_lock(
     status: Callable[[], str] | None = None,
     timeout_s: float | None = None,
 ) -> Iterator[None]:
-    """Hold an exclusive lock on path (created if needed) for the block; the file is deleted on exit.
+    """Hold `filelock.FileLock(path)` for the block (an OS lock on path, created if needed).
 
-    While another process holds it, this one tries again every LOCK_POLL_S seconds and logs, at once
-    and then every LOCK_LOG_EVERY_S, what it waits for (`waiting for <waiting_for> (<status()>,
-    waited N min)`). No collective and no timeout are involved unless timeout_s is given
-    (TimeoutError after it; 0 tries once). A killed holder leaves no stale lock: the kernel drops a
-    dead process's flock, and the next holder reuses the file and deletes it. Without fcntl (not
-    POSIX) or on a file system without locks, the block runs unlocked, with a log line saying so.
+    While another process (or thread) holds it, this one tries again every LOCK_POLL_S seconds and
+    logs, at once and then every LOCK_LOG_EVERY_S, what it waits for (`waiting for <waiting_for>
+    (<status()>, waited N min)`). No collective and no timeout are involved unless timeout_s is
+    given (TimeoutError after it; 0 tries once). The OS releases the lock of a process that dies, so
+    a killed holder never blocks the next; the empty lock file stays and is simply locked again
+    (deleting it on release would let a waiter lock a file that no one else opens any more).
     """
-    fd = _acquire(Path(path), waiting_for, status, timeout_s)
+    lock = filelock.FileLock(path)
+    start = time.monotonic()
+    wait = 0.0  # the first try does not wait, so that a waiter says at once what it waits for
+    while True:
+        try:
+            lock.acquire(timeout=wait, poll_interval=LOCK_POLL_S)
+            break
+        except filelock.Timeout:
+            waited = time.monotonic() - start
+            if timeout_s is not None and waited >= timeout_s:
+                raise TimeoutError(f"{path} is locked by another process") from None
+            detail = f"{status()}, " if status is not None else ""
+            log.info("waiting for %s (%swaited %s; lock %s)", waiting_for, detail, _duration(waited), path)
+            wait = LOCK_LOG_EVERY_S if timeout_s is None else min(LOCK_LOG_EVERY_S, timeout_s - waited)
     try:
         yield
     finally:
-        if fd is not None:
-            with contextlib.suppress(OSError):  # a lock file that stays behind is harmless
-                os.unlink(path)
-            os.close(fd)  # releases the lock
-
-
-def _acquire(path: Path, waiting_for: str, status: Callable[[], str] | None, timeout_s: float | None) -> int | None:
-    """A descriptor of path holding its flock, or None where there are no locks."""
-    if fcntl is None:
-        log.info("no file locks on this platform; %s is not locked", path)
-        return None
-    start = time.monotonic()
-    next_log = start
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    pass
-                except OSError as e:
-                    if e.errno not in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
-                        raise
-                    log.info("the file system of %s has no locks (%s); going on unlocked", path, e.strerror)
-                    os.close(fd)
-                    return None
-                now = time.monotonic()
-                if timeout_s is not None and now - start >= timeout_s:
-                    raise TimeoutError(f"{path} is locked by another process")
-                if now >= next_log:
-                    detail = f"{status()}, " if status is not None else ""
-                    log.info("waiting for %s (%swaited %s; lock %s)", waiting_for, detail, _duration(now - start), path)
-                    next_log = now + LOCK_LOG_EVERY_S
-                time.sleep(LOCK_POLL_S)
-            # The holder before us deletes the file before releasing it; if it did so after we opened
-            # it, we hold a lock on a file no one else will ever open: open the path again.
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if same:
-            return fd
-        os.close(fd)
+        lock.release()
 
 
 def _duration(seconds: float) -> str:

@@ -1,4 +1,4 @@
-"""DataConfig, the schema of configs/data/*.yaml, and DataError, the one error users see.
+"""DataConfig, the schema of configs/data/*.yaml; DataError, the one error users see; warn_user.
 
 Every field is documented where it is declared. `__post_init__` validates the fields (OmegaConf's
 `to_object` calls it), so a bad setting fails before any text is read, with a one-line message that
@@ -15,7 +15,9 @@ and every configs/data/*.yaml starts with `defaults: [schema, _self_]`.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,13 @@ MAX_VOCAB = 2**32
 
 class DataError(ValueError):
     """A user mistake in data settings or input, with a one-line message saying how to fix it."""
+
+
+def warn_user(message: str) -> None:
+    """A problem the data code works around: logged (log files, the console handler) and also a
+    UserWarning, so that it shows where logging is not set up; it points at the caller's caller."""
+    logging.getLogger("data").warning(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 @dataclass

@@ -11,11 +11,11 @@ by <|endoftext|> when the tokenizer has one, readable with np.memmap (see data/l
 
 A build happens in a temporary directory beside the final one (every file in it written through a
 temporary file, fsync'ed and renamed, see data/atomic.py) and the directory is renamed into place
-only when complete, under an exclusive file lock (`.<name>.lock` in the cache root), so a killed run
-or two concurrent runs never leave a half-written directory that looks valid. Any number of
-processes may call prepare() at once, e.g. every rank of a torchrun job: one builds, the others wait
-on the lock (logging every minute what they wait for), with no collective and no timeout, and then
-find the directory cached. A cached directory whose files disagree with its meta.json (cut short,
+only when complete, under an exclusive OS file lock (filelock, on `.<name>.lock` in the cache root;
+a killed holder's lock is released by the OS), so a killed run or two concurrent runs never leave a
+half-written directory that looks valid. Any number of processes may call prepare() at once, e.g.
+every rank of a torchrun job: one builds, the others wait on the lock (logging every minute what
+they wait for), with no collective and no timeout, and then find the directory cached. A cached directory whose files disagree with its meta.json (cut short,
 corrupt, unreadable; see data/prepared.py) is rebuilt with a warning that names the file.
 
 Run it as `python -m data.prepare data=tinystories data.vocab_size=4096`: the last line printed is
@@ -35,7 +35,6 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from itertools import chain
@@ -45,7 +44,6 @@ from typing import Any
 import numpy as np
 
 from data.atomic import (
-    LOCKS_AVAILABLE,
     TEMP_INFIX,
     atomic_open,
     atomic_write,
@@ -53,8 +51,9 @@ from data.atomic import (
     fsync_dir,
     make_temp_dir,
     remove_temps,
+    temp_prefix,
 )
-from data.config import MAX_VOCAB, DataConfig, DataError, resolve_cache_dir
+from data.config import MAX_VOCAB, DataConfig, DataError, resolve_cache_dir, warn_user
 from data.corpus import Corpus
 from data.prepared import FORMAT_VERSION, META_FILE, TOKENIZER_FILE, check_prepared, file_sha256, read_meta
 from data.progress import Progress
@@ -77,7 +76,7 @@ _CACHE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ER
 # Long documents are cut into pieces of about this many characters so that a batch of pieces can
 # be encoded in parallel even when the corpus is one big file.
 PIECE_CHARS = 1 << 15
-# Characters per encode_batch call: enough pieces to keep every thread busy, bounded memory.
+# Characters per encode_arrays call: enough pieces to keep every thread busy, bounded memory.
 BATCH_CHARS = 1 << 23
 # A piece may end only after a newline that has non-space characters on both sides: byte-level
 # BPE's pre-tokenizer always splits there, so encoding the pieces gives the ids of the whole (for
@@ -119,18 +118,13 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
                 log.info("using %s, prepared by another process", final)
                 return final
             if problem is not None:
-                _warn(f"prepared data {problem}; rebuilding")
+                warn_user(f"prepared data {problem}; rebuilding")
             _remove_leftovers(cache_root, final)
             tmp = make_temp_dir(final)
             try:
                 _build(cfg, corpus, plan, pretrained, fingerprint, tmp, progress)
                 fsync_dir(tmp)
-                try:
-                    os.rename(tmp, final)
-                except OSError:
-                    if check_prepared(final) is not None:  # not a race lost without locks: a real error
-                        raise
-                    log.info("%s appeared while building; keeping it and discarding this build", final)
+                os.rename(tmp, final)
                 fsync_dir(cache_root)
             finally:
                 # On success tmp has been renamed away; otherwise nothing half-written stays behind.
@@ -146,16 +140,10 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
     return final
 
 
-def _warn(message: str) -> None:
-    # Both: logging for log files and the console handler, warnings so it shows without logging set up.
-    log.warning(message)
-    warnings.warn(message, UserWarning, stacklevel=3)
-
-
 def _written_so_far(final: Path) -> str:
     """How far another process's build of final has got, from the size of its temporary directory."""
     total = 0
-    for tmp in final.parent.glob(f".{final.name}{TEMP_INFIX}*"):
+    for tmp in final.parent.glob(f"{temp_prefix(final)}*"):
         with contextlib.suppress(OSError):  # the build may finish (and its files move) while we count
             total += sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     return f"{total / 1e6:.1f} MB written so far"
@@ -166,7 +154,7 @@ def _remove_leftovers(cache_root: Path, final: Path) -> None:
     lock is free), and move an unsound final directory out of the way."""
     for stale in remove_temps(final):
         log.info("removed %s, left by an interrupted build", stale)
-    others = cache_root.glob(f".*{TEMP_INFIX}*") if LOCKS_AVAILABLE else ()  # unlocked, a live build looks dead
+    others = cache_root.glob(f".*{TEMP_INFIX}*")
     for name in sorted({p.name[1:].rsplit(TEMP_INFIX, 1)[0] for p in others}):
         try:
             with exclusive_lock(cache_root / f".{name}.lock", timeout_s=0):
@@ -194,21 +182,13 @@ def _tokenizer_plan(cfg: DataConfig) -> tuple[dict[str, Any], Tokenizer | None]:
                 plan["revision"] = tok.revision or cfg.tokenizer_revision
             return plan, tok
         except TokenizerUnavailable as e:
-            message = f"{e}; training a byte-level BPE with {cfg.bpe_vocab_size} tokens instead"
-            log.warning(message)
-            warnings.warn(message, UserWarning, stacklevel=3)
+            warn_user(f"{e}; training a byte-level BPE with {cfg.bpe_vocab_size} tokens instead")
     return {"kind": "bpe", "vocab_size": cfg.bpe_vocab_size, "train_chars": cfg.bpe_train_chars}, None
 
 
 def _fingerprint(cfg: DataConfig, corpus: Corpus, plan: dict[str, Any]) -> str:
-    key = {
-        "format_version": FORMAT_VERSION,
-        "source": corpus.name,
-        "identity": corpus.identity,
-        "tokenizer": plan,
-        "val_fraction": cfg.val_fraction,
-        "max_tokens": cfg.max_tokens,
-    }
+    key = {"format_version": FORMAT_VERSION, "source": corpus.name, "identity": corpus.identity, "tokenizer": plan,
+           "val_fraction": cfg.val_fraction, "max_tokens": cfg.max_tokens}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -219,15 +199,8 @@ def _budgets(cfg: DataConfig) -> dict[str, int | None]:
     return {"train": train, "val": cfg.max_tokens - train}
 
 
-def _build(
-    cfg: DataConfig,
-    corpus: Corpus,
-    plan: dict[str, Any],
-    pretrained: Tokenizer | None,
-    fingerprint: str,
-    out: Path,
-    progress: bool,
-) -> None:
+def _build(cfg: DataConfig, corpus: Corpus, plan: dict[str, Any], pretrained: Tokenizer | None, fingerprint: str,
+           out: Path, progress: bool) -> None:
     budgets = _budgets(cfg)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -294,21 +267,23 @@ def _build(
 
 @contextlib.contextmanager
 def _threads(num_proc: int) -> Iterator[None]:
-    """Limit the tokenizers library's threads: 1 turns its parallelism off for this block."""
-    if num_proc != 1:
-        if num_proc > 1:
-            os.environ.setdefault("RAYON_NUM_THREADS", str(num_proc))  # read once, at the pool's start
-        yield
-        return
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the library reads it at every call
+    """The tokenizers library's threads for this block, through the variables it reads, with
+    os.environ as it was afterwards: 1 turns its parallelism off (read at every call); more sizes
+    its thread pool (read once, when the pool starts in the first build of the process) unless
+    RAYON_NUM_THREADS is set already; 0 leaves it all cores."""
+    change = {"TOKENIZERS_PARALLELISM": "false"} if num_proc == 1 else {}
+    if num_proc > 1 and "RAYON_NUM_THREADS" not in os.environ:
+        change = {"RAYON_NUM_THREADS": str(num_proc)}
+    before = {key: os.environ.get(key) for key in change}
+    os.environ.update(change)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _take(docs: Iterable[str], max_chars: int | None) -> Iterator[str]:

@@ -24,12 +24,11 @@ import sys
 import sysconfig
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from data.atomic import atomic_write, exclusive_lock, remove_temps
-from data.config import DataConfig, DataError
+from data.config import DataConfig, DataError, warn_user
 from data.corpus import Corpus, resolve_files
 from data.hf_datasets import hf_corpus
 
@@ -118,7 +117,7 @@ def _shakespeare(cfg: DataConfig, cache_root: Path) -> Corpus:
         sha = hashlib.sha256(raw).hexdigest()
         if sha != SHAKESPEARE_SHA256:
             # The user's own file is their choice: train on it, but say that numbers will not match.
-            _warn(
+            warn_user(
                 f"{path} is not the canonical tiny Shakespeare (sha256 {sha[:12]}..., expected "
                 f"{SHAKESPEARE_SHA256[:12]}...); using it anyway, but val losses will not compare with nanoGPT's"
             )
@@ -133,7 +132,7 @@ def _shakespeare(cfg: DataConfig, cache_root: Path) -> Corpus:
                     f"tiny Shakespeare is not cached and could not be downloaded ({e}); "
                     "download it and pass data.path=/path/to/input.txt"
                 ) from None
-            _warn(
+            warn_user(
                 f"tiny Shakespeare is not cached and could not be downloaded ({e}); using the offline "
                 f"{cfg.fallback} corpus instead. To train on Shakespeare offline, copy {SHAKESPEARE_URL} "
                 "to this machine and pass data.path=/path/to/input.txt"
@@ -161,7 +160,7 @@ def _valid_copy(path: Path, say: bool = True) -> bytes | None:
     if hashlib.sha256(raw).hexdigest() == SHAKESPEARE_SHA256:
         return raw
     if say:
-        _warn(f"the cached copy {path} is truncated or corrupt ({len(raw)} bytes, wrong sha256); downloading it again")
+        warn_user(f"the cached copy {path} is truncated or corrupt ({len(raw)} bytes, wrong sha256); downloading it again")
     return None
 
 
@@ -197,12 +196,6 @@ def _download_shakespeare(dest: Path) -> bytes:
     # Atomic: a reader never sees half a file, and a failed write (a full disk) leaves none behind.
     atomic_write(dest, raw)
     return raw
-
-
-def _warn(message: str) -> None:
-    # Both: logging for log files and the console handler, warnings so it shows without logging set up.
-    log.warning(message)
-    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _python_stdlib(cfg: DataConfig) -> Corpus:

@@ -8,15 +8,16 @@
   a hub name pinned to a revision when one is given (data.tokenizer_revision).
 
 `to_json()` / `tokenizer_from_json()` let the trainer store the tokenizer inside each checkpoint so
-that sampling needs no data directory. `StreamDecoder` turns generated ids into text one token at
-a time without ever emitting half of a multi-byte UTF-8 character.
+that sampling needs no data directory. `decode_stream(ids)` turns generated ids into text one token
+at a time without ever emitting half of a multi-byte UTF-8 character (`tokenizers.decoders.DecodeStream`
+for BPE and pretrained tokenizers).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
 UNK = "<unk>"
 # End-of-document tokens of common pretrained tokenizers, tried in this order.
-_EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
+EOT_TOKENS = (EOT, "<|end_of_text|>", "</s>", "<eos>")
 
 
 class TokenizerUnavailable(DataError):
@@ -50,9 +51,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_arrays([text])[0].tolist()
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [a.tolist() for a in self.encode_arrays(texts)]
-
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
         """Encode many texts to int64 arrays; the fast path prepare uses (no Python int lists)."""
         raise NotImplementedError
@@ -62,6 +60,26 @@ class Tokenizer:
 
     def to_json(self) -> str:
         raise NotImplementedError
+
+    def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
+        """The text of ids piece by piece, each piece as soon as its id arrives (empty pieces are not
+        yielded). A byte-level token can hold part of a UTF-8 character; such a piece is held back
+        until the character is complete, and what is still held at the end comes last (invalid
+        bytes as U+FFFD), so the pieces joined equal decode(ids)."""
+        step = self._step_decoder()
+        seen: list[int] = []
+        emitted = 0
+        for i in ids:
+            seen.append(int(i))
+            if piece := step(seen[-1]):
+                emitted += len(piece)
+                yield piece
+        if rest := self.decode(seen)[emitted:]:
+            yield rest
+
+    def _step_decoder(self) -> Callable[[int], str]:
+        """id -> the text it completes; here each token alone (a char vocabulary's are whole)."""
+        return lambda i: self.decode([i])
 
 
 class CharTokenizer(Tokenizer):
@@ -136,13 +154,10 @@ class HFTokenizer(Tokenizer):
         self.kind = kind
         self.revision = revision  # the hub commit a pretrained tokenizer came from, when it did
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.eot_id = next((i for t in _EOT_CANDIDATES if (i := tok.token_to_id(t)) is not None), None)
+        self.eot_id = next((i for t in EOT_TOKENS if (i := tok.token_to_id(t)) is not None), None)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
         # encode_batch_fast skips offset tracking; the batch is split across the library's threads.
@@ -153,6 +168,13 @@ class HFTokenizer(Tokenizer):
 
     def to_json(self) -> str:
         return self.tok.to_str()
+
+    def _step_decoder(self) -> Callable[[int], str]:
+        # DecodeStream decodes a short window of ids and gives None while its text ends in half a
+        # character (U+FFFD); the window starts at the last clean boundary, so decoders that depend
+        # on neighbouring tokens still give the text decode() gives.
+        stream = decoders.DecodeStream(skip_special_tokens=False)
+        return lambda i: stream.step(self.tok, i) or ""
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, *, progress: bool = False) -> HFTokenizer:
@@ -255,42 +277,3 @@ def load_tokenizer(prepared_dir: str | Path) -> Tokenizer:
         return tokenizer_from_json(path.read_text(encoding="utf-8"), kind=meta.get("tokenizer"))
     except DataError as e:
         raise DataError(f"prepared data {path} is not a valid tokenizer ({e}); {REBUILD_HINT}") from None
-
-
-class StreamDecoder:
-    """Decode a stream of ids into text pieces, never splitting a multi-byte character.
-
-    A byte-level BPE token can hold part of a UTF-8 sequence; decoding it alone gives U+FFFD. Like
-    vLLM's incremental detokenizer, we decode a short window of ids and hold text back while it
-    ends in U+FFFD; the window starts at the last clean boundary, so tokenizers whose decoding
-    depends on neighbours still give exactly decode(all ids) when the pieces are joined.
-    """
-
-    # After this many held-back ids the bytes are truly invalid (UTF-8 needs at most 4): emit them.
-    _MAX_PENDING = 8
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0  # start of the decode window (a clean boundary)
-        self._read = 0  # ids before this were emitted
-
-    def push(self, token_id: int) -> str:
-        """Add one id; return the newly completed text (possibly empty)."""
-        self._ids.append(int(token_id))
-        prefix_text = self.tokenizer.decode(self._ids[self._prefix : self._read])
-        text = self.tokenizer.decode(self._ids[self._prefix :])
-        if text.endswith("\ufffd") and len(self._ids) - self._read < self._MAX_PENDING:
-            return ""
-        new = text[len(prefix_text) :]
-        # Drop ids before the window so a long generation does not decode an ever-growing list.
-        self._ids = self._ids[self._read :]
-        self._prefix, self._read = 0, len(self._ids)
-        return new
-
-    def flush(self) -> str:
-        """Return whatever is held back (invalid bytes decode as U+FFFD) and reset."""
-        prefix_text = self.tokenizer.decode(self._ids[self._prefix : self._read])
-        text = self.tokenizer.decode(self._ids[self._prefix :])
-        self._ids, self._prefix, self._read = [], 0, 0
-        return text[len(prefix_text) :]

@@ -2,8 +2,7 @@
 
 from .attention import KVCache, MaskedMultiHeadAttention
 from .block import MLP, TransformerBlock
-from .config import PRESETS, ModelConfig
+from .config import ModelConfig
 from .gpt import GPT, Trace
 
-__all__ = ["GPT", "KVCache", "MLP", "MaskedMultiHeadAttention", "ModelConfig", "PRESETS",
-           "Trace", "TransformerBlock"]
+__all__ = ["GPT", "KVCache", "MLP", "MaskedMultiHeadAttention", "ModelConfig", "Trace", "TransformerBlock"]

@@ -8,8 +8,8 @@ Two ways to run the same steps:
     compiled with a dynamic prompt length, and each decode step is `GPT.decode`, the static-shape
     form (position as a tensor, attention over the whole cache under a length mask), compiled once
     with fixed shapes; on CUDA it is replayed as a CUDA graph.
-Both give the same tokens as recomputing the whole sequence (tests/test_model_parts.py,
-tests/test_generate_static.py).
+Both give the same tokens as recomputing the whole sequence, which `use_cache=False` does, eagerly
+(tests/test_model_parts.py, tests/test_generate_static.py).
 
 Past block_size tokens the context is cropped to the last block_size tokens and the cache is filled
 again, which is exactly what recomputing the cropped sequence sees (the model never attends further
@@ -67,7 +67,6 @@ class CompiledSteps:
     """What compile_for_generation installs on a model (as `model.compiled_steps`)."""
     prefill: Callable  # GPT.step compiled for any prompt length: (idx (B, T), caches, start_pos) -> (B, V)
     decode: Callable  # GPT.decode compiled for T = 1: (idx (B, 1), caches, positions (1,)) -> (B, V)
-    forward: Callable  # GPT.forward compiled for any length (generation without the cache)
     cudagraphs: bool  # decode is replayed as a CUDA graph
     # One set of caches per (batch, device, dtype), reused by every generation: CUDA graphs replay
     # fixed addresses, and fresh caches would make them record again.
@@ -111,7 +110,6 @@ def compile_for_generation(model: nn.Module, cudagraphs: bool | None = None) -> 
     model.compiled_steps = CompiledSteps(
         prefill=torch.compile(model.step, dynamic=True),
         decode=torch.compile(model.decode, fullgraph=True, dynamic=False, options=options),
-        forward=torch.compile(model.forward, dynamic=True),
         cudagraphs=cudagraphs,
     )
     return model
@@ -140,11 +138,10 @@ def generate_tokens(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
             logits = logits[:, :vocab_limit]  # (B, vocab_limit)
         return sample_logits(logits, temperature, top_k, top_p, generator), logits
 
-    if not use_cache:  # recompute the whole (cropped) sequence for every new token
-        forward = compiled.forward if compiled else model
+    if not use_cache:  # recompute the whole (cropped) sequence for every new token, eagerly
         tokens = idx
         for _ in range(max_new_tokens):
-            logits, _ = forward(tokens[:, -block_size:])  # (B, T, V)
+            logits, _ = model(tokens[:, -block_size:])  # (B, T, V)
             nxt, logits = pick(logits[:, -1, :])
             tokens = torch.cat([tokens, nxt], dim=1)
             yield (nxt, logits) if with_logits else nxt

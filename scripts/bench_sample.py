@@ -49,14 +49,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the repo's packages
 
 from causality.sampling import inference_runtime, synchronize  # noqa: E402
-from model import GPT, PRESETS, ModelConfig  # noqa: E402
+from cli import model_preset  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
 from model.generate import compile_for_generation, generate_tokens  # noqa: E402
 from model.gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="tiny", help="a file of configs/model/ (tiny, small, gpt2, gpt2-medium)")
     p.add_argument("--vocab-size", type=int, default=None, help="default: the preset's, else 65 (tiny Shakespeare)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=16)
@@ -112,10 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     rt = inference_runtime(args.device, args.precision, args.compile)
     device = rt.device
-    vocab = args.vocab_size or PRESETS[args.preset].get("vocab_size", 65)
+    preset = model_preset(args.preset)
+    vocab = args.vocab_size or preset["vocab_size"] or 65
     torch.manual_seed(args.seed)
     gpt2_shape = dict(norm="pre", pos="learned", tie_weights=True, bias=True) if args.compare_hf else {}
-    model = GPT(ModelConfig(preset=args.preset, vocab_size=vocab, **gpt2_shape)).to(device).eval()
+    model = GPT(ModelConfig(**{**preset, "vocab_size": vocab, **gpt2_shape})).to(device).eval()
     block = model.config.block_size
     new_tokens = args.new_tokens or block - args.prompt_len
     if args.prompt_len < 1 or new_tokens < 1 or args.prompt_len > block or args.repeats < 1:

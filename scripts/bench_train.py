@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
+from cli import model_preset  # noqa: E402
 from engine.config import OptimConfig  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from engine.parallel import wrap_model  # noqa: E402
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {k: v for k, v in dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                                        block_size=args.block_size, norm=args.norm, pos=args.pos).items()
                  if v is not None}
-    base = ModelConfig(preset=args.preset, attn=args.attn, bias=args.bias == "true", **overrides)
+    base = ModelConfig(**{**model_preset(args.preset), "attn": args.attn, "bias": args.bias == "true", **overrides})
     next_batch, vocab = make_batches(args, base.block_size, rt.device)
     torch.manual_seed(args.seed)
     cfg = ModelConfig(**{**base.to_dict(), "vocab_size": max(vocab, base.vocab_size or 0)})

@@ -458,6 +458,7 @@ def _one_step(spec: dict, preset: str, mode: str) -> dict:
     from torch import nn
     from torch.utils.checkpoint import checkpoint
 
+    from cli import model_preset
     from engine.config import OptimConfig
     from engine.optim import build_optimizer
     from engine.parallel import wrap_model
@@ -479,7 +480,7 @@ def _one_step(spec: dict, preset: str, mode: str) -> dict:
             return True
 
     rt = setup_runtime(spec["device"], spec["precision"], "false", 1 if spec["device"] == "cpu" else 0)
-    cfg = ModelConfig(preset=preset, **({"block_size": spec["block_size"]} if spec["block_size"] else {}))
+    cfg = ModelConfig(**{**model_preset(preset), **({"block_size": spec["block_size"]} if spec["block_size"] else {})})
     cuda = rt.device_type == "cuda"
     gc.collect()  # the previous variant's model and optimizer: gone before this one is measured
     if cuda:

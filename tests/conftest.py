@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 import cli
 from engine.config import TrainConfig
+from model import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,6 +69,11 @@ def tiny_overrides(corpus: Path, data_cache: Path, tmp_path: Path) -> list[str]:
     ]
 
 
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """configs/model/<name>.yaml with overrides, as `model=<name> model.<key>=<value>` composes it."""
+    return ModelConfig(**{**cli.model_preset(name), **overrides})
+
+
 def compose_train(overrides: list[str]) -> TrainConfig:
     """configs/train.yaml composed with overrides, as train.py's main would get it."""
     cli.register_configs()
@@ -84,6 +90,12 @@ def run_script(args: list[str], env: dict | None = None, timeout: float = 120,
                 "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, *(["-m", "torch.distributed.run", *args[1:]] if args[0] == "torchrun" else args)]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def names_besides_locks(directory: Path) -> list[str]:
+    """The sorted names in directory, less the lock files (`*.lock`): filelock leaves a released
+    lock's empty file in place, and the next holder simply locks it again."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".lock"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -17,7 +17,10 @@ import sys
 import pytest
 import yaml
 from conftest import ROOT
+from omegaconf import OmegaConf
 from test_train_logging import wandb_runs
+
+from cli.sweeps import _shown_overrides, _sweep_plan, format_sweep_table
 
 # Runs train.py's `if __name__ == "__main__":` block with argv, after making job 2's eval raise.
 DRIVER = r"""
@@ -92,3 +95,32 @@ def test_sweep_with_failing_jobs_runs_them_all_and_ends_with_one_table(tiny_over
         assert run["group"] == f"multirun/{sweep_dir.parent.name}/{sweep_dir.name}"
         assert run["project"] == "causalgpt" and run["exit_code"] == exit_code
         assert {"model:tiny", "data:files", "tok:char"} <= set(run["tags"])
+
+
+def sweep_config(task: list[str], max_batch_size: int | None = None, params: dict | None = None,
+                 sweeper: str = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):
+    return OmegaConf.create({"hydra": {"sweeper": {"_target_": sweeper, "max_batch_size": max_batch_size,
+                                                   "params": params or {}}, "overrides": {"task": task}}})
+
+
+@pytest.mark.parametrize(("task", "max_batch_size", "params", "swept", "batch_ends"), [
+    (["a=1,2,3", "b=x,y", "lr=0.1"], 4, None, {"a", "b"}, [4, 6]),  # 3 x 2 jobs in batches of 4
+    (["a=1,2,3", "a=4,5"], None, None, {"a"}, [2]),  # the last override of a key wins; one batch
+    (["a=range(0,10,3)", "+b=choice(1,2)"], 3, {"c": "7,8"}, {"a", "b", "c"}, [3, 6, 9, 12, 15, 16]),
+    (["x=interval(0,1)"], None, None, {"x"}, None),  # not a sweep the basic sweeper runs
+])
+def test_sweep_plan_counts_the_jobs_and_batches_of_the_basic_sweeper(task, max_batch_size, params, swept, batch_ends):
+    assert _sweep_plan(sweep_config(task, max_batch_size, params)) == (swept, batch_ends)
+    # Another sweeper batches its own way: the table then waits for on_multirun_end.
+    assert _sweep_plan(sweep_config(task, max_batch_size, params, sweeper="optuna.OptunaSweeper")) == (swept, None)
+
+
+def test_the_table_shows_only_the_swept_overrides_one_aligned_line_per_job():
+    swept, _ = _sweep_plan(sweep_config(["model.n_head=2,4", "+tag=x,y", "max_iters=5"]))
+    assert _shown_overrides(["model.n_head=2", "+tag=x", "max_iters=5"], swept) == "model.n_head=2,+tag=x"
+    rows = [{"num": 1, "overrides": "lr=0.1", "status": "error: boom", "run_dir": "/elsewhere/1"},
+            {"num": 0, "overrides": "lr=0.01", "status": "done", "best": 1.23456, "final": 1.5, "run_dir": "/elsewhere/0"}]
+    lines = format_sweep_table(rows, "/elsewhere").splitlines()
+    assert lines[1] == "sweep /elsewhere: 2 jobs, 1 failed"
+    assert lines[3].split() == ["0", "lr=0.01", "done", "1.2346", "1.5000", "/elsewhere/0"]
+    assert lines[4].split() == ["1", "lr=0.1", "error:", "boom", "-", "-", "/elsewhere/1"]

@@ -1,5 +1,5 @@
 """data/atomic.py: atomic writes (fsync, rename, directory fsync, nothing left on failure) and the
-exclusive lock (serializes, says what it waits for, survives a killed holder, cleans up)."""
+exclusive lock (serializes, says what it waits for, survives a killed holder)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_remove_temps_removes_only_that_files_leftovers(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".other.bin.tmp-live", "data.bin"]
 
 
-def test_lock_serializes_logs_what_it_waits_for_and_is_removed(tmp_path, monkeypatch, caplog):
+def test_lock_serializes_and_logs_what_it_waits_for(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(atomic, "LOCK_POLL_S", 0.02)
     monkeypatch.setattr(atomic, "LOCK_LOG_EVERY_S", 0.1)
     lock = tmp_path / ".thing.lock"
@@ -102,7 +102,6 @@ def test_lock_serializes_logs_what_it_waits_for_and_is_removed(tmp_path, monkeyp
     waits = [r.getMessage() for r in caplog.records if "waiting for the thing" in r.getMessage()]
     assert len(waits) >= 3  # at once, then every LOCK_LOG_EVERY_S
     assert "3.0 MB written so far" in waits[0] and str(lock) in waits[0]
-    assert not lock.exists()
 
 
 def test_lock_timeout_zero_tries_once(tmp_path):
@@ -130,10 +129,9 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         child.wait(10)
     finally:
         child.kill()
-    assert lock.exists()  # the killed holder's file stays, unlocked
+    assert lock.exists()  # the killed holder's file stays, unlocked: the OS dropped its lock
     with exclusive_lock(lock, timeout_s=0):
         pass
-    assert not lock.exists()
 
 
 def test_write_modes_only(tmp_path):

@@ -15,6 +15,7 @@ import datasets
 import huggingface_hub
 import numpy as np
 import pytest
+from conftest import names_besides_locks
 from huggingface_hub.utils import RevisionNotFoundError
 
 from data.config import DataConfig, DataError
@@ -133,7 +134,7 @@ def test_a_stream_that_breaks_part_way_is_one_line_and_leaves_nothing(cache, mon
     with pytest.raises(DataError, match=r"reading dataset 'org/tales' failed part way \(ConnectionResetError") as info:
         prepare(DataConfig(source="hf", hf_name="org/tales", streaming=True), progress=False)
     assert "\n" not in str(info.value)
-    assert [p.name for p in cache.iterdir() if p.name != "hf"] == []
+    assert [name for name in names_besides_locks(cache) if name != "hf"] == []
 
 
 # --- tokenizers ---------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_download_that_cannot_be_saved_leaves_no_partial_file(cache, shakespeare
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(DataError, match=r"cannot write the tiny Shakespeare copy .*No space left on device"):
         prepare(DataConfig(), progress=False)
-    assert list((cache / "raw").iterdir()) == []
+    assert names_besides_locks(cache / "raw") == []
 
 
 def test_killed_download_leftovers_and_a_cut_short_copy_are_replaced(cache, shakespeare_hub):
@@ -216,6 +217,6 @@ def test_killed_download_leftovers_and_a_cut_short_copy_are_replaced(cache, shak
     (raw / "tinyshakespeare.txt").write_bytes(SHAKESPEARE[:100])  # cut short (older, non-atomic write)
     with pytest.warns(UserWarning, match=r"tinyshakespeare\.txt is truncated or corrupt \(100 bytes"):
         out = prepare(DataConfig(), progress=False)
-    assert sorted(p.name for p in raw.iterdir()) == ["tinyshakespeare.txt"]
+    assert names_besides_locks(raw) == ["tinyshakespeare.txt"]
     assert (raw / "tinyshakespeare.txt").read_bytes() == SHAKESPEARE and len(shakespeare_hub) == 1
     assert read_meta(out)["source"] == "shakespeare_char"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import names_besides_locks
 
 import data.prepare as prep
 from data.config import DataConfig, DataError
@@ -100,8 +102,7 @@ def test_interrupted_prepare_leaves_nothing_valid_and_retry_works(cache, corpus_
     cfg = DataConfig(source="files", path=str(corpus_file))
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, progress=False)
-    leftovers = [p for p in cache.iterdir() if not p.name.endswith(".lock")]
-    assert leftovers == []  # no final dir and no temporary dir
+    assert names_besides_locks(cache) == []  # no final dir and no temporary dir
     monkeypatch.setattr(prep, "_write_split", real)
     out = prepare(cfg, progress=False)
     assert read_meta(out)["tokens"]["val"] > 0
@@ -141,6 +142,30 @@ def test_concurrent_prepares_build_once(cache, corpus_file, monkeypatch):
     assert len(results) == 2 and results[0] == results[1]
     assert len(builds) == 1
     read_meta(results[0])
+
+
+@pytest.mark.parametrize(("num_proc", "user_value", "variable", "during"), [
+    (3, None, "RAYON_NUM_THREADS", "3"),  # sizes the tokenizers thread pool
+    (3, "5", "RAYON_NUM_THREADS", "5"),  # a value the user set wins
+    (1, None, "TOKENIZERS_PARALLELISM", "false"),  # one thread: parallelism off
+])
+def test_thread_settings_hold_during_the_build_and_leave_os_environ_as_it_was(cache, corpus_file, monkeypatch,
+                                                                               num_proc, user_value, variable, during):
+    for name in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.delenv(name, raising=False)
+    if user_value is not None:
+        monkeypatch.setenv(variable, user_value)
+    real, seen = prep._write_split, []
+
+    def record(*args):
+        seen.append(os.environ.get(variable))
+        return real(*args)
+
+    monkeypatch.setattr(prep, "_write_split", record)
+    before = dict(os.environ)
+    prepare(DataConfig(source="files", path=str(corpus_file), num_proc=num_proc), progress=False)
+    assert seen == [during, during]  # train.bin and val.bin
+    assert dict(os.environ) == before
 
 
 def test_shakespeare_from_user_path_splits_like_nanogpt_and_warns_on_checksum(cache, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import names_besides_locks
 
 import data.prepare as prep
 from data.config import DataConfig, DataError
@@ -78,7 +79,7 @@ def test_damaged_prepared_data_is_rebuilt_with_a_warning_naming_the_file(cfg, na
         again = prepare(cfg, progress=False)
     assert again == out and check_prepared(out) is None
     assert {f: (out / f).read_bytes() for f in good} == good
-    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary dir, no lock file
+    assert names_besides_locks(out.parent) == [out.name]  # no temporary dir
 
 
 def test_readers_of_a_damaged_directory_stop_with_one_line_naming_the_file(cfg):
@@ -133,15 +134,14 @@ def test_leftovers_of_killed_builds_are_removed_unless_that_build_is_alive(cfg, 
     dead = cache / ".files-char-0123456789abcdef.tmp-dead"  # another dataset, its builder killed
     dead.mkdir()
     (dead / ".train.bin.tmp-1234").write_bytes(b"half")
-    (cache / ".files-char-0123456789abcdef.lock").touch()  # its lock file, no longer locked
+    (cache / ".files-char-0123456789abcdef.lock").touch()  # its lock file, no longer locked (the OS released it)
     live = cache / ".files-char-fedcba9876543210.tmp-live"  # another dataset, being built right now
     live.mkdir()
     from data.atomic import exclusive_lock
 
     with exclusive_lock(cache / ".files-char-fedcba9876543210.lock"):
         out = prepare(cfg, progress=False)
-        assert sorted(p.name for p in cache.iterdir()) == sorted([out.name, live.name,
-                                                                 ".files-char-fedcba9876543210.lock"])
+        assert names_besides_locks(cache) == sorted([out.name, live.name])
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(cfg, tmp_path, monkeypatch):
@@ -154,7 +154,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(cfg, tmp_path, monkeypatch):
                                         r"free disk space") as info:
         prepare(cfg, progress=False)
     assert "\n" not in str(info.value)
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert names_besides_locks(tmp_path / "cache") == []
 
 
 def _cli(cache: Path, corpus: Path) -> list[str]:
@@ -186,7 +186,7 @@ def test_killed_prepare_then_rerun_succeeds_and_leaves_no_leftovers(tmp_path):
     done = subprocess.run(_cli(cache, corpus), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = Path(done.stdout.strip().splitlines()[-1])
-    assert [p.name for p in cache.iterdir()] == [out.name]
+    assert names_besides_locks(cache) == [out.name]
     assert read_meta(out)["tokens"]["train"] == int(len(line) * 300_000 * 0.9)
     assert np.fromfile(out / "val.bin", dtype=np.uint16).size == read_meta(out)["tokens"]["val"]
     assert "Traceback" not in done.stderr

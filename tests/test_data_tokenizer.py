@@ -1,4 +1,4 @@
-"""Tokenizers: round trips, nanoGPT-compatible char ids, JSON round trips, StreamDecoder, dtypes."""
+"""Tokenizers: round trips, nanoGPT-compatible char ids, JSON round trips, decode_stream, dtypes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from data.prepare import _pieces, token_dtype
 from data.tokenizer import (
     CharTokenizer,
     HFTokenizer,
-    StreamDecoder,
     load_pretrained,
     tokenizer_from_json,
     train_bpe,
@@ -46,7 +45,7 @@ def test_char_unknown_character_is_an_error_naming_it_or_unk():
     unk = CharTokenizer.from_text(["abc"], unk=True)
     assert unk.vocab_size == 4 and unk.unk_id == 3
     assert unk.encode("azb") == [0, 3, 1]
-    assert unk.encode_batch(["ab", "cz"]) == [[0, 1], [2, 3]]
+    assert [a.tolist() for a in unk.encode_arrays(["ab", "cz"])] == [[0, 1], [2, 3]]
 
 
 def test_bpe_round_trip_and_eot(bpe):
@@ -56,7 +55,7 @@ def test_bpe_round_trip_and_eot(bpe):
     ids = bpe.encode(TEXT)
     assert len(ids) < len(TEXT.encode())  # merges happened
     assert bpe.decode(ids) == TEXT
-    assert bpe.encode_batch(["hear me", "日本語"]) == [bpe.encode("hear me"), bpe.encode("日本語")]
+    assert [a.tolist() for a in bpe.encode_arrays(["hear me", "日本語"])] == [bpe.encode("hear me"), bpe.encode("日本語")]
     # Text never seen in training still encodes: every byte is in the alphabet.
     assert bpe.decode(bpe.encode("Ωmega ☃ ok")) == "Ωmega ☃ ok"
 
@@ -85,33 +84,44 @@ def test_pretrained_by_path(tmp_path, bpe):
         load_pretrained(str(tmp_path / "missing.json"))
 
 
-def test_stream_decoder_never_yields_broken_utf8(bpe):
+def test_decode_stream_never_yields_broken_utf8(bpe):
     text = "héllo wörld 日本語 🙂"
     ids = bpe.encode(text)
     # With so few merges the multi-byte characters span several byte-level tokens.
     assert any("\ufffd" in bpe.decode([i]) for i in ids)
-    decoder = StreamDecoder(bpe)
-    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
-    assert all("\ufffd" not in p for p in pieces)
+    pieces = list(bpe.decode_stream(ids))
+    assert len(pieces) > 3 and all(p and "\ufffd" not in p for p in pieces)
     assert "".join(pieces) == bpe.decode(ids) == text
 
 
-def test_stream_decoder_char_and_flush_of_invalid_bytes(bpe):
-    tok = CharTokenizer.from_text([TEXT])
-    decoder = StreamDecoder(tok)
-    assert "".join(decoder.push(i) for i in tok.encode("Speak, 日本")) == "Speak, 日本"
-    # A lone UTF-8 lead byte (first byte of 日) is held back, then flushed as U+FFFD.
-    lead = next(i for i in bpe.encode("日") if "\ufffd" in bpe.decode([i]))
-    decoder = StreamDecoder(bpe)
-    assert decoder.push(lead) == ""
-    assert decoder.flush() == bpe.decode([lead])
+def test_decode_stream_yields_each_piece_when_its_id_arrives(bpe):
+    arrived: list[int] = []
+
+    def ids(seq):
+        for i in seq:
+            arrived.append(i)
+            yield i
+
+    ids_of = bpe.encode("ab 日")
+    stream = bpe.decode_stream(ids(ids_of))
+    assert next(stream) == bpe.decode(ids_of[:1]) and arrived == ids_of[:1]  # no read-ahead
+    char = CharTokenizer.from_text([TEXT])
+    assert list(char.decode_stream(char.encode("Speak, 日本"))) == list("Speak, 日本")
+
+
+def test_decode_stream_holds_half_a_character_then_gives_the_rest_at_the_end(bpe):
+    lead = next(i for i in bpe.encode("日") if "\ufffd" in bpe.decode([i]))  # the first byte of 日 alone
+    a = bpe.encode("a")
+    stream = bpe.decode_stream([*a, lead])
+    assert next(stream) == "a"  # then the lead byte is held back ...
+    assert list(stream) == [bpe.decode([lead])]  # ... and at the end given as it decodes (U+FFFD)
 
 
 def test_pieces_encode_like_the_whole_text(bpe, monkeypatch):
     monkeypatch.setattr("data.prepare.PIECE_CHARS", 200)
     pieces = list(_pieces(TEXT))
     assert len(pieces) > 10 and "".join(pieces) == TEXT
-    flat = [i for ids in bpe.encode_batch(pieces) for i in ids]
+    flat = [i for ids in bpe.encode_arrays(pieces) for i in ids.tolist()]
     assert flat == bpe.encode(TEXT)
 
 

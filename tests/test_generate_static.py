@@ -33,7 +33,7 @@ def make(seed: int = 0, **kw) -> GPT:
 def static_eager(model: GPT) -> GPT:
     """Generation through the static-shape decode without compiling it: the same code path the
     compiled model runs, in eager mode, so its numbers can be checked quickly."""
-    model.compiled_steps = CompiledSteps(prefill=model.step, decode=model.decode, forward=model, cudagraphs=False)
+    model.compiled_steps = CompiledSteps(prefill=model.step, decode=model.decode, cudagraphs=False)
     return model
 
 

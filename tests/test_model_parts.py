@@ -6,11 +6,14 @@ import math
 
 import pytest
 import torch
+from conftest import ROOT, compose_train, preset_config
 
-from model import GPT, PRESETS, ModelConfig
+import cli
+from model import GPT, ModelConfig
 from model.generate import generate_tokens, sample_logits
 
 VOCAB = 41
+PRESETS = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
 
 
 def make(seed=0, **kw):
@@ -74,27 +77,28 @@ def test_sdpa_model_can_still_return_weights():
 
 def test_gpt2_preset_has_gpt2_parameter_count():
     with torch.device("meta"):
-        model = GPT(ModelConfig(preset="gpt2"))
+        model = GPT(preset_config("gpt2"))
     assert model.num_params() == 124_439_808
     assert model.num_params(non_embedding=True) == 124_439_808 - 1024 * 768
     assert model.config.norm == "pre" and model.config.tie_weights
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_builds(name):
+    fields = cli.model_preset(name)
     with torch.device("meta"):
-        model = GPT(ModelConfig(preset=name, vocab_size=PRESETS[name].get("vocab_size", 65)))
-    assert model.config.n_layer == PRESETS[name]["n_layer"]
+        model = GPT(ModelConfig(**{**fields, "vocab_size": fields["vocab_size"] or 65}))
+    assert model.config.n_layer == fields["n_layer"]
 
 
 def test_small_preset_is_nanogpts_shakespeare_model():
-    c = ModelConfig(preset="small", vocab_size=65)
+    c = preset_config("small", vocab_size=65)
     assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.norm) == (6, 6, 384, 256, "post")
 
 
 def test_overrides_win_over_the_preset():
-    c = ModelConfig(preset="tiny", n_layer=8, pos="rope")
-    assert c.n_layer == 8 and c.pos == "rope" and c.n_embd == PRESETS["tiny"]["n_embd"]
+    c = compose_train(["model=tiny", "model.n_layer=8", "model.pos=rope"]).model
+    assert c.n_layer == 8 and c.pos == "rope" and c.n_embd == cli.model_preset("tiny")["n_embd"]
 
 
 def test_weights_are_tied_and_initialised_like_gpt2():
@@ -172,7 +176,6 @@ def test_bad_sampling_arguments_are_refused(kwargs, field):
     (dict(n_layer=0), "n_layer"),
     (dict(vocab_size=-5), "vocab_size"),
     (dict(dropout=1.0), "dropout"),
-    (dict(preset="huge"), "preset"),
 ])
 def test_bad_configs_name_the_field(kwargs, field):
     base = dict(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=4, n_embd=32)
@@ -184,7 +187,7 @@ def test_missing_sizes_and_vocab_are_reported():
     with pytest.raises(ValueError, match="n_layer"):
         ModelConfig(vocab_size=10, block_size=8, n_head=2, n_embd=8)
     with pytest.raises(ValueError, match="vocab_size"):
-        GPT(ModelConfig(preset="tiny"))
+        GPT(preset_config("tiny"))
 
 
 def test_too_long_input_is_refused_with_the_fix():
@@ -234,8 +237,8 @@ def test_rope_table_first_built_while_sampling_still_trains():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_a_preset_fills_its_activation_unless_one_is_given():
-    assert ModelConfig(preset="gpt2").activation == "gelu_tanh"  # GPT-2's weights need its GELU
-    assert ModelConfig(preset="gpt2", activation="gelu").activation == "gelu"
-    assert ModelConfig(preset="tiny").activation == "gelu"
+def test_gpt2_presets_take_gpt2s_gelu_and_the_default_is_the_exact_one():
+    assert preset_config("gpt2").activation == "gelu_tanh"  # GPT-2's weights need its GELU
+    assert preset_config("gpt2", activation="gelu").activation == "gelu"
+    assert preset_config("tiny").activation == "gelu"
     assert ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=4).activation == "gelu"

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, run_script
+from conftest import compose_train, preset_config, run_script
 
 import train
 from engine.config import OptimConfig
 from engine.optim import MuonAdamW, build_optimizer, lr_at, muon_split, set_lr
-from model import GPT, ModelConfig
+from model import GPT
 
 MUON_CFG = OptimConfig(name="muon", lr=1e-3, min_lr=1e-4, muon_lr=0.02, warmup_iters=2)
 
@@ -28,7 +28,7 @@ def _hidden_matrices(n_layer: int) -> set[str]:
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_weights": False, "bias": False, "norm": "pre", "pos": "rope"}])
 def test_split_puts_every_parameter_in_exactly_one_optimizer(overrides):
-    model = GPT(ModelConfig(preset="tiny", n_layer=2, vocab_size=50, **overrides))
+    model = GPT(preset_config("tiny", n_layer=2, vocab_size=50, **overrides))
     muon, adamw = muon_split(model)
     assert {n for n, _ in muon} == _hidden_matrices(2)
     adamw_names = {n for n, _ in adamw}
@@ -44,7 +44,7 @@ def test_split_puts_every_parameter_in_exactly_one_optimizer(overrides):
 
 
 def test_muon_follows_the_schedule_scaled_by_muon_lr():
-    model = GPT(ModelConfig(preset="tiny", n_layer=1, vocab_size=50))
+    model = GPT(preset_config("tiny", n_layer=1, vocab_size=50))
     opt = build_optimizer(model, MUON_CFG, "cpu")
     for step in (0, 1, 50, 99):
         lr = lr_at(step, MUON_CFG, max_iters=100)
@@ -55,7 +55,7 @@ def test_muon_follows_the_schedule_scaled_by_muon_lr():
 
 def test_grad_scaler_unscales_and_skips_both_parts():
     torch.manual_seed(0)
-    model = GPT(ModelConfig(preset="tiny", n_layer=1, n_embd=32, n_head=2, block_size=8, vocab_size=20))
+    model = GPT(preset_config("tiny", n_layer=1, n_embd=32, n_head=2, block_size=8, vocab_size=20))
     opt = build_optimizer(model, MUON_CFG, "cpu")
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     x = torch.randint(0, 20, (2, 8))
@@ -145,7 +145,7 @@ def test_resuming_with_the_other_optimizer_is_refused(tiny_overrides, tmp_path, 
 
 def test_torch_without_muon_is_one_clear_line(monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon")
-    model = GPT(ModelConfig(preset="tiny", n_layer=1, vocab_size=50))
+    model = GPT(preset_config("tiny", n_layer=1, vocab_size=50))
     with pytest.raises(ValueError, match=rf"needs torch.optim.Muon \(torch >= 2.9\); the installed torch "
                                          rf"{re.escape(torch.__version__)} lacks it: upgrade torch, or use optim=adamw") as e:
         build_optimizer(model, MUON_CFG, "cpu")

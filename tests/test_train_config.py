@@ -1,6 +1,6 @@
 """Configs and the command line: the real YAML files compose into typed dataclasses; typos and wrong
 types are refused by Hydra with its own message; experiments hold the recipes they promise; the
-model presets are written out in YAML and agree with model/config.py; the training schema has one
+model presets are written out in YAML, once (cli.model_preset reads them); the training schema has one
 set of defaults; the learning-rate schedules, weight-decay groups, run-directory stamp and the
 one-line error guard."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import compose_train, run_script
+from conftest import compose_train, preset_config, run_script
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -24,9 +24,9 @@ import cli
 from engine.config import LoggerConfig, OptimConfig, TrainConfig
 from engine.optim import lr_at, param_groups
 from model import GPT, ModelConfig
-from model.config import PRESETS
 
 CONFIGS = Path(cli.CONFIG_DIR)
+PRESETS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 
 
 def test_defaults_compose_to_typed_dataclasses():
@@ -129,7 +129,7 @@ def test_wsd_and_constant_schedules():
 
 
 def test_weight_decay_only_on_2d_weights():
-    model = GPT(ModelConfig(preset="tiny", n_layer=2, vocab_size=50))
+    model = GPT(preset_config("tiny", n_layer=2, vocab_size=50))
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -179,20 +179,30 @@ def test_peak_flops_for_mfu_by_gpu_name(monkeypatch):
     assert cpu.peak_flops() is None and cpu.peak_flops(override=2e11) == 2e11  # no MFU on CPU unless given
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_model_yaml_lists_every_field_as_presets_and_defaults_say(name):
-    """configs/model/<name>.yaml writes out every ModelConfig field (no null left for Python to fill),
-    with model/config.py's PRESETS values and, for the fields a preset leaves alone, ModelConfig's
-    defaults: YAML and Python cannot drift apart, and the run trains exactly what the YAML says."""
+@pytest.mark.parametrize("name", PRESETS)
+def test_model_yaml_lists_every_field_and_is_what_runs_and_scripts_get(name):
+    """configs/model/<name>.yaml writes out every ModelConfig field, so a run trains exactly what
+    the YAML says; Hydra's model=<name> and cli.model_preset(name) (scripts, tests) give the same."""
     raw = yaml.safe_load((CONFIGS / "model" / f"{name}.yaml").read_text())
     fields = dataclasses.fields(ModelConfig)
     assert set(raw) - {"defaults"} == {f.name for f in fields}
-    expected = dataclasses.asdict(ModelConfig(preset=name))  # the preset, the rest filled by __post_init__
+    expected = {k: v for k, v in raw.items() if k != "defaults"}
+    assert expected["preset"] == name and all(expected[k] is not None for k in ("n_layer", "n_head", "n_embd"))
+    assert cli.model_preset(name) == expected
+    assert dataclasses.asdict(ModelConfig(**expected)) == expected  # valid as written, nothing filled in
     cli.register_configs()
     with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
         written = OmegaConf.to_container(compose("train", overrides=[f"model={name}"]).model)
     assert written == expected
     assert dataclasses.asdict(compose_train([f"model={name}"]).model) == expected
+
+
+def test_an_unknown_preset_name_is_one_line_listing_the_valid_ones():
+    for name in ("huge", "../train"):  # not a file of configs/model/, even where one exists elsewhere
+        with pytest.raises(ValueError, match=rf"unknown model preset {name!r}; choose one of gpt2, gpt2-medium, "
+                                             r"small, tiny \(configs/model/\)") as info:
+            cli.model_preset(name)
+        assert "\n" not in str(info.value)
 
 
 def test_saved_config_shows_the_model_sizes(tmp_path):

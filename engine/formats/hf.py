@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from data.tokenizer import EOT_TOKENS as _EOT_TOKENS
 from model.gpt2 import (
     check_gpt2_expressible,
     from_hf_state_dict,
@@ -34,7 +35,6 @@ from ..checkpoint import CheckpointError
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "transformers is not installed; install the optional extra: pip install -e '.[hf]'"
-_EOT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 
 
 # ---- reading an HF GPT-2 directory (no transformers needed) ----------------------------------------
