@@ -99,14 +99,15 @@ def names_besides_locks(directory: Path) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` need CUDA: skip them cleanly on a machine without it."""
+    """Tests marked `gpu` need CUDA: skip them cleanly on a machine without it (the figures of
+    tests/test_gpu_figures.py decide for themselves: a dry run runs them on CPU)."""
     import torch
 
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and "figures" not in item.keywords:
             item.add_marker(skip)
 
 
