@@ -15,9 +15,9 @@ import dataclasses
 import logging
 import math
 import os
-import resource
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import cli
 from causality.sampling import start_token
-from data.config import DataConfig
 from data.loader import BatchLoader
 from data.prepare import prepare, read_meta
 from data.progress import Progress
@@ -47,7 +46,8 @@ from engine.formats.pretrained import load_pretrained
 from engine.metrics import RunLogger, StepMeter
 from engine.optim import build_optimizer, lr_at
 from engine.parallel import RankFailed, lost_peer, wrap_model
-from engine.runtime import Runtime, setup_runtime
+from engine.resume import data_as_trained, warn_if_resume_differs
+from engine.runtime import Runtime, peak_memory_mb, setup_runtime
 from engine.signals import StopRequest
 from engine.state import TrainingError, TrainState, find_resume, grad_scaler
 from engine.step import train_step
@@ -56,16 +56,18 @@ from model import GPT, ModelConfig
 log = logging.getLogger("train")
 
 
-def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
+def train(cfg: TrainConfig, explicit: set[str] | None = None,
+          on_start: Callable[[Path], None] | None = None) -> dict:
     """Train as cfg says; returns a summary (run_dir, step, best_val, final_val, checkpoint).
     explicit: the settings given on the command line (e.g. {"data.path", "model"}); a resumed run
-    then takes every other data.* setting from its checkpoint, as it was trained. None: cfg as is."""
+    then takes every other data.* setting from its checkpoint, as it was trained. None: cfg as is.
+    on_start(run dir): called on rank 0 once the run is set up, before the first step."""
     rt = setup_runtime(cfg.device, cfg.precision, cfg.compile, cfg.threads, cfg.dist_timeout_s)
     stop = StopRequest()
     failed = True
     try:  # the run directory is locked, and checked for another run's files, for the whole run (cli.py)
         with cli.hold_run_dir(Path(cfg.out_dir), cfg.resume, cfg.overwrite, enabled=rt.is_main):
-            result = _train(cfg, rt, stop, explicit)
+            result = _train(cfg, rt, stop, explicit, on_start)
         failed = False
         return result
     except RankFailed as e:  # another rank failed where they all check (a save, the set-up): its line
@@ -82,8 +84,11 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
         rt.close(failed)  # after a failure without waiting for the other ranks
 
 
-def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] | None = None) -> dict:
+def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] | None,
+           on_start: Callable[[Path], None] | None) -> dict:
     run = set_up(cfg, rt, explicit)
+    if on_start is not None and rt.is_main:
+        on_start(run.out_dir)
     loop, logger, out_dir = run.state, run.logger, run.out_dir  # loop: the TrainState's counters
     start_step, stopping = loop.step, False
     meter = StepMeter(run.tokens_per_step, warmup_steps=2 if rt.compile else 1)
@@ -125,7 +130,7 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
             if run.peak_flops and "tokens_per_s" in perf:
                 perf["mfu"] = run.model.estimate_mfu(perf["tokens_per_s"], run.peak_flops * rt.world_size)
             logger.log({"step": loop.step, "train/loss": train_loss, "train/tokens_seen": loop.tokens_seen,
-                        "opt/lr": lr, "opt/grad_norm": grad_norm, "perf/mem_mb": _peak_memory_mb(rt),
+                        "opt/lr": lr, "opt/grad_norm": grad_norm, "perf/mem_mb": peak_memory_mb(rt),
                         **{f"perf/{k}": v for k, v in perf.items()}})
             log.info("step %d/%d: loss %.4f, lr %.2e, %s tok/s, %s ms/step", loop.step, cfg.max_iters,
                      train_loss, lr, f"{perf.get('tokens_per_s', 0):,.0f}",
@@ -184,14 +189,14 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None) -> R
     # ---- where the weights come from: a checkpoint to resume, one to fine-tune from, or nothing ----
     ckpt_path, ckpt = find_resume(cfg.resume, out_dir, rt) or (None, None)  # falls back to older ones
     if ckpt is not None and explicit is not None:
-        cfg.data = _data_as_trained(ckpt, cfg.data, explicit)
+        cfg.data = data_as_trained(ckpt, cfg.data, explicit)
     prepared = prepare(cfg.data, progress=rt.is_main)  # every rank; one builds, the others wait on its file lock
     meta, tokenizer = read_meta(prepared), load_tokenizer(prepared)
     init_weights: dict | None = None
     if ckpt is not None:
         check_fits_data(ckpt, ckpt_path, tokenizer.to_json(), meta["vocab_size"], use="resume")
         model_cfg = ModelConfig(**ckpt["model_config"])  # the checkpoint's architecture wins
-        _warn_if_resume_differs(ckpt, _with_vocab(cfg.model, meta["vocab_size"]), meta, explicit)
+        warn_if_resume_differs(ckpt, _with_vocab(cfg.model, meta["vocab_size"]), meta, explicit)
     elif cfg.init_from:
         src = load_pretrained(cfg.init_from)
         check_fits_data(src, cfg.init_from, tokenizer.to_json(), meta["vocab_size"], use="init_from")
@@ -322,43 +327,6 @@ def _name_corpus(cfg: TrainConfig, meta: dict) -> str:
     return corpus
 
 
-def _data_as_trained(ckpt: dict, data: DataConfig, explicit: set[str]) -> DataConfig:
-    """The data settings a resumed run continues on: the checkpoint's, except those given on the
-    command line (data=<group> or experiment=: all of this run's)."""
-    saved = (ckpt.get("config") or {}).get("data")
-    if not isinstance(saved, dict) or explicit & {"data", "experiment"}:
-        return data
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    mine = {k.removeprefix("data."): getattr(data, k.removeprefix("data.")) for k in explicit
-            if k.startswith("data.") and k.removeprefix("data.") in known}
-    resolved = DataConfig(**{**{k: v for k, v in saved.items() if k in known}, **mine})
-    if resolved != data:
-        log.info("resuming on the data the checkpoint was trained on (data.source=%s%s)%s", resolved.source,
-                 f", data.path={resolved.path}" if resolved.path else "",
-                 f"; from the command line: {', '.join(sorted(mine))}" if mine else "")
-    return resolved
-
-
-def _warn_if_resume_differs(ckpt: dict, model_cfg: ModelConfig, meta: dict, explicit: set[str] | None) -> None:
-    """Resuming keeps the checkpoint's model; say so when settings given for this run differ from it
-    (explicit: only those given on the command line; None: all of cfg.model)."""
-    given = model_cfg.to_dict()
-    changed = {k: (v, given[k]) for k, v in ckpt["model_config"].items() if given.get(k) != v and (
-        explicit is None or f"model.{k}" in explicit or explicit & {"model", "experiment"})}
-    if changed:
-        log.warning("resuming with the checkpoint's model; ignoring changed model settings %s",
-                    ", ".join(f"model.{k}: {old} -> {new}" for k, (old, new) in changed.items()))
-    if ckpt.get("data", {}).get("meta", {}).get("fingerprint") != meta.get("fingerprint"):
-        log.warning("resuming on other data than the checkpoint was trained on (prepared data fingerprint "
-                    "differs): the data order cannot match an uninterrupted run")
-
-
-def _peak_memory_mb(rt: Runtime) -> float:
-    if rt.device_type == "cuda":
-        return torch.cuda.max_memory_allocated(rt.device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def _explicit_settings(overrides: list[str]) -> set[str]:
     """The settings a command line gives: ["data.path=x", "+model=small", "~data.revision"] ->
     {"data.path", "model", "data.revision"}."""
@@ -372,24 +340,39 @@ cli.register_configs()
 @cli.main_guard
 def main(dcfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
-    cli.check_added_keys(HydraConfig.get().overrides.task, TrainConfig, cli.CONFIG_DIR)  # +max_iter=...: refused
-    cfg: TrainConfig = OmegaConf.to_object(dcfg)  # the one conversion: plain dataclasses from here on
-    cfg.out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
-    cli.name_wandb_run(cfg)  # W&B name, group and tags that say what ran (unless set)
-    if int(os.environ.get("RANK", "0")) != 0:  # one voice on the console: rank 0's
+    from hydra.types import RunMode
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)  # out_dir when given (cli.run_dir), else outputs/<stamp>
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    cli.mark_fresh(run_dir)  # made by Hydra for this launch: removed again if the run never starts
+    if not rank0:  # one voice on the console: rank 0's
         logging.getLogger().setLevel(logging.WARNING)
-    with logging_redirect_tqdm():
-        result = train(cfg, _explicit_settings(HydraConfig.get().overrides.task))
-    if int(os.environ.get("RANK", "0")) == 0:
+    started: list[Path] = []
+    cli.buffer_logs()  # for train.log, once the run directory is this run's (refused: nothing written)
+    try:
+        cli.check_added_keys(hc.overrides.task, TrainConfig, cli.CONFIG_DIR)  # +max_iter=...: refused
+        cfg: TrainConfig = OmegaConf.to_object(dcfg)  # the one conversion: plain dataclasses from here on
+        cfg.out_dir = cfg.out_dir or str(run_dir)
+        cli.name_wandb_run(cfg)  # W&B name, group and tags that say what ran (unless set)
+        with logging_redirect_tqdm():
+            result = train(cfg, _explicit_settings(hc.overrides.task),
+                           on_start=lambda out: started.append(cli.start_run_files(out, dcfg) or out))
+    except BaseException:
+        if rank0 and not started and hc.mode == RunMode.MULTIRUN:  # a sweep's job keeps why it failed
+            cli.start_run_files(run_dir, dcfg)
+        elif rank0 and not started:  # refused, or failed before the run started: leave nothing behind
+            cli.remove_if_unstarted(run_dir)
+        raise
+    if rank0:
         final = f", final val {result['final_val']:.4f}" if "final_val" in result else ""
-        print(f"\n{'stopped early' if result['stopped'] else 'done'}: step {result['step']}, "
-              f"best val {result['best_val']:.4f}{final}, on {result['corpus']}")
-        print(f"checkpoint: {result['checkpoint']}")
+        lines = [f"{'stopped early' if result['stopped'] else 'done'}: step {result['step']}, "
+                 f"best val {result['best_val']:.4f}{final}, on {result['corpus']}",
+                 f"checkpoint: {result['checkpoint']}"]
         if result["stopped"]:  # the same overrides, pointed at this run's directory
-            keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "out_dir="))]
+            keep = [o for o in hc.overrides.task if not o.startswith(("resume=", "out_dir="))]
             resume = cli.as_typed([*keep, "resume=auto", "out_dir=" + result["run_dir"]], cli.TRAIN_TEXT)
-            print(f"resume:     python train.py {' '.join(resume)}")
-        print(f"try it:     python sample.py ckpt={result['run_dir']}")
+            lines.append(f"resume:     python train.py {' '.join(resume)}")
+        cli.summarise([*lines, f"try it:     python sample.py ckpt={result['run_dir']}"])
     if result["stopped"]:  # stopped by a signal after a clean save: 128 + its number (schedulers read it)
         raise SystemExit(128 + (result["signal"] or signal.SIGTERM))
     # The value a Hydra sweeper would minimise, carrying the summary for the sweep table (cli.SweepSummary).

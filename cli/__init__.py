@@ -44,7 +44,19 @@ from pathlib import Path
 
 from .errors import JobFailed, main_guard
 from .presets import model_preset
-from .runs import LOCK_FILE, RUN_FILES, hold_run_dir, name_wandb_run, run_stamp
+from .runs import (
+    LOCK_FILE,
+    RUN_FILES,
+    buffer_logs,
+    hold_run_dir,
+    mark_fresh,
+    name_wandb_run,
+    remove_if_unstarted,
+    run_dir,
+    run_stamp,
+    start_run_files,
+    summarise,
+)
 from .scripts import fail, parse_args
 from .sweeps import RunResult, SweepSummary, format_sweep_table
 from .text import (
@@ -62,10 +74,10 @@ from .text import (
 )
 
 __all__ = ["CONFIG_DIR", "LIST", "LOCK_FILE", "OPTIONAL", "RUN_FILES", "SAMPLE_TEXT", "TEXT", "TEXT_OR_LIST",
-           "TRAIN_TEXT", "JobFailed", "RunResult", "SweepSummary", "as_typed", "check_added_keys", "fail",
-           "format_sweep_table", "hold_run_dir", "hydra_quote", "hydra_value", "main_guard", "model_preset",
-           "name_wandb_run", "parse_args",
-           "quote_free_text", "register_configs", "run_stamp"]
+           "TRAIN_TEXT", "JobFailed", "RunResult", "SweepSummary", "as_typed", "buffer_logs", "check_added_keys",
+           "fail", "format_sweep_table", "hold_run_dir", "hydra_quote", "hydra_value", "main_guard", "mark_fresh",
+           "model_preset", "name_wandb_run", "parse_args", "quote_free_text", "register_configs",
+           "remove_if_unstarted", "run_dir", "run_stamp", "start_run_files", "summarise"]
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 _registered = False
@@ -91,4 +103,5 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+        OmegaConf.register_new_resolver("run_dir", run_dir, use_cache=True)
     _registered = True

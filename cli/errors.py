@@ -83,12 +83,21 @@ def _in_sweep() -> bool:
 
 
 def _to_log_files(level: int, text: str) -> None:
-    """Write text to the log files of the root logger (Hydra's `<job>.log`), not to the console:
+    """Write text to the log files of the root logger (train.log once the run has started), not to the console:
     the console has already shown it on stderr."""
     record = log.makeRecord(log.name, level, __file__, 0, text, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+    for handler in log_files():
+        handler.handle(record)
+
+
+RUN_LOG: list[logging.FileHandler] = []  # train.log, once the run has started (cli.start_run_files)
+
+
+def log_files() -> list[logging.FileHandler]:
+    """The open log files: the root logger's and this run's train.log, which stays open after the
+    console handlers are put back (tqdm's logging redirect restores the root logger's handler list)."""
+    root = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return [h for h in dict.fromkeys(root + RUN_LOG) if h.stream is not None]
 
 
 def _finish_wandb(exit_code: int) -> None:

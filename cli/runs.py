@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import RUN_LOG, log_files
 from .sweeps import _shown_overrides, _sweep_plan
 
 log = logging.getLogger("cli")
@@ -68,6 +69,85 @@ def _claim_stamp(base: str | None) -> str:
         except FileExistsError:
             continue
     raise AssertionError("unreachable")
+
+
+_FRESH: list[Path] = []  # the run directory of this launch when it found it empty (remove_if_unstarted)
+
+
+def run_dir(out_dir: str | None, base: str) -> str:
+    """hydra.run.dir: out_dir when given, so that .hydra/ and train.log live with the checkpoints,
+    else `<base>/<run stamp>`."""
+    return str(out_dir) if out_dir not in (None, "") else str(Path(base) / run_stamp(base))
+
+
+def mark_fresh(path: Path) -> None:
+    """Hydra made the launch's run directory before the launch could check it: when it is empty, a
+    launch that fails before its run starts removes it again (remove_if_unstarted)."""
+    path = Path(path).resolve()
+    if path.is_dir() and not any(path.iterdir()):
+        _FRESH.append(path)
+
+
+def remove_if_unstarted(out_dir: Path) -> None:
+    """A launch that was refused or failed before its run started leaves nothing behind: the run
+    directory it found empty goes again (with its lock file, the only thing written there so far), and
+    the `outputs/<date>/` above it when that is empty. A directory that held anything is left as it was."""
+    path = Path(out_dir).resolve()
+    if path not in _FRESH or not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir()):
+        return
+    with contextlib.suppress(OSError):
+        (path / LOCK_FILE).unlink(missing_ok=True)
+        path.rmdir()
+        if _STAMP_RE.search(str(path)):
+            path.parent.rmdir()  # the date directory, when no other run is in it
+
+
+def start_run_files(out_dir: Path, dcfg: Any) -> None:
+    """Once the run has started (the directory locked and checked, data and model set up): write
+    `.hydra/` (config.yaml, hydra.yaml, overrides.yaml, as Hydra would) and start `train.log` with
+    everything logged so far (buffer_logs). Resumes rewrite .hydra/ and append to train.log."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+    hc = HydraConfig.get()
+    saved = out_dir / ".hydra"
+    saved.mkdir(parents=True, exist_ok=True)
+    task = OmegaConf.masked_copy(dcfg, [k for k in dcfg if k != "hydra"]) if "hydra" in dcfg else dcfg
+    for name, node in (("config.yaml", task), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
+                       ("overrides.yaml", OmegaConf.create(list(hc.overrides.task)))):
+        OmegaConf.save(node, saved / name)
+    root = logging.getLogger()
+    handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    for buffer in [h for h in root.handlers if isinstance(h, _Buffer)]:
+        root.removeHandler(buffer)
+        for record in buffer.records:
+            handler.handle(record)
+    root.addHandler(handler)
+    RUN_LOG.append(handler)
+
+
+def summarise(lines: list[str]) -> None:
+    """The closing lines of a run, on the console as plain text and at the end of train.log."""
+    print("\n" + "\n".join(lines), flush=True)
+    for handler in log_files():
+        handler.stream.write("\n".join(lines) + "\n")
+        handler.flush()
+
+
+class _Buffer(logging.Handler):
+    """Holds the records of a launch until its run directory is known to be its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def buffer_logs() -> None:
+    """Keep what is logged from now on for train.log, written once the run starts (start_run_files)."""
+    logging.getLogger().addHandler(_Buffer())
 
 
 # A directory holding any of these holds a run. ckpt-<step>.pt: the step-numbered checkpoints kept

@@ -13,6 +13,7 @@ import ctypes
 import datetime
 import logging
 import os
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -185,3 +186,10 @@ def _set_cpu_threads(threads: int, local_world_size: int) -> None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // max(1, local_world_size))
     torch.set_num_threads(threads)
+
+
+def peak_memory_mb(rt: Runtime) -> float:
+    """Peak memory so far: allocated on the GPU, or the process's resident set on CPU."""
+    if rt.device_type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, compose_train, run_script
+from conftest import ROOT, compose_train, names_besides_locks, run_script
 
 import cli
 import train
@@ -45,7 +45,40 @@ def test_refusal_on_the_command_line_is_one_line(tiny_overrides, tmp_path):
         f"error: {tmp_path / 'run'} already holds a run (best.pt); continue it with resume=auto, "
         "or start over in it with overwrite=true")
     assert "Traceback" not in r.stderr and (tmp_path / "run" / "best.pt").read_bytes() == b"an earlier run's"
-    assert "already holds a run" in (tmp_path / "hydra" / "train.log").read_text()  # in the run's log too
+    assert not (tmp_path / "hydra").exists()  # the refused launch left nothing behind
+
+
+def test_one_run_one_directory_and_a_refused_launch_changes_nothing(tiny_overrides, tmp_path):
+    """.hydra/, train.log (eval lines and the summary included), metrics and checkpoints in out_dir,
+    on resume too; a launch refused or failed before its run starts leaves no directory behind and
+    does not rewrite the .hydra/ of the run it refused."""
+    runs, run = tmp_path / "runs", tmp_path / "run"
+    env = {"CAUSALGPT_RUNS": str(runs)}
+    overrides = [*tiny_overrides, "max_iters=4", "eval_interval=2"]
+    r = run_script(["train.py", *overrides], env=env)
+    assert r.returncode == 0, r.stderr
+    assert {".hydra", "train.log", "metrics.jsonl", "last.pt", "best.pt"} <= set(names_besides_locks(run))
+    assert not runs.exists()  # no second directory under outputs/
+    text = (run / "train.log").read_text()
+    assert "step 2: train loss" in text and "done: step 4" in text and "try it:" in text
+    saved = (run / ".hydra" / "config.yaml").read_bytes()
+
+    for bad in (["max_iters=6"],  # a fresh run into a run directory: refused
+                ["max_iters=6", "resume=auto", "+max_iter=6"],  # a typo: refused
+                ["max_iters=6", "resume=auto", "model.n_head=3"]):  # a config error
+        r = run_script(["train.py", *overrides, *bad], env=env)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert (run / ".hydra" / "config.yaml").read_bytes() == saved and (run / "train.log").read_text() == text
+    for bad in (["+max_iter=6"], ["data.path=" + str(tmp_path / "missing.txt")]):  # no out_dir: outputs/<stamp>
+        r = run_script(["train.py", *overrides[:-1], *bad], env=env)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert not runs.exists() or not any(runs.rglob("*")), sorted(runs.rglob("*"))
+
+    r = run_script(["train.py", *overrides, "max_iters=6", "resume=auto"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert "resume='auto'" in (run / ".hydra" / "overrides.yaml").read_text()
+    log = (run / "train.log").read_text()
+    assert log.startswith(text) and "done: step 6" in log and not runs.exists()
 
 
 def _lock_is_free(run) -> bool:
