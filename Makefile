@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # Which torch to install. Without an NVIDIA GPU: the pinned release (a CPU build where the machine
 # provides one locally). With a GPU: the newest CUDA build. Override, e.g. TORCH="torch==2.5.1".
-TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.9" || echo "torch==2.13.0")
 # Extra pip index for torch, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for a small CPU build.
 TORCH_INDEX ?=
 EXTRAS ?= dev,hf
@@ -36,6 +36,8 @@ clean:
 	rm -rf .pytest_cache .ruff_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# Every run under this directory, on purpose only: outputs/, multirun/ and W&B runs not yet synced.
+# Every run, on purpose only: outputs/ and multirun/ (under $CAUSALGPT_RUNS when it is set, as train.py
+# writes them) and W&B runs not yet synced in wandb/.
+RUNS := $(or $(CAUSALGPT_RUNS),.)
 clean-runs:
-	rm -rf outputs multirun wandb
+	rm -rf "$(RUNS)/outputs" "$(RUNS)/multirun" wandb

@@ -152,8 +152,15 @@ def test_make_clean_keeps_runs_and_clean_runs_removes_them(tmp_path):
     subprocess.run([*make, "clean"], check=True, capture_output=True, timeout=60)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["multirun", "outputs", "pkg", "wandb"] and not (tmp_path / "pkg" / "__pycache__").exists()
-    subprocess.run([*make, "clean-runs"], check=True, capture_output=True, timeout=60)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+    runs = tmp_path / "elsewhere"
+    (runs / "outputs" / "2030-01-01").mkdir(parents=True)
+    (runs / "multirun").mkdir()
+    env = {**os.environ, "CAUSALGPT_RUNS": str(runs)}
+    subprocess.run([*make, "clean-runs"], check=True, capture_output=True, timeout=60, env=env)
+    assert sorted(p.name for p in runs.iterdir()) == [] and (tmp_path / "outputs").exists()  # $CAUSALGPT_RUNS's
+    env.pop("CAUSALGPT_RUNS")
+    subprocess.run([*make, "clean-runs"], check=True, capture_output=True, timeout=60, env=env)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "pkg"]
 
 
 def test_step_checkpoints_count_as_a_run_and_overwrite_deletes_them(tmp_path):

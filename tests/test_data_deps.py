@@ -81,3 +81,14 @@ def test_no_test_skips_when_a_required_dependency_is_missing(test_file):
 def test_datasets_requires_a_version_without_loading_scripts():
     text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
     assert re.search(r'"datasets>=(\d+)', text) and int(re.search(r'"datasets>=(\d+)', text).group(1)) >= 3
+
+
+def test_the_torch_floor_is_what_the_code_needs():
+    """torch.optim.Muon (optim=muon, used by the CPU recipes) first shipped in torch 2.9: the floor in
+    pyproject.toml and the Makefile's CUDA default both say so."""
+    floor = re.search(r'"torch>=(\d+)\.(\d+)', (REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert floor and (int(floor.group(1)), int(floor.group(2))) >= (2, 9)
+    assert f'"torch>={floor.group(1)}.{floor.group(2)}"' in (REPO / "Makefile").read_text(encoding="utf-8")
+    recipes = [p.name for p in (REPO / "configs" / "experiment").glob("*.yaml")
+               if re.search(r"^\s*-?\s*(override )?/?optim: muon", p.read_text(), re.M)]
+    assert recipes, "no recipe uses Muon: the floor could be lower"
