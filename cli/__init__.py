@@ -91,16 +91,11 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from data.config import DataConfig
-    from engine.config import LoggerConfig, OptimConfig, TrainConfig
-    from model import ModelConfig
+    from engine.config import TrainConfig
 
-    cs = ConfigStore.instance()
-    cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="data", name="schema", node=DataConfig)
-    cs.store(group="optim", name="schema", node=OptimConfig)
-    cs.store(group="logger", name="schema", node=LoggerConfig)
-    cs.store(name="train_schema", node=TrainConfig)
+    # The root schemas only: their typed fields (model: ModelConfig, ...) check every group file
+    # merged into them, and no group offers a "schema" option.
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
         OmegaConf.register_new_resolver("run_dir", run_dir, use_cache=True)

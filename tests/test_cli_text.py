@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 from hydra import compose, initialize_config_dir
 
 import cli
@@ -159,3 +160,19 @@ def test_printed_commands_give_back_what_was_typed():
              "optim.lr=3e-4", "out_dir=/runs/new one"]
     printed = " ".join(cli.as_typed(cli.quote_free_text(["train.py", *typed], cli.TRAIN_TEXT)[1:], cli.TRAIN_TEXT))
     assert shlex.split(printed) == typed
+
+
+def test_help_offers_only_the_choices_each_entry_point_takes():
+    """train.py --help: every config group with its files and no `schema` choice; sample.py --help:
+    only the groups it takes (model, logger), with the files that are there."""
+    def groups(help_text: str) -> dict[str, list[str]]:
+        block = help_text.split("== Configuration groups ==")[1].split("== Config ==")[0]
+        return {m[1]: m[2].split("(")[0].replace(",", " ").split()
+                for m in re.finditer(r"^(\w+): (.+)$", block, re.M)}
+
+    files = {g: sorted(p.stem for p in (ROOT / "configs" / g).glob("*.yaml"))
+             for g in ("data", "experiment", "logger", "model", "optim")}
+    r = run_script(["train.py", "--help"])
+    assert r.returncode == 0 and groups(r.stdout) == files, r.stdout[:2000]
+    r = run_script(["sample.py", "--help"])
+    assert r.returncode == 0 and groups(r.stdout) == {g: files[g] for g in ("model", "logger")}, r.stdout[:2000]
