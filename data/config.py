@@ -4,13 +4,9 @@ Every field is documented where it is declared. `__post_init__` validates the fi
 `to_object` calls it), so a bad setting fails before any text is read, with a one-line message that
 names the field and says how to fix it.
 
-This module must not import Hydra (house rule: data code never does). Entry points register the
-schema themselves, before composing, so that a typo such as `data.pth=x` is refused by Hydra:
-
-    from hydra.core.config_store import ConfigStore
-    ConfigStore.instance().store(group="data", name="schema", node=DataConfig)
-
-and every configs/data/*.yaml starts with `defaults: [schema, _self_]`.
+This module must not import Hydra (house rule: data code never does). Each entry point registers a
+root schema whose `data` field is a DataConfig (cli.register_configs, data/prepare.py), so that a typo
+such as `data.pth=x` in a command line or a configs/data/*.yaml file is refused by Hydra.
 """
 
 from __future__ import annotations

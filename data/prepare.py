@@ -363,8 +363,9 @@ def main() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import DictConfig, OmegaConf
 
-    # The schema of the data group, so a typo such as data.pth=x is refused before anything runs.
-    ConfigStore.instance().store(group="data", name="schema", node=DataConfig)
+    # The root schema (configs/prepare.yaml): data is a DataConfig, so a typo such as data.pth=x is
+    # refused before anything runs.
+    ConfigStore.instance().store(name="prepare_schema", node={"data": DataConfig, "progress": True})
     config_dir = str(Path(__file__).resolve().parent.parent / "configs")
 
     @hydra.main(config_path=config_dir, config_name="prepare", version_base=None)

@@ -124,7 +124,7 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
-    # The config groups; their YAML files bring their own schemas (ModelConfig, DataConfig).
+    # The config groups: these typed fields check every file of configs/model/, configs/data/, ...
     model: ModelConfig = MISSING  # filled by the defaults list (model/, data/ groups)
     data: DataConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
