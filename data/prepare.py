@@ -357,15 +357,19 @@ def _write_split(
     return n, digest.hexdigest()
 
 
+def register_schema() -> None:
+    """The root schema of configs/prepare.yaml: data is a DataConfig, so a typo such as data.pth=x
+    is refused before anything runs."""
+    from hydra.core.config_store import ConfigStore
+    ConfigStore.instance().store(name="prepare_schema", node={"data": DataConfig, "progress": True})
+
+
 def main() -> None:
     """`python -m data.prepare <data overrides>`: prepare and print the directory on the last line."""
     import hydra  # lazily: the library above never needs Hydra
-    from hydra.core.config_store import ConfigStore
     from omegaconf import DictConfig, OmegaConf
 
-    # The root schema (configs/prepare.yaml): data is a DataConfig, so a typo such as data.pth=x is
-    # refused before anything runs.
-    ConfigStore.instance().store(name="prepare_schema", node={"data": DataConfig, "progress": True})
+    register_schema()
     config_dir = str(Path(__file__).resolve().parent.parent / "configs")
 
     @hydra.main(config_path=config_dir, config_name="prepare", version_base=None)

@@ -336,10 +336,10 @@ def test_pretrained_tokenizer_by_path_and_hub_fallback_to_bpe(cache, corpus_file
 
 def test_every_data_preset_composes_with_the_schema():
     import hydra
-    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(group="data", name="schema", node=DataConfig)
+    from data.prepare import register_schema
+    register_schema()
     presets = sorted(p.stem for p in (REPO / "configs" / "data").glob("*.yaml"))
     assert {"shakespeare_char", "python_stdlib", "files", "hf", "tinystories", "fineweb_edu"} <= set(presets)
     with hydra.initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
