@@ -14,6 +14,7 @@ line writes a last one when it ends.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from types import TracebackType
@@ -48,8 +49,16 @@ class Progress:
         self.next_line = self.start + self.every_s
         self.lines = 0
         self.bar = None
+
         if self.enabled and sys.stderr.isatty():
-            self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, dynamic_ncols=True)
+            # Counts of a few dozen (eval batches) read "3/20 batches [00:01<00:04]", not "3.00/20.0 ?batches/s".
+            # A terminal that reports 0 columns or rows gets 80 x 24: tqdm would draw nothing there.
+            small = total is not None and total < 1000
+            size = shutil.get_terminal_size((0, 0))
+            known = size.columns > 0 and size.lines > 0
+            self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=not small, leave=False, file=sys.stderr,
+                            dynamic_ncols=known, ncols=None if known else 80, nrows=None if known else 24,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}]" if small else None)
 
     def update(self, n: float = 1) -> None:
         """n more units done."""

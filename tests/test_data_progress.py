@@ -3,7 +3,13 @@ tqdm bar's carriage returns; and preparing a corpus whose size is known reports 
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import shutil
+import sys
+
+import pytest
 
 import data.progress
 from data.config import DataConfig
@@ -40,3 +46,23 @@ def test_preparing_a_file_reports_characters_of_its_known_size(corpus, tmp_path,
     train_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenizing train:")]
     assert f"/{n_train / 1e3:.2f}k chars (" in train_lines[0] and "s left" in train_lines[0], train_lines
     assert train_lines[-1].startswith(f"tokenizing train: {n_train / 1e3:.2f}k chars in"), train_lines
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("columns", "lines"), [(0, 0), (100, 30)])
+def test_a_terminal_gets_a_bar_in_whole_counts_even_at_0_columns(monkeypatch, columns, lines):
+    """On a terminal: a bar, also where it reports 0 columns and rows (tqdm alone draws nothing there), and an
+    eval's few dozen batches read as whole numbers with no "?batches/s"."""
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(0, 0): os.terminal_size((columns, lines)))
+    with Progress("eval val", total=20, unit="batches") as p:
+        p.update(3)
+        p.bar.refresh()
+        shown = term.getvalue().split("\r")[-1]
+    assert "eval val" in shown and "3/20" in shown and "3.00" not in shown and "?batches/s" not in shown
+    assert "|" in shown and len(shown.strip()) <= (columns or 80)
