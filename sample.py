@@ -62,7 +62,8 @@ MODES = ("generate", "leakage", "attention")
 class SampleConfig:
     # generate: text from a checkpoint; leakage: the causal-mask check; attention: heatmaps per head.
     mode: str = "generate"
-    # A checkpoint file or run directory (best.pt, else last.pt); null = the newest run under outputs_dir.
+    # A checkpoint file or run directory (best.pt, else last.pt); null = the newest run under outputs_dir
+    # (and, when it is named outputs, the sweeps' multirun/ beside it).
     ckpt: str | None = None
     # Where training runs are looked for when ckpt is null.
     outputs_dir: str = "outputs"

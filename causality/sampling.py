@@ -72,12 +72,14 @@ class Loaded:
 
 
 def find_latest_run(root: str | os.PathLike) -> Path:
-    """The run directory under root holding the most recently written checkpoint."""
+    """The run directory under root holding the most recently written checkpoint; under a root named
+    outputs/ (train.py's single runs), the sweeps' multirun/ beside it counts too."""
     root = Path(root)
-    found = [p for name in CHECKPOINT_GLOBS for p in root.rglob(name) if p.is_file()] if root.is_dir() else []
+    roots = [root, root.parent / "multirun"] if root.name == "outputs" else [root]
+    found = [p for r in roots if r.is_dir() for name in CHECKPOINT_GLOBS for p in r.rglob(name) if p.is_file()]
     if not found:
         raise CheckpointError(
-            f"no checkpoint given and none found under {root}/; train one first with `python train.py`, then "
+            f"no checkpoint given and none found under {' or '.join(f'{r}/' for r in roots)}; train one first with `python train.py`, then "
             f"`python sample.py`, or pass ckpt=<file or run dir> (mode=leakage and mode=attention also "
             f"work untrained: model=tiny)")
     newest = max(found, key=lambda p: p.stat().st_mtime)

@@ -141,7 +141,7 @@ def test_prompt_from_stdin_and_from_file(ckpt, tmp_path):
     assert gen(ckpt, f"prompt_file={tmp_path / 'p.txt'}", "temperature=0") == greedy
 
 
-def test_ckpt_defaults_to_the_newest_run_under_outputs(ckpt, tmp_path):
+def test_ckpt_defaults_to_the_newest_run_under_outputs_and_multirun(ckpt, tmp_path):
     old = train_checkpoint(tmp_path / "outputs" / "2026-01-01" / "10-00-00" / "last.pt", steps=1)
     new = tmp_path / "outputs" / "2026-01-02" / "10-00-00" / "last.pt"
     new.parent.mkdir(parents=True)
@@ -152,6 +152,12 @@ def test_ckpt_defaults_to_the_newest_run_under_outputs(ckpt, tmp_path):
     code, out, err = run_sample(f"outputs_dir={tmp_path / 'outputs'}", "prompt=All", "temperature=1",
                                 "max_new_tokens=40")
     assert code == 0 and out == from_new
+    swept = tmp_path / "multirun" / "2026-01-03" / "10-00-00" / "1" / "best.pt"  # a sweep's job, newer still
+    swept.parent.mkdir(parents=True)
+    swept.write_bytes(old.read_bytes())
+    code, out, err = run_sample(f"outputs_dir={tmp_path / 'outputs'}", "prompt=All", "temperature=1",
+                                "max_new_tokens=40")
+    assert code == 0 and out == from_old  # the sweep job's weights
 
 
 def test_a_run_dir_of_step_files_only_samples_its_newest_and_a_bad_vocabulary_is_one_line(ckpt, tmp_path):
