@@ -4,6 +4,8 @@
   is at (None when the hub cannot be asked, e.g. offline), which prepare() records in meta.json and,
   for a pinned revision, hashes into the cache fingerprint; datasets then load that exact commit.
 - `download_tokenizer(repo_id, revision)`: a repository's tokenizer.json and the commit it came from.
+- `download_model(repo_id)`: a model repository's config, safetensors weights and tokenizer files
+  (`init_from=gpt2`, `sample.py ckpt=gpt2`), as a directory of the Hugging Face cache.
 
 Nothing fetched here runs code: datasets load with trust_remote_code=False (and datasets>=3, which
 has no loading scripts by default, is required), and a tokenizer is its tokenizer.json, which is
@@ -79,3 +81,18 @@ def download_tokenizer(repo_id: str, revision: str | None, filename: str = "toke
         raise HubUnreachable(_first_line(e)) from e
     commit = path.parent.name  # the cache keeps every file under snapshots/<commit sha>/
     return path, commit if is_commit_sha(commit) else revision
+
+
+MODEL_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "vocab.json",
+               "merges.txt"]  # weights as safetensors only: nothing pickled comes from the hub
+
+
+def download_model(repo_id: str) -> Path:
+    """The local directory (in the Hugging Face cache) of hub model repo_id's MODEL_FILES.
+    HubUnreachable when they cannot come (offline, unknown or private repository, server error)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES, etag_timeout=HUB_TIMEOUT_S))
+    except Exception as e:  # as above: offline, unknown repository, HTTP errors
+        raise HubUnreachable(_first_line(e)) from e

@@ -146,6 +146,9 @@ class TrainConfig:
     # ---- the loop (nanoGPT's names) ---------------------------------------------------------------
     # Optimisation steps (0: only evaluate, e.g. with init_from); each sees batch_size * gradient_accumulation_steps * world_size sequences.
     max_iters: int = 2000
+    # nanoGPT's name for evaluating a trained model: needs init_from, sets max_iters=0 (the eval at
+    # step 0 and the final eval; the run directory records them with the weights evaluated).
+    eval_only: bool = False
     # Sequences per micro-batch per process. The context length is model.block_size.
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -203,6 +206,10 @@ class TrainConfig:
                      "threads", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.eval_only:
+            if not self.init_from:
+                raise ValueError("eval_only=true evaluates a trained model: give init_from=<run dir or checkpoint>")
+            self.max_iters = 0
         if self.final_eval_iters < -1:
             raise ValueError(f"final_eval_iters={self.final_eval_iters}: use N batches, 0 (off) or -1 (whole val split)")
         if self.dist_timeout_s <= 0:

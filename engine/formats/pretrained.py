@@ -110,6 +110,8 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     {"model": state dict, "model_config": dict, "tokenizer": JSON string or None, "source": ...}.
     Raises CheckpointError (a ValueError) naming the path when it is none of these."""
     path = Path(path).expanduser()
+    if not path.exists() and _HUB_NAME.fullmatch(str(path)):
+        path = _from_hub(str(path))
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; {_ACCEPTED}")
     if (path / INCOMPLETE_MARKER).exists():
@@ -134,6 +136,23 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
             raise CheckpointError(f"{e}; {_ACCEPTED}") from e
         raise
     return {**ckpt, "tokenizer": ckpt.get("tokenizer"), "source": "checkpoint", "path": str(file)}
+
+
+# A hub model name ("gpt2", "openai-community/gpt2"), tried when no local path has that name.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _from_hub(name: str) -> Path:
+    """The hub model `name` downloaded (or already in the Hugging Face cache), as nanoGPT's and litgpt's
+    init_from=gpt2 does; one line when it cannot come."""
+    from data.hub import HubUnreachable, download_model
+    try:
+        return download_model(name)
+    except HubUnreachable as e:
+        raise CheckpointError(
+            f"{name} is no local file or directory, and the Hugging Face hub could not give model {name!r} "
+            f"({e}); offline, download it where there is internet (huggingface-cli download {name} "
+            f"--local-dir {name.split('/')[-1]}) and pass that directory") from None
 
 
 _ACCEPTED = ("pass a checkpoint (.pt), a run directory, an export directory (scripts/export.py) "
