@@ -228,3 +228,17 @@ def test_training_schema_has_one_set_of_defaults():
         defaults = dataclasses.asdict(LoggerConfig())
         assert {k: v for k, v in raw.items() if k not in ("defaults", "name")} == {
             k: defaults[k] for k in raw if k not in ("defaults", "name")}
+
+
+@pytest.mark.parametrize(("flags", "warned"), [({"avx2", "avx512f"}, True), ({"avx512_fp16"}, False)])
+def test_fp16_on_a_cpu_without_fp16_math_warns_once_and_names_bf16(monkeypatch, caplog, flags, warned):
+    import engine.runtime
+    monkeypatch.setattr(engine.runtime, "cpu_flags", lambda: flags)
+    caplog.set_level("WARNING", logger="engine.runtime")
+    engine.runtime.setup_runtime("cpu", "fp16", "false", threads=1)
+    lines = [r.getMessage() for r in caplog.records if "fp16" in r.getMessage()]
+    assert len(lines) == int(warned)
+    assert not warned or ("slower than fp32" in lines[0] and "precision=bf16" in lines[0])
+    caplog.clear()
+    engine.runtime.setup_runtime("cpu", "fp32", "false", threads=1)
+    assert not [r for r in caplog.records if "fp16" in r.getMessage()]
