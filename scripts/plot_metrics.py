@@ -1,10 +1,12 @@
-"""Plot a run's loss curves from its metrics.jsonl (no W&B needed).
+"""Plot a run's loss curves from its metrics.jsonl, or a sweep's jobs side by side (no W&B needed).
 
     python scripts/plot_metrics.py outputs/2026-01-01/12-00-00            # writes <run_dir>/loss.png
     python scripts/plot_metrics.py <run_dir> --out curve.png --log-y
+    python scripts/plot_metrics.py multirun/2026-01-01/12-00-00           # writes <sweep_dir>/loss.png
 
-Train loss (every log step, light) and the eval losses on train and val (every eval, bold) against
-the step; the learning rate on a second axis.
+A run: train loss (every log step, light) and the eval losses on train and val (every eval, bold)
+against the step; the learning rate on a second axis. A sweep: every job's val loss, labelled with
+the overrides that differ between the jobs. The title names the corpus the run trained on.
 """
 
 from __future__ import annotations
@@ -59,19 +61,71 @@ def plot(records: list[dict], out: Path, log_y: bool = False, title: str | None 
     return out
 
 
+def read_sweep(sweep_dir: Path) -> dict[str, list[dict]]:
+    """{label: records} of each job of a sweep directory (<sweep>/<num>/metrics.jsonl), labelled with
+    the overrides of its .hydra/overrides.yaml that not every job shares."""
+    jobs = sorted((p.parent for p in sweep_dir.glob("*/metrics.jsonl")), key=lambda d: (len(d.name), d.name))
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir} holds no metrics.jsonl, nor jobs with one: pass a run or sweep "
+                                "directory written by train.py")
+    overrides = {job: _overrides(job) for job in jobs}
+    common = set.intersection(*(set(o) for o in overrides.values()))
+    return {f"{job.name}: " + (" ".join(o for o in overrides[job] if o not in common) or "-"): read_metrics(
+        job / "metrics.jsonl") for job in jobs}
+
+
+def _overrides(job: Path) -> list[str]:
+    path = job / ".hydra" / "overrides.yaml"  # a YAML list of strings, which JSON-quoting reads back
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return [line[2:].strip() for line in lines if line.startswith("- ")]
+
+
+def plot_sweep(jobs: dict[str, list[dict]], out: Path, log_y: bool = False, title: str | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for label, records in jobs.items():
+        points = [(r["step"], r["val/loss"]) for r in records if r.get("val/loss") is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label, lw=2, marker="o", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss (nats/token)")
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title or "val loss")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def corpus(records: list[dict]) -> str | None:
+    """The corpus a run trained on, as its first record says (e.g. "python_stdlib (fallback for ...)")."""
+    return next((r["corpus"] for r in records if r.get("corpus")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a run directory (or its metrics.jsonl)")
+    parser.add_argument("run_dir", type=Path, help="a run directory (or its metrics.jsonl), or a sweep directory")
     parser.add_argument("--out", type=Path, default=None, help="output PNG (default <run_dir>/loss.png)")
     parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
     args = parser.parse_args(argv)
+    path = args.run_dir
     try:
-        records = read_run(args.run_dir)
+        if path.is_dir() and not (path / "metrics.jsonl").is_file():
+            jobs = read_sweep(path)
+            corpora = sorted({c for c in map(corpus, jobs.values()) if c})
+            out = plot_sweep(jobs, args.out or path / "loss.png", args.log_y,
+                             title=f"{path} ({', '.join(corpora)})" if corpora else str(path))
+        else:
+            records = read_run(path)
+            run_dir = path if path.is_dir() else path.parent
+            name = corpus(records)
+            out = plot(records, args.out or run_dir / "loss.png", args.log_y,
+                       title=f"{run_dir} ({name})" if name else str(run_dir))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent
-    out = plot(records, args.out or run_dir / "loss.png", args.log_y, title=str(run_dir))
     print(out)
     return 0
 

@@ -86,6 +86,21 @@ def test_plot_metrics_writes_png(trained):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_plot_metrics_draws_a_sweeps_jobs_side_by_side_and_names_the_corpus(trained, tmp_path, capsys):
+    from scripts.plot_metrics import corpus, read_run, read_sweep
+    from scripts.plot_metrics import main as plot_main
+    run = Path(trained[1]["run_dir"])
+    assert corpus(read_run(run)) == trained[1]["corpus"]
+    sweep = tmp_path / "multirun" / "2030-01-01" / "00-00-00"
+    for num, lr in ((0, "1e-3"), (1, "3e-3")):
+        (sweep / str(num) / ".hydra").mkdir(parents=True)
+        (sweep / str(num) / "metrics.jsonl").write_bytes((run / "metrics.jsonl").read_bytes())
+        (sweep / str(num) / ".hydra" / "overrides.yaml").write_text(f"- max_iters=4\n- optim.lr={lr}\n")
+    assert list(read_sweep(sweep)) == ["0: optim.lr=1e-3", "1: optim.lr=3e-3"]  # what differs, not max_iters
+    assert plot_main([str(sweep)]) == 0 and (sweep / "loss.png").stat().st_size > 10_000
+    assert plot_main([str(tmp_path / "multirun")]) == 2 and "holds no metrics.jsonl" in capsys.readouterr().err
+
+
 def test_plot_metrics_drops_a_torn_last_line(trained, tmp_path, caplog):
     from scripts.plot_metrics import main as plot_main
     torn = tmp_path / "metrics.jsonl"
