@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import GPT, Trace
+from model.generate import generate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -335,16 +336,15 @@ def cache_consistency(model: GPT, idx: torch.Tensor, max_new_tokens: int, *,
         raise ValueError(f"cache consistency: {T} prompt + {max_new_tokens} new tokens exceed the context "
                          f"of {model.config.block_size}; use a shorter prompt or fewer tokens")
     with _float32(idx.device):
-        cached = model.generate(idx, max_new_tokens, temperature=0.0, use_cache=True)  # (1, T + N)
+        # The cached path as generation runs it (prefill, then one decode step per token), with the
+        # logits each token was picked from: a slip in how generation feeds the cache shows here.
+        steps = list(generate_tokens(model, idx, max_new_tokens, temperature=0.0, use_cache=True, with_logits=True))
+        cached = torch.cat([idx, *(tok for tok, _ in steps)], dim=1)  # (1, T + N)
+        step_logits = [logits[0].float() for _, logits in steps]  # N x (V,)
         recomputed = model.generate(idx, max_new_tokens, temperature=0.0, use_cache=False)  # (1, T + N)
-        # Next-token logits both ways on the same (cached) prefixes: up to the first mismatch these are
-        # exactly the logits each path picked its token from.
-        caches = model.new_caches(1)
-        step_logits = [model.step(cached[:, :T], caches, start_pos=0)[0]]  # prefill: (V,)
-        for i in range(T, T + max_new_tokens - 1):
-            step_logits.append(model.step(cached[:, i:i + 1], caches, start_pos=i)[0])  # (V,)
-        full_logits = [model(cached[:, :i])[0][0, -1] for i in range(T, T + max_new_tokens)]  # N x (V,)
-    step_logits, full_logits = [t.float() for t in step_logits], [t.float() for t in full_logits]
+        # Recomputed next-token logits on the same (cached) prefixes: up to the first mismatch these are
+        # exactly the logits the recomputing path picked its token from.
+        full_logits = [model(cached[:, :i])[0][0, -1].float() for i in range(T, T + max_new_tokens)]  # N x (V,)
     diffs = [(a - b).abs().max().item() for a, b in zip(step_logits, full_logits, strict=True)]
     result = ConsistencyResult(T, cached[0, T:].tolist(), recomputed[0, T:].tolist(), _max(diffs),
                                tie_margin=tie_margin,
