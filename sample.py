@@ -12,7 +12,8 @@ Free text is taken as the shell hands it over: `prompt=Où est-il ?`, `prompt="T
 input and prompt_file= a file.
 
 Exit status: 0 done; 2 a user error (one line on stderr); mode=leakage 1 when information from the
-future reaches the past, 3 when the mask-off control shows no leakage either (inconclusive);
+future reaches the past, 3 when the mask-off control shows no leakage either (inconclusive), 4 when
+a test meets NaN or inf (it then proves nothing);
 mode=attention 1 when a causal model gives weight to a later token.
 
 Every option is documented in SampleConfig below; configs/sample.yaml chooses the defaults. The

@@ -6,7 +6,7 @@ run on the model as configured and on a copy with the causal mask removed, and t
    perturbed rows and is compared row by row, so both go through identical kernels in identical
    order: any difference at a past position is information from the future, not rounding (with
    the mask it is exactly 0.0). The smallest change after t is kept too, as evidence that the
-   perturbation reached the model, so a 0 is not a test that measured nothing.
+   perturbation reached the model, so a 0 is not a test that measured nothing: PASS needs it > 0.
 2. Influence: I[t, s] = ||d h_t / d x_s||_F, how strongly the last block's output at t depends on
    the input embedding at s, from autograd. With the mask, h_t is a function of x_0..x_t only, so
    every entry with s > t is exactly 0.0. Each C x C Jacobian's norm comes from vector-Jacobian
@@ -18,13 +18,23 @@ run on the model as configured and on a copy with the causal mask removed, and t
    two paths run kernels of different shapes, so their logits differ by rounding; in bf16/fp16 that
    rounding flips near-tied tokens, so this test always runs in float32 (autocast and TF32 off), and
    a flip where both paths' logits agree within `tie_margin` is reported as a near-tie, not a leak.
+   The logits themselves must agree within float32 rounding too (see `logit_tolerance`): a model
+   that reads one token ahead can keep every greedy token and still move the logits.
+
+Every number must be finite. A mask that leaves a query row with nothing to read (say, one that hides
+each token from itself: row 0 is empty) makes the explicit softmax 0/0 = NaN, and NaN compared with
+any tolerance is False: without this rule such a model would "show no leakage". Any NaN or inf in any
+test, on either model, or in the weights, makes the verdict FAIL. (The weights are checked directly:
+torch's CPU sdpa returns zeros for a query row of NaN scores, so a NaN query weight can leave every
+forward output finite.)
 
 The mask-off copy (same weights, causal=False) is the control: a test that reports 0 convinces only
 if the same test on the same weights shows clear leakage once the mask is gone; if it does not, the
 check is INCONCLUSIVE (say, the prompt is too short), not a pass.
 
 Verdicts (and sample.py's exit codes): PASS 0, LEAK 1 (information from the future reaches the
-past in the model as configured), INCONCLUSIVE 3 (the control showed no leakage either).
+past in the model as configured), INCONCLUSIVE 3 (the control showed no leakage either, or the
+perturbation left a later position unchanged), FAIL 4 (a test met a NaN or inf: it proves nothing).
 
 Shapes: R rows of a batch, T time, C channels, V vocab, N new tokens.
 """
@@ -34,16 +44,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
 from model import GPT, Trace
+from model.generate import generate_tokens
 
 log = logging.getLogger(__name__)
 
-EXIT_CODES = {"PASS": 0, "LEAK": 1, "INCONCLUSIVE": 3}
+EXIT_CODES = {"PASS": 0, "LEAK": 1, "INCONCLUSIVE": 3, "FAIL": 4}
 # Perturbation: elements of activations kept per chunk of rows (~256 MB in fp32), which bounds memory
 # for large vocabularies and long prompts without slowing small models down.
 _CHUNK_ELEMENTS = 1 << 26
@@ -71,6 +83,25 @@ class LeakageConfig:
     # paths' logits agree within this many nats and so do the two tokens' logits (probabilities within
     # a factor e^tie_margin). Float32 rounding between the paths is ~1e-6 for small models.
     tie_margin: float = 1e-3
+    # Generation test: the two paths' next-token logits must agree within this many float32 rounding
+    # units, logit_eps x eps x sqrt(n_embd) x max(1, max |logit|) (see logit_tolerance for why).
+    logit_eps: float = 2.0
+
+
+def _max(values: Iterable[float]) -> float:
+    """max() that is NaN when any value is NaN (Python's max then depends on the order)."""
+    values = list(values)
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
+def _min(values: Iterable[float]) -> float:
+    values = list(values)
+    return math.nan if any(math.isnan(v) for v in values) else min(values)
+
+
+def _nonfinite(*tensors: torch.Tensor) -> int:
+    """How many elements of the tensors are NaN or +-inf."""
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors)
 
 
 def variant(model: GPT, **changes) -> GPT:
@@ -95,24 +126,31 @@ class PerturbationResult:
     logits: list[float]  # at positions <= t: must be 0 with the mask
     hidden: list[list[float]]  # [t][layer], at positions <= t
     future_logits: list[float]  # at positions > t: the perturbation's own effect
+    # NaN or inf elements in the logits / hidden states of the original and perturbed rows.
+    nonfinite_logits: int = 0
+    nonfinite_hidden: int = 0
 
     @property
     def max_logits(self) -> float:
-        return max(self.logits)
+        return _max(self.logits)
 
     @property
     def max_hidden_per_layer(self) -> list[float]:
-        return [max(col) for col in zip(*self.hidden, strict=True)]
+        return [_max(col) for col in zip(*self.hidden, strict=True)]
 
     @property
     def max_past(self) -> float:
         """The headline number: the largest change anywhere at or before the perturbed position."""
-        return max(self.max_logits, *self.max_hidden_per_layer)
+        return _max([self.max_logits, *self.max_hidden_per_layer])
 
     @property
     def min_future(self) -> float:
         """The smallest effect the perturbation had on later positions (over all t)."""
-        return min(self.future_logits)
+        return _min(self.future_logits)
+
+    @property
+    def finite(self) -> bool:
+        return self.nonfinite_logits == 0 and self.nonfinite_hidden == 0
 
 
 def perturb_future(idx: torch.Tensor, positions: torch.Tensor, vocab_size: int,
@@ -143,6 +181,7 @@ def perturbation_test(model: GPT, idx: torch.Tensor, *, trials: int = 3, seed: i
     chunk = max(1, _CHUNK_ELEMENTS // (T * (V + cfg.n_embd * cfg.n_layer)))
 
     past_logits, future_logits, past_hidden = [], [], []
+    bad_logits = bad_hidden = 0
     base_by_rows: dict[int, Trace] = {}
     for start in range(0, positions.shape[0], chunk):
         pos = positions[start:start + chunk]  # (R,)
@@ -150,9 +189,11 @@ def perturbation_test(model: GPT, idx: torch.Tensor, *, trials: int = 3, seed: i
         rows = perturb_future(idx, pos, V, generator)  # (R, T)
         with _autocast(autocast):
             if R not in base_by_rows:  # the original, in the same batch shape (see the top of this file)
-                base_by_rows[R] = model.trace(idx.expand(R, T).contiguous())
+                base_by_rows[R] = base = model.trace(idx.expand(R, T).contiguous())
+                bad_logits, bad_hidden = bad_logits + _nonfinite(base.logits), bad_hidden + _nonfinite(*base.hidden)
             base = base_by_rows[R]
             pert = model.trace(rows)
+        bad_logits, bad_hidden = bad_logits + _nonfinite(pert.logits), bad_hidden + _nonfinite(*pert.hidden)
         past = torch.arange(T, device=idx.device)[None, :] <= pos[:, None]  # (R, T)
         d_logits = (pert.logits.float() - base.logits.float()).abs().amax(dim=-1)  # (R, T)
         past_logits.append(d_logits.masked_fill(~past, 0).amax(dim=1))  # (R,)
@@ -165,7 +206,8 @@ def perturbation_test(model: GPT, idx: torch.Tensor, *, trials: int = 3, seed: i
     p_logits = torch.cat(past_logits).view(T - 1, trials).amax(dim=1)  # (T-1,)
     f_logits = torch.cat(future_logits).view(T - 1, trials).amin(dim=1)  # (T-1,)
     p_hidden = torch.cat(past_hidden).view(T - 1, trials, cfg.n_layer).amax(dim=1)  # (T-1, n_layer)
-    return PerturbationResult(list(range(T - 1)), trials, p_logits.tolist(), p_hidden.tolist(), f_logits.tolist())
+    return PerturbationResult(list(range(T - 1)), trials, p_logits.tolist(), p_hidden.tolist(), f_logits.tolist(),
+                              bad_logits, bad_hidden)
 
 
 # ---- test 2: influence ---------------------------------------------------------------------------
@@ -175,7 +217,8 @@ def influence_matrix(model: GPT, idx: torch.Tensor, *, probes: int | None = 8, s
 
     probes: random probe vectors per position (an unbiased estimate of the squared norm), or None
     for the exact value from all C basis vectors (C times the work). Many (t, probe) pairs share one
-    backward pass: row r of the batch is the same prompt, seeded at its own t with its own v."""
+    backward pass: row r of the batch is the same prompt, seeded at its own t with its own v.
+    A row t whose output h_t is not finite is NaN throughout, whatever its gradients came out as."""
     if idx.dim() != 2 or idx.shape[0] != 1:
         raise ValueError(f"the influence map takes one prompt of shape (1, T), got {tuple(idx.shape)}")
     if probes is not None and probes < 1:
@@ -193,6 +236,7 @@ def influence_matrix(model: GPT, idx: torch.Tensor, *, probes: int | None = 8, s
         vectors = torch.randn(T * n_probes, C, generator=torch.Generator().manual_seed(seed))  # (T * probes, C)
 
     squared = torch.zeros(T, T)  # accumulates sum over probes of ||v^T J_ts||^2
+    broken = torch.zeros(T, dtype=torch.bool)  # rows t where h_t is NaN or inf
     for start in range(0, t_of_row.shape[0], _ROWS_PER_PASS):
         ts = t_of_row[start:start + _ROWS_PER_PASS]
         R = ts.shape[0]
@@ -202,22 +246,47 @@ def influence_matrix(model: GPT, idx: torch.Tensor, *, probes: int | None = 8, s
         seed_grad = torch.zeros(R, T, C, device=device, dtype=h.dtype)
         seed_grad[torch.arange(R), ts.to(device)] = vectors[start:start + R].to(device, h.dtype)
         (grad,) = torch.autograd.grad(h, x, grad_outputs=seed_grad)  # (R, T, C): row r = v_r^T dh_t/dx
+        broken[ts[~torch.isfinite(h[torch.arange(R), ts.to(device)]).all(dim=-1).cpu()]] = True  # h[r, t_r]: (R, C)
         squared.index_add_(0, ts, grad.float().pow(2).sum(dim=-1).cpu())  # (R, T) summed into rows t
     if probes is not None:
         squared /= probes
+    squared[broken] = math.nan
     return squared.sqrt()
 
 
 # ---- test 3: generation, KV cache vs recomputation -----------------------------------------------
+def logit_tolerance(logits: Iterable[torch.Tensor], n_embd: int, logit_eps: float = 2.0,
+                    dtype: torch.dtype = torch.float32) -> float:
+    """How far two float32 computations of the same logits may drift apart by rounding alone:
+    logit_eps x eps(dtype) x sqrt(n_embd) x max(1, max |logit|).
+
+    Why this form: every logit ends a chain of C-long dot products, and two summation orders of a
+    C-long sum differ by a random walk of rounding errors, about sqrt(C) units of eps relative to the
+    result; max |logit| (at least 1: LayerNorm keeps the hidden states O(1) even when the logits are
+    small) sets the magnitude. Measured on CPU, fp32, KV cache vs recomputation, in these units: healthy
+    models 16 to 768 wide, 2 to 12 layers, random init and trained, reach at most 0.6; a mask that reads
+    one token ahead gives 3.5 (the random-init `small` preset, whose near-uniform attention barely moves
+    anything), 14 (a 16-wide model with 3x-scaled weights: 6.5e-6 against 1.8e-7 healthy) and 3e4 (a
+    char model after 100 steps). logit_eps = 2 leaves a factor of three above rounding and still flags
+    the weakest of those; at |logit| ~ 1 and C = 32 it allows 1.35e-6, between 4.8e-7 (rounding) and
+    5.7e-6 (a look-ahead). A look-ahead too weak to clear rounding here is still caught by the
+    perturbation test, which needs exactly 0.0."""
+    finite = [t[torch.isfinite(t)] for t in logits]
+    scale = max([1.0, *(t.abs().max().item() for t in finite if t.numel())])
+    return logit_eps * torch.finfo(dtype).eps * math.sqrt(n_embd) * scale
+
+
 @dataclass
 class ConsistencyResult:
     prompt_len: int
     cached: list[int]  # greedy new tokens, KV cache
     recomputed: list[int]  # greedy new tokens, full recomputation
-    max_logit_diff: float  # over the N steps, on the cached tokens' prefixes
+    max_logit_diff: float  # over the N steps, on the cached tokens' prefixes (NaN if any logit is)
     flip_logit_diff: float | None = None  # at the first mismatch: max |difference| of the paths' logits
     flip_gap: float | None = None  # at the first mismatch: how far apart the two tokens' logits were
     tie_margin: float = 1e-3
+    logit_tolerance: float = math.inf  # float32 rounding allowed between the paths' logits
+    nonfinite_logits: int = 0  # NaN or inf next-token logits, both paths together
 
     @property
     def first_mismatch(self) -> int | None:
@@ -226,6 +295,15 @@ class ConsistencyResult:
     @property
     def equal(self) -> bool:
         return self.cached == self.recomputed
+
+    @property
+    def logits_agree(self) -> bool:
+        """The paths' logits differ by no more than float32 rounding (False when any is NaN)."""
+        return self.max_logit_diff <= self.logit_tolerance
+
+    @property
+    def finite(self) -> bool:
+        return self.nonfinite_logits == 0
 
     @property
     def near_tie(self) -> bool:
@@ -249,32 +327,36 @@ def _float32(device: torch.device) -> Iterator[None]:
 
 @torch.no_grad()
 def cache_consistency(model: GPT, idx: torch.Tensor, max_new_tokens: int, *,
-                      tie_margin: float = 1e-3) -> ConsistencyResult:
-    """Greedy-decode max_new_tokens after idx (1, T) both ways, in float32, and compare. T +
-    max_new_tokens must fit in the context, so that both paths see exactly the same positions."""
+                      tie_margin: float = 1e-3, logit_eps: float = 2.0) -> ConsistencyResult:
+    """Greedy-decode max_new_tokens after idx (1, T) both ways, in float32, and compare the tokens and
+    the logits they were picked from. T + max_new_tokens must fit in the context, so that both paths
+    see exactly the same positions."""
     model.eval()
     T = idx.shape[1]
     if T + max_new_tokens > model.config.block_size:
         raise ValueError(f"cache consistency: {T} prompt + {max_new_tokens} new tokens exceed the context "
                          f"of {model.config.block_size}; use a shorter prompt or fewer tokens")
     with _float32(idx.device):
-        cached = model.generate(idx, max_new_tokens, temperature=0.0, use_cache=True)  # (1, T + N)
+        # The cached path as generation runs it (prefill, then one decode step per token), with the
+        # logits each token was picked from: a slip in how generation feeds the cache shows here.
+        steps = list(generate_tokens(model, idx, max_new_tokens, temperature=0.0, use_cache=True, with_logits=True))
+        cached = torch.cat([idx, *(tok for tok, _ in steps)], dim=1)  # (1, T + N)
+        step_logits = [logits[0].float() for _, logits in steps]  # N x (V,)
         recomputed = model.generate(idx, max_new_tokens, temperature=0.0, use_cache=False)  # (1, T + N)
-        # Next-token logits both ways on the same (cached) prefixes: up to the first mismatch these are
-        # exactly the logits each path picked its token from.
-        caches = model.new_caches(1)
-        step_logits = [model.step(cached[:, :T], caches, start_pos=0)[0]]  # prefill: (V,)
-        for i in range(T, T + max_new_tokens - 1):
-            step_logits.append(model.step(cached[:, i:i + 1], caches, start_pos=i)[0])  # (V,)
-        full_logits = [model(cached[:, :i])[0][0, -1] for i in range(T, T + max_new_tokens)]  # N x (V,)
-    diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(step_logits, full_logits, strict=True)]
-    result = ConsistencyResult(T, cached[0, T:].tolist(), recomputed[0, T:].tolist(), max(diffs),
-                               tie_margin=tie_margin)
+        # Recomputed next-token logits on the same (cached) prefixes: up to the first mismatch these are
+        # exactly the logits the recomputing path picked its token from.
+        full_logits = [model(cached[:, :i])[0][0, -1].float() for i in range(T, T + max_new_tokens)]  # N x (V,)
+    diffs = [(a - b).abs().max().item() for a, b in zip(step_logits, full_logits, strict=True)]
+    result = ConsistencyResult(T, cached[0, T:].tolist(), recomputed[0, T:].tolist(), _max(diffs),
+                               tie_margin=tie_margin,
+                               logit_tolerance=logit_tolerance(step_logits + full_logits, model.config.n_embd,
+                                                               logit_eps),
+                               nonfinite_logits=_nonfinite(*step_logits, *full_logits))
     if (i := result.first_mismatch) is not None:
         a, b = result.cached[i], result.recomputed[i]
-        on_cache, on_full = step_logits[i].float(), full_logits[i].float()
+        on_cache, on_full = step_logits[i], full_logits[i]
         result.flip_logit_diff = diffs[i]
-        result.flip_gap = max((on_cache[a] - on_cache[b]).item(), (on_full[b] - on_full[a]).item())
+        result.flip_gap = _max([(on_cache[a] - on_cache[b]).item(), (on_full[b] - on_full[a]).item()])
     return result
 
 
@@ -297,10 +379,29 @@ class ModelChecks:
     @property
     def max_past_change(self) -> float:
         """Largest change at past positions over the perturbation tests of both attention paths."""
-        values = [self.perturbation.max_past]
+        return _max(p.max_past for _, p in self.perturbations)
+
+    @property
+    def perturbations(self) -> list[tuple[str, PerturbationResult]]:
+        """(what ran, result) for the perturbation test through each attention path that ran it."""
+        runs = [("perturbation", self.perturbation)]
         if self.other_impl is not None:
-            values.append(self.other_impl[1].max_past)
-        return max(values)
+            runs.append((f"perturbation through attn={self.other_impl[0]}", self.other_impl[1]))
+        return runs
+
+    @property
+    def nonfinite(self) -> list[str]:
+        """Each test that met a NaN or inf, and how many (empty: every number was finite)."""
+        found = []
+        for name, p in self.perturbations:
+            if not p.finite:
+                found.append(f"{name}: non-finite logits ({p.nonfinite_logits}) and hidden states "
+                             f"({p.nonfinite_hidden}), NaN or inf")
+        if bad := int((~torch.isfinite(self.influence)).sum()):
+            found.append(f"influence: {bad}/{self.influence.numel()} entries non-finite (the output h_t is NaN or inf)")
+        if not self.consistency.finite:
+            found.append(f"generation: non-finite logits ({self.consistency.nonfinite_logits}), NaN or inf")
+        return found
 
 
 @dataclass
@@ -312,6 +413,17 @@ class LeakageReport:
     configured_causal: bool
     attn: str  # the attention implementation as configured
     seed: int = 0
+    nonfinite_weights: list[str] = field(default_factory=list)  # parameters and buffers holding NaN or inf
+
+    @property
+    def failures(self) -> list[str]:
+        """Non-finite values in any test on either model (empty: none). NaN compared with any
+        tolerance is False, so a test that met one can show neither a leak nor its absence."""
+        found = [f"{checks.label}: {what}" for checks in (self.masked, self.unmasked) for what in checks.nonfinite]
+        if names := self.nonfinite_weights:
+            found.insert(0, f"weights: {len(names)} tensors hold NaN or inf ({', '.join(names[:4])}"
+                            f"{', ...' if len(names) > 4 else ''})")
+        return found
 
     @property
     def leaks(self) -> list[str]:
@@ -325,6 +437,9 @@ class LeakageReport:
         c = self.masked.consistency
         if not c.equal and not c.near_tie:
             found.append(f"generation: cached and recomputed tokens differ from step {c.first_mismatch}")
+        if c.max_logit_diff > c.logit_tolerance:
+            found.append(f"generation: cached and recomputed logits differ by {c.max_logit_diff:.3g}, more than "
+                         f"float32 rounding ({c.logit_tolerance:.3g})")
         return found
 
     @property
@@ -335,10 +450,29 @@ class LeakageReport:
                 and bool(upper.numel()) and upper.min().item() > 0.0)
 
     @property
+    def inconclusive(self) -> list[str]:
+        """Why a clean result would prove nothing (empty: it would prove the claim)."""
+        found = []
+        for name, p in self.masked.perturbations:
+            if not p.min_future > 0:
+                t = next((p.positions[i] for i, v in enumerate(p.future_logits) if not v > 0), None)
+                found.append(f"{name}: replacing the tokens after t = {t} left a later position's logits unchanged "
+                             f"(smallest change {p.min_future:.3g}): the perturbation did not reach the model, so its "
+                             "0.0 before t shows nothing")
+        if not self.control_ok:
+            found.append(f"the mask-off control changed the past by only {self.unmasked.perturbation.max_past:.3g} "
+                         f"(needs > {self.settings.control_min:.3g}): the tests could not have caught a leak here")
+        return found
+
+    @property
     def verdict(self) -> str:
+        """FAIL (a non-finite value anywhere) before LEAK before INCONCLUSIVE; PASS only when the tests
+        found nothing, on finite numbers, and could have found something."""
+        if self.failures:
+            return "FAIL"
         if self.leaks:
             return "LEAK"
-        return "PASS" if self.control_ok else "INCONCLUSIVE"
+        return "INCONCLUSIVE" if self.inconclusive else "PASS"
 
     @property
     def exit_code(self) -> int:
@@ -360,7 +494,7 @@ def _checks(label: str, model: GPT, idx: torch.Tensor, s: LeakageConfig, seed: i
     gen = max(1, min(s.gen_tokens, model.config.block_size - 1))
     prompt = idx[:, :max(1, min(idx.shape[1], model.config.block_size - gen))]
     log.info("%s: greedy generation with and without the KV cache (%d tokens, float32)", label, gen)
-    cons = cache_consistency(model, prompt, gen, tie_margin=s.tie_margin)
+    cons = cache_consistency(model, prompt, gen, tie_margin=s.tie_margin, logit_eps=s.logit_eps)
     return ModelChecks(label, pert, infl, cons, other)
 
 
@@ -374,4 +508,5 @@ def run_leakage_check(model: GPT, idx: torch.Tensor, settings: LeakageConfig | N
     masked = _checks("mask on" if model.config.causal else "as configured (causal=False)", model, idx, s, seed,
                      autocast, other_impl=True)
     unmasked = _checks("mask removed", variant(model, causal=False), idx, s, seed, autocast, other_impl=False)
-    return LeakageReport(masked, unmasked, s, idx.shape[1], model.config.causal, model.config.attn, seed)
+    bad = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if _nonfinite(t.detach())]
+    return LeakageReport(masked, unmasked, s, idx.shape[1], model.config.causal, model.config.attn, seed, bad)

@@ -3,7 +3,8 @@ and the heatmap PNGs (influence maps, attention weights).
 
 The report is meant to be read by someone who doubts the claim: every "0.0" sits next to the
 number the same test gives without the mask, and next to evidence that the perturbation did
-change the future, so that a zero cannot be a test that measures nothing.
+change the future, so that a zero cannot be a test that measures nothing. A NaN prints as nan, never
+as a zero, and the verdict then says FAIL and where the non-finite values were.
 
 Figures are drawn on matplotlib's Agg canvas directly (matplotlib.figure.Figure, no pyplot), so
 nothing depends on a display or on global pyplot state. Exact zeros are drawn in white and called
@@ -28,7 +29,8 @@ from .leakage import LeakageReport, ModelChecks
 
 
 def fmt(x: float) -> str:
-    """Exact zeros print as 0.0 (they are exact, not rounded); anything else in scientific notation."""
+    """Exact zeros print as 0.0 (they are exact, not rounded); anything else in scientific notation
+    (nan and inf as themselves)."""
     return "0.0" if x == 0 else f"{x:.1e}"
 
 
@@ -95,10 +97,13 @@ def _consistency_lines(r: LeakageReport) -> list[str]:
                 tokens += (f", at a near-tie (the two tokens' logits {fmt(c.flip_gap)} apart, the paths' "
                            f"logits within {fmt(c.flip_logit_diff)}; tie_margin {fmt(c.tie_margin)}): "
                            "rounding, not leakage")
-        lines.append(f"      {checks.label:<13} {tokens}; next-token logits differ by at most {fmt(c.max_logit_diff)}")
+        agree = "within" if c.logits_agree else "MORE than"
+        lines.append(f"      {checks.label:<13} {tokens}; next-token logits differ by at most {fmt(c.max_logit_diff)}, "
+                     f"{agree} float32 rounding ({fmt(c.logit_tolerance)})")
     lines.append("    (with the mask the logits differ only by float rounding: one token at a time and a whole "
                  "sequence run through kernels of different shapes; float32, because bf16/fp16 rounding "
-                 "flips near-tied tokens)")
+                 f"flips near-tied tokens; rounding allowed: {r.settings.logit_eps:g} x eps x sqrt(n_embd) x "
+                 "max(1, max |logit|))")
     return lines
 
 
@@ -110,23 +115,32 @@ def format_report(r: LeakageReport, header: str, dtype: torch.dtype = torch.floa
 
 
 def verdict_line(r: LeakageReport, dtype: torch.dtype = torch.float32) -> str:
-    """One line: PASS / LEAK / INCONCLUSIVE, with the numbers that justify it. dtype: the precision
-    the forward passes ran in, whose resolution puts the mask-off numbers in scale."""
+    """One line: PASS / LEAK / INCONCLUSIVE / FAIL, with the numbers that justify it. dtype: the
+    precision the forward passes ran in, whose resolution puts the mask-off numbers in scale."""
     leak_off = r.unmasked.perturbation.max_past
     eps = torch.finfo(dtype).eps
     dtype_word = str(dtype).removeprefix("torch.")
+    c = r.masked.consistency
     match r.verdict:
         case "PASS":
+            reach = min(p.min_future for _, p in r.masked.perturbations)
             return (f"PASS: with the mask nothing reaches the past from the future (largest change 0.0"
-                    f"{'' if r.settings.tolerance == 0 else f', tolerance {fmt(r.settings.tolerance)}'}); "
-                    f"the same tests on the same weights without the mask find changes up to {fmt(leak_off)} "
-                    f"({dtype_word} resolution {fmt(eps)}).")
+                    f"{'' if r.settings.tolerance == 0 else f', tolerance {fmt(r.settings.tolerance)}'}), "
+                    f"while the perturbation changed every later position (by at least {fmt(reach)}) and the "
+                    f"cached and recomputed logits agree within float32 rounding ({fmt(c.max_logit_diff)} <= "
+                    f"{fmt(c.logit_tolerance)}); the same tests on the same weights without the mask find changes "
+                    f"up to {fmt(leak_off)} ({dtype_word} resolution {fmt(eps)}).")
+        case "FAIL":
+            also = f" (also found: {'; '.join(r.leaks)})" if r.leaks else ""
+            return ("FAIL: non-finite values (NaN or inf) in the leakage tests, which compare as False with any "
+                    "tolerance, so these tests show neither a leak nor its absence: " + "; ".join(r.failures)
+                    + also + ". A causal mask that leaves a query nothing to attend to (say, one that hides each "
+                    "token from itself) gives NaN; so do NaN weights.")
         case "LEAK":
             return "LEAK: information from the future reaches earlier positions: " + "; ".join(r.leaks)
         case _:
-            return (f"INCONCLUSIVE: no leakage with the mask, but the mask-off control changed the past by only "
-                    f"{fmt(leak_off)} (needs > {fmt(r.settings.control_min)}): the tests could not have "
-                    "caught a leak here; use a longer prompt (seq_len) or more trials (leakage.trials)")
+            return ("INCONCLUSIVE: no leakage with the mask, but " + "; ".join(r.inconclusive)
+                    + "; use a longer prompt (seq_len) or more trials (leakage.trials)")
 
 
 def _checks_summary(c: ModelChecks) -> dict[str, Any]:
@@ -135,27 +149,36 @@ def _checks_summary(c: ModelChecks) -> dict[str, Any]:
     out: dict[str, Any] = {
         "label": c.label,
         "perturbation": {"max_past_change": p.max_past, "max_logits_change": p.max_logits,
+                         "nonfinite_logits": p.nonfinite_logits, "nonfinite_hidden": p.nonfinite_hidden,
                          "max_hidden_change_per_layer": p.max_hidden_per_layer,
                          "min_future_logits_change": p.min_future, "positions": p.positions,
                          "logits_change": p.logits, "hidden_change": p.hidden,
                          "future_logits_change": p.future_logits, "trials": p.trials},
         "influence": {"max_above_diagonal": upper.max().item() if upper.numel() else 0.0,
                       "zeros_above_diagonal": int((upper == 0).sum()), "entries_above_diagonal": upper.numel(),
+                      "nonfinite_entries": int((~torch.isfinite(c.influence)).sum()),
                       "matrix": c.influence.tolist()},
         "consistency": {"equal": c.consistency.equal, "first_mismatch": c.consistency.first_mismatch,
                         "max_logit_diff": c.consistency.max_logit_diff, "prompt_len": c.consistency.prompt_len,
                         "cached": c.consistency.cached, "recomputed": c.consistency.recomputed,
                         "near_tie": c.consistency.near_tie, "flip_logit_diff": c.consistency.flip_logit_diff,
-                        "flip_gap": c.consistency.flip_gap, "precision": "fp32"},
+                        "flip_gap": c.consistency.flip_gap, "precision": "fp32",
+                        "logit_tolerance": c.consistency.logit_tolerance, "logits_agree": c.consistency.logits_agree,
+                        "nonfinite_logits": c.consistency.nonfinite_logits},
+        "nonfinite": c.nonfinite,
     }
     if c.other_impl is not None:
-        out["other_attention_impl"] = {"attn": c.other_impl[0], "max_past_change": c.other_impl[1].max_past}
+        o = c.other_impl[1]
+        out["other_attention_impl"] = {"attn": c.other_impl[0], "max_past_change": o.max_past,
+                                       "min_future_logits_change": o.min_future,
+                                       "nonfinite_logits": o.nonfinite_logits, "nonfinite_hidden": o.nonfinite_hidden}
     return out
 
 
 def summary(r: LeakageReport, **extra: Any) -> dict[str, Any]:
     """Everything the report shows, and the per-position numbers behind it, as plain JSON data."""
-    return {"verdict": r.verdict, "exit_code": r.exit_code, "leaks": r.leaks, "control_ok": r.control_ok,
+    return {"verdict": r.verdict, "exit_code": r.exit_code, "failures": r.failures, "leaks": r.leaks,
+            "inconclusive": r.inconclusive, "control_ok": r.control_ok, "nonfinite_weights": r.nonfinite_weights,
             "prompt_len": r.prompt_len, "configured_causal": r.configured_causal,
             "settings": {**dataclasses.asdict(r.settings), "seed": r.seed}, **extra,
             "mask_on": _checks_summary(r.masked), "mask_removed": _checks_summary(r.unmasked)}
