@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -188,6 +189,17 @@ def out_dir_for(cfg: SampleConfig, loaded: Loaded) -> Path:
     return base / cfg.mode / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def _strict_json(value):
+    """NaN and infinities (a broken model's numbers) as the strings "nan", "inf", "-inf": strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def leakage(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdout: TextIO) -> int:
     from causality.report import format_report, plot_influence, summary  # matplotlib: only here
     idx = study_prompt(loaded, read_prompt(cfg.prompt, cfg.prompt_file, stdin), cfg.seq_len, cfg.seed)  # (1, T)
@@ -198,7 +210,7 @@ def leakage(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdou
                          lab[:report.masked.influence.shape[0]])
     data = summary(report, source=loaded.source, device=rt.device.type, precision=rt.precision,
                    prompt_ids=idx[0].tolist(), files={"influence": str(png)})
-    (out / "leakage.json").write_text(json.dumps(data, indent=1))
+    (out / "leakage.json").write_text(json.dumps(_strict_json(data), indent=1, allow_nan=False))
     header = (f"Causal-mask leakage check: {loaded.source}, {rt.device.type}, {rt.precision}, "
               f"prompt of {idx.shape[1]} tokens")
     stdout.write(format_report(report, header, rt.dtype) + "\n")

@@ -209,3 +209,21 @@ def test_leakage_mode_exits_1_for_a_variant_without_the_mask(tmp_path):
     assert code == 1
     assert "LEAK: information from the future" in out
     assert json.loads((tmp_path / "leakage.json").read_text())["verdict"] == "LEAK"
+
+
+def test_nan_weights_fail_through_the_cli_and_leakage_json_stays_strict_json(ckpt, tmp_path):
+    """A checkpoint with a NaN weight: exit 4 (FAIL), and leakage.json holds "nan" strings, which
+    any JSON reader accepts, instead of bare NaN tokens."""
+    from engine.checkpoint import save_checkpoint
+    payload = torch.load(ckpt, weights_only=True)
+    name = next(k for k in payload["model"] if k.endswith("c_attn.weight"))
+    payload["model"][name][0, 0] = float("nan")
+    save_checkpoint(tmp_path / "nan.pt", payload)
+    code, out, _ = run_sample("mode=leakage", f"ckpt={tmp_path / 'nan.pt'}", "leakage.probes=2", "leakage.trials=2",
+                              "leakage.gen_tokens=4", "seq_len=12", f"out_dir={tmp_path / 'out'}")
+    assert code == 4 and "FAIL" in out
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+    data = json.loads((tmp_path / "out" / "leakage.json").read_text(), parse_constant=refuse)
+    assert data["verdict"] == "FAIL" and "\"nan\"" in (tmp_path / "out" / "leakage.json").read_text()
