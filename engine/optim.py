@@ -125,23 +125,30 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
 
 
 def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
-    """The learning rate of optimisation step `step` (0-based): AdamW's; Muon's is it times muon_lr / lr."""
+    """The learning rate of optimisation step `step` (0-based): AdamW's; Muon's is it times muon_lr / lr.
+
+    The steps that run are 0 .. max_iters - 1, so a decay ends on the last of them: wsd gives min_lr
+    on step max_iters - 1, cosine on step decay_iters - 1 (decay_iters: null means max_iters) and on
+    every step after it, unless the warm-up lasts that long. The first step after the warm-up runs
+    at the peak lr."""
     if step < cfg.warmup_iters:  # linear warmup; never exactly 0, so step 0 still learns
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     match cfg.schedule:
         case "constant":
             return cfg.lr
         case "cosine":
-            decay_iters = cfg.decay_iters or max_iters
-            if step >= decay_iters:
+            end = cfg.decay_iters or max_iters
+            if step >= end - 1:
                 return cfg.min_lr
-            progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+            progress = (step - cfg.warmup_iters) / (end - 1 - cfg.warmup_iters)  # 0 at the peak, 1 on the last step
             return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
         case "wsd":
             decay_start = max(cfg.warmup_iters, round(max_iters * (1.0 - cfg.decay_fraction)))
+            if step >= max_iters - 1:
+                return cfg.min_lr
             if step < decay_start:
                 return cfg.lr
-            progress = min(1.0, (step - decay_start) / max(1, max_iters - decay_start))
+            progress = (step - decay_start) / (max_iters - 1 - decay_start)  # 0 at decay_start, 1 on the last step
             return cfg.lr + progress * (cfg.min_lr - cfg.lr)
         case _:
             raise ValueError(f"optim.schedule={cfg.schedule!r} is not valid; choose cosine, wsd or constant")
