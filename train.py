@@ -43,7 +43,7 @@ from engine.parallel import RankFailed, lost_peer, wrap_model
 from engine.runtime import Runtime, setup_runtime
 from engine.signals import StopRequest
 from engine.state import TrainingError, TrainState, find_resume, grad_scaler
-from engine.step import train_step
+from engine.step import log_values, train_step
 from model import GPT, ModelConfig
 
 log = logging.getLogger("train")
@@ -110,7 +110,7 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
 
         # ---- every log_interval steps: read the loss, count skipped steps, log; the stop flag ------
         if loop.step % cfg.log_interval == 0 or loop.step == cfg.max_iters:
-            train_loss, grad_norm = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()  # the sync
+            train_loss, grad_norm = log_values(loss, norm, rt)  # the sync; the loss averaged over ranks
             meter.synced()
             if n_bad := loop.read_bad_steps():
                 check_bad_steps(loop, n_bad, cfg.max_bad_steps, train_loss, grad_norm, out_dir, logger)
