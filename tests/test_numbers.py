@@ -7,7 +7,7 @@
 - the logged train loss is one number per step (engine.step.log_values);
 - generation ends at the end-of-text token (generate_tokens, the eval sample, sample.py's CLI);
 - Muon orthogonalises c_attn's W_q, W_k and W_v as three matrices;
-- the loop's own numbers: gradient accumulation scaling, unscale before clip, and what a resume restores.
+- a step whose gradient norm is not finite is skipped, the loss being finite.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, compose_train
+from conftest import ROOT, assert_same, compose_train, snapshot
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models
 
@@ -32,7 +32,7 @@ from engine.evaluate import estimate_loss, generate_sample
 from engine.metrics import read_metrics
 from engine.optim import Muon, build_optimizer, lr_at
 from engine.runtime import Runtime, peak_flops_for
-from engine.step import log_values
+from engine.step import log_values, train_step
 from model import GPT, ModelConfig
 from model.generate import generate_tokens
 
@@ -273,3 +273,21 @@ def test_build_optimizer_splits_every_c_attn():
     muon = opt.parts["muon"]
     assert isinstance(muon, Muon)
     assert muon.split == {id(model.h[i].attn.c_attn.weight): 3 for i in range(2)}
+
+
+# ---- the non-finite guard: a finite loss with a non-finite gradient -----------------------------
+@pytest.mark.parametrize("extra", [("optim.fused=true",), ("optim.fused=false",), ("optim=muon",)],
+                         ids=["fused", "foreach", "muon"])
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(make_run, extra):
+    """Without a GradScaler the gradient norm decides too: an inf in one gradient (the loss finite)
+    skips the step, on the fused kernel's found_inf, on foreach AdamW and on Muon (a host read)."""
+    run = make_run(*extra)
+    train_step(run.state, run.train_model, [s.next_batch() for s in run.streams], 1e-3, 1.0)  # optimizer state
+    before = snapshot(run)
+    handle = run.model.h[0].mlp.c_fc.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    loss, norm, skipped = train_step(run.state, run.train_model, [s.next_batch() for s in run.streams], 1e-3, 1.0)
+    handle.remove()
+    assert torch.isfinite(loss) and not torch.isfinite(norm) and skipped.item() == 1.0
+    (model_a, opt_a), (model_b, opt_b) = before, snapshot(run)
+    for part in ("muon", "adamw") if "muon" in opt_a else (None,):  # MuonAdamW: one state dict a part
+        assert_same((model_a, opt_a[part] if part else opt_a), (model_b, opt_b[part] if part else opt_b))
