@@ -86,6 +86,9 @@ class SampleConfig:
     top_k: int | None = None
     # Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (null: off).
     top_p: float | None = None
+    # End a sample at the end-of-text token (not printed): the model says its text is over. Only where
+    # the tokenizer has one (BPE, pretrained); false prints it and goes on to max_new_tokens.
+    stop_at_eot: bool = True
     # Seeds sampling (and random-init weights): the same seed gives the same text.
     seed: int = 1337
     # auto | cpu | cuda | mps, and auto | fp32 | bf16 | fp16 (autocast), as in train.py.
@@ -173,7 +176,7 @@ def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdo
         with rt.autocast():
             sample = stream_sample(model, tok, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                    top_k=top_k, top_p=cfg.top_p, use_cache=cfg.use_cache, generator=generator,
-                                   write=write, vocab_limit=limit)
+                                   write=write, vocab_limit=limit, stop_id=tok.eot_id if cfg.stop_at_eot else None)
         tokens, seconds = tokens + len(sample.new_ids), seconds + sample.seconds
     write("\n")
     print(f"{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s "

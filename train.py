@@ -34,14 +34,7 @@ from data.progress import Progress
 from data.tokenizer import Tokenizer, load_tokenizer
 from engine.checkpoint import check_fits_data, remove_leftovers
 from engine.config import TrainConfig
-from engine.evaluate import (
-    bits_per_byte,
-    estimate_loss,
-    fixed_batches,
-    generate_sample,
-    perplexity,
-    target_bytes,
-)
+from engine.evaluate import estimate_loss, fixed_batches, generate_sample, perplexity, token_byte_table
 from engine.formats.pretrained import load_pretrained
 from engine.metrics import RunLogger, StepMeter
 from engine.optim import build_optimizer, lr_at
@@ -50,7 +43,7 @@ from engine.resume import data_as_trained, warn_if_resume_differs
 from engine.runtime import Runtime, peak_memory_mb, setup_runtime
 from engine.signals import StopRequest
 from engine.state import TrainingError, TrainState, find_resume, grad_scaler
-from engine.step import train_step
+from engine.step import log_values, train_step
 from model import GPT, ModelConfig
 
 log = logging.getLogger("train")
@@ -122,7 +115,7 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
 
         # ---- every log_interval steps: read the loss, count skipped steps, log; the stop flag ------
         if loop.step % cfg.log_interval == 0 or loop.step == cfg.max_iters:
-            train_loss, grad_norm = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()  # the sync
+            train_loss, grad_norm = log_values(loss, norm, rt)  # the sync; the loss averaged over ranks
             meter.synced()
             if n_bad := loop.read_bad_steps():
                 check_bad_steps(loop, n_bad, cfg.max_bad_steps, train_loss, grad_norm, out_dir, logger)
@@ -161,7 +154,7 @@ class Run:
     tokens_per_step: int
     lockstep: bool  # FSDP: every rank runs every forward (weights are all-gathered in each)
     peak_flops: float | None
-    val_bytes: tuple[int, int] = (0, 0)  # (tokens, UTF-8 bytes) of the val eval targets: val/bpb
+    token_bytes: torch.Tensor | None = None  # (vocab,) UTF-8 bytes per token id: val/bpb
     keep_last: int = 0  # step-numbered checkpoints kept beside last.pt
 
     @property
@@ -219,7 +212,6 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None) -> R
     for loader in streams:
         loader.load_state_dict({"step": 0, "seed": cfg.seed})
     eval_sets = {s: fixed_batches(prepared, s, cfg.batch_size, T, cfg.eval_iters, rt) for s in ("train", "val")}
-    val_bytes = target_bytes(eval_sets["val"], tokenizer.decode, rt)
 
     corpus = _name_corpus(cfg, meta)  # what it really trains on: W&B tags and name, the done: line, plots
     # The config as run: the model with its real vocabulary size, and the corpus used.
@@ -244,23 +236,26 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None) -> R
     return Run(out_dir, prepared, tokenizer, state, train_model, eval_model, eval_sets, logger,
                [start_token(tokenizer, fallback=0)], tokens_per_step,
                lockstep=rt.distributed and cfg.distributed == "fsdp", peak_flops=rt.peak_flops(cfg.peak_flops),
-               val_bytes=val_bytes, keep_last=cfg.keep_last)
+               token_bytes=token_byte_table(tokenizer, rt), keep_last=cfg.keep_last)
 
 
 # ---- the pieces the loop calls -----------------------------------------------------------------------
 def evaluate(run: Run, cfg: TrainConfig, rt: Runtime) -> dict[str, float]:
     """Eval losses on the fixed batches (engine/evaluate.py), plus a sample; logged. Returns {split: loss}."""
     # Every rank joins every split's all-reduce, also a rank whose share of the batches is empty.
-    losses = {s: estimate_loss(run.eval_model, b, rt, run.lockstep, desc=s) for s, b in run.eval_sets.items()
-              if cfg.eval_iters}
+    results = {s: estimate_loss(run.eval_model, b, rt, run.lockstep, desc=s,
+                                token_bytes=run.token_bytes if s == "val" else None)
+               for s, b in run.eval_sets.items() if cfg.eval_iters}
+    losses = {s: r.loss for s, r in results.items()}
     run.state.last_eval_step = run.state.step
     record = {"step": run.state.step, **{("val/loss" if s == "val" else "train/eval_loss"): v
                                         for s, v in losses.items()}}
     if "val" in losses:  # beside the loss: perplexity, and bits per byte, which no tokenizer changes
-        record.update({"val/ppl": perplexity(losses["val"]), "val/bpb": bits_per_byte(losses["val"], *run.val_bytes)})
+        record.update({"val/ppl": perplexity(losses["val"]), "val/bpb": results["val"].bpb})
     if cfg.sample_tokens and (rt.is_main or run.lockstep):
         ids = generate_sample(run.model, run.prompt, cfg.sample_tokens, rt, seed=cfg.seed + run.state.step,
-                              vocab_limit=run.tokenizer.vocab_size)  # a padded vocabulary's extra ids never drawn
+                              vocab_limit=run.tokenizer.vocab_size,  # a padded vocabulary's extra ids never drawn
+                              stop_id=run.tokenizer.eot_id)  # the sample ends at the end of its text
         record["val/sample"] = run.tokenizer.decode(ids)
         run.logger.log_samples(run.state.step, [record["val/sample"]])
     run.logger.log(record)
@@ -293,8 +288,8 @@ def finish(run: Run, cfg: TrainConfig, rt: Runtime, signum: int | None) -> dict:
         T = run.model.config.block_size
         final = fixed_batches(run.prepared, "val", cfg.batch_size, T, cfg.final_eval_iters, rt)
         log.info("final eval: %s", "the whole val split" if cfg.final_eval_iters < 0 else f"{cfg.final_eval_iters} val batches")
-        summary["final_val"] = estimate_loss(run.eval_model, final, rt, lockstep=True, desc="final val")
-        summary["final_bpb"] = bits_per_byte(summary["final_val"], *target_bytes(final, run.tokenizer.decode, rt))
+        result = estimate_loss(run.eval_model, final, rt, lockstep=True, desc="final val", token_bytes=run.token_bytes)
+        summary["final_val"], summary["final_bpb"] = result.loss, result.bpb
         run.logger.log({"step": run.state.step, "val/final_loss": summary["final_val"],
                         "val/final_ppl": perplexity(summary["final_val"]), "val/final_bpb": summary["final_bpb"]})
     run.logger.summary({k: v for k, v in summary.items() if isinstance(v, int | float)})

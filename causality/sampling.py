@@ -246,10 +246,12 @@ class Sample:
 def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, max_new_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   use_cache: bool = True, generator: torch.Generator | None = None,
-                  write: Callable[[str], None] = lambda s: None, vocab_limit: int | None = None) -> Sample:
+                  write: Callable[[str], None] = lambda s: None, vocab_limit: int | None = None,
+                  stop_id: int | None = None) -> Sample:
     """Generate one continuation of prompt_ids, calling write(piece) with each newly completed
     piece of text as soon as its token is made. Mixed precision is the caller's (Runtime.autocast()).
-    vocab_limit: draw only ids below it (a model whose vocabulary is padded past the tokenizer's)."""
+    vocab_limit: draw only ids below it (a model whose vocabulary is padded past the tokenizer's).
+    stop_id: end at that token (the end-of-text token), which is neither written nor kept."""
     device = model.wte.weight.device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     new_ids: list[int] = []
@@ -257,7 +259,8 @@ def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, ma
 
     def ids() -> Iterator[int]:
         for tok in generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, use_cache=use_cache, generator=generator, vocab_limit=vocab_limit):
+                                   top_p=top_p, use_cache=use_cache, generator=generator, vocab_limit=vocab_limit,
+                                   stop_id=stop_id):
             new_ids.append(int(tok[0, 0]))  # waits for the GPU: the token is needed to print it
             yield new_ids[-1]
 

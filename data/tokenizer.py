@@ -7,6 +7,9 @@
   split (`train_bpe`, kind "bpe") or any tokenizer.json loaded by path or hub name ("pretrained"),
   a hub name pinned to a revision when one is given (data.tokenizer_revision).
 
+`token_bytes()` gives the UTF-8 bytes of text each token id stands for (0 for special tokens such as
+<|endoftext|>): the denominator of bits per byte, counted per target token (engine/evaluate.py).
+
 `to_json()` / `tokenizer_from_json()` let the trainer store the tokenizer inside each checkpoint so
 that sampling needs no data directory. `decode_stream(ids)` turns generated ids into text one token
 at a time without ever emitting half of a multi-byte UTF-8 character (`tokenizers.decoders.DecodeStream`
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -35,6 +39,7 @@ EOT = "<|endoftext|>"
 UNK = "<unk>"
 # End-of-document tokens of common pretrained tokenizers, tried in this order.
 EOT_TOKENS = (EOT, "<|end_of_text|>", "</s>", "<eos>")
+BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a SentencePiece byte-fallback token: one raw byte
 
 
 class TokenizerUnavailable(DataError):
@@ -59,6 +64,12 @@ class Tokenizer:
         raise NotImplementedError
 
     def to_json(self) -> str:
+        raise NotImplementedError
+
+    def token_bytes(self) -> np.ndarray:
+        """(vocab_size,) int64: the UTF-8 bytes of text each id stands for, 0 for special tokens
+        (<|endoftext|>, <unk>), which stand for no text. Summed over the targets of a text, it gives
+        that text's UTF-8 length, also where a window's edge cuts a character in two."""
         raise NotImplementedError
 
     def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
@@ -142,6 +153,11 @@ class CharTokenizer(Tokenizer):
                 raise DataError(f"token id {i} is outside the char vocabulary of size {self.vocab_size}")
         return "".join(out)
 
+    def token_bytes(self) -> np.ndarray:
+        # <unk> stands for a character that is not in the vocabulary, so for no known number of bytes.
+        return np.array([len(c.encode("utf-8", "surrogatepass")) for c in self.chars] + [0] * int(self.unk),
+                        dtype=np.int64)
+
     def to_json(self) -> str:
         return json.dumps({"kind": "char", "chars": self.chars, "unk": self.unk}, ensure_ascii=False)
 
@@ -169,12 +185,43 @@ class HFTokenizer(Tokenizer):
     def to_json(self) -> str:
         return self.tok.to_str()
 
+    def token_bytes(self) -> np.ndarray:
+        """Byte-level BPE (ours, GPT-2's): each character of a vocabulary entry is one byte of the
+        byte-level alphabet, so an entry's length is its bytes, whole characters or not. Other
+        tokenizers: a byte-fallback entry (<0xE2>) is one byte; any other entry counts the UTF-8
+        bytes that decoding adds after a preceding piece (so a SentencePiece "▁the" is " the",
+        a WordPiece "##ing" is "ing"). Special added tokens count 0, other added tokens their text."""
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        decoder = json.loads(self.tok.to_str()).get("decoder")
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        for token, i in self.tok.get_vocab(with_added_tokens=False).items():
+            if _has_byte_level(decoder):
+                out[i] = sum(1 if c in alphabet else len(c.encode("utf-8")) for c in token)
+            elif BYTE_FALLBACK.fullmatch(token):
+                out[i] = 1
+            elif self.tok.decoder is not None:
+                out[i] = len(self.tok.decoder.decode(["x", token]).encode("utf-8")) - 1
+            else:
+                out[i] = len(token.encode("utf-8"))
+        for i, added in self.tok.get_added_tokens_decoder().items():
+            out[i] = 0 if added.special else len(added.content.encode("utf-8"))
+        return out
+
     def _step_decoder(self) -> Callable[[int], str]:
         # DecodeStream decodes a short window of ids and gives None while its text ends in half a
         # character (U+FFFD); the window starts at the last clean boundary, so decoders that depend
         # on neighbouring tokens still give the text decode() gives.
         stream = decoders.DecodeStream(skip_special_tokens=False)
         return lambda i: stream.step(self.tok, i) or ""
+
+
+def _has_byte_level(decoder: dict | None) -> bool:
+    """Whether a tokenizer.json decoder (or a Sequence of them) maps the byte-level alphabet to bytes."""
+    if not decoder:
+        return False
+    if decoder.get("type") == "Sequence":
+        return any(_has_byte_level(d) for d in decoder.get("decoders", []))
+    return decoder.get("type") == "ByteLevel"
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, *, progress: bool = False) -> HFTokenizer:

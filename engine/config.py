@@ -55,10 +55,12 @@ class OptimConfig:
     eps: float = 1e-8
     # Linear warmup from ~0 to lr over this many steps.
     warmup_iters: int = 100
-    # cosine: warmup, then cosine decay to min_lr at decay_iters; wsd: warmup, constant lr, then a
-    # linear decay to min_lr over the last decay_fraction of the run; constant: warmup then lr.
+    # cosine: warmup, then cosine decay to min_lr on step decay_iters - 1; wsd: warmup, constant lr,
+    # then a linear decay to min_lr over the last decay_fraction of the run, min_lr on its last step
+    # (max_iters - 1); constant: warmup then lr.
     schedule: str = "cosine"
-    # Step at which cosine reaches min_lr (nanoGPT's lr_decay_iters); null means max_iters.
+    # The run length cosine's decay is planned for (nanoGPT's lr_decay_iters): min_lr on step
+    # decay_iters - 1 and after it; null means max_iters, so the last step runs at min_lr.
     decay_iters: int | None = None
     # wsd only: the fraction of max_iters spent in the final decay.
     decay_fraction: float = 0.2

@@ -7,13 +7,15 @@ Under torchrun each rank scores its share of the batches and the sums are all-re
 the number one process would get. Evaluation touches no training RNG, so it cannot change what a
 run learns (exact resume relies on that).
 
-Loss is in nats per token, so it depends on the tokenizer: a char model and a BPE model cannot be
-compared by it. Bits per byte can (nanochat reports it): the same total surprise, divided by the
-UTF-8 bytes of the text scored instead of its tokens,
+Loss is in nats per token, the mean over every target token, so it depends on the tokenizer: a char
+model and a BPE model cannot be compared by it. Bits per byte can (nanochat reports it): the
+surprise of the targets that stand for text, divided by the UTF-8 bytes of that text,
 
-    bpb = (mean loss in nats per token) * tokens / bytes / ln 2,
+    bpb = (sum of nats over the targets with bytes) / (ln 2 * sum of their bytes),
 
-with tokens and bytes counted once over the eval targets (`target_bytes`). Perplexity is exp(loss).
+each target's bytes read from the tokenizer's per-token table (`Tokenizer.token_bytes`): a special
+token such as <|endoftext|> has 0 bytes and its loss is left out, and a token holding part of a
+UTF-8 character counts its own bytes only, wherever a window's edge falls. Perplexity is exp(loss).
 
 Progress: on a terminal an eval shows a bar; elsewhere an eval that takes longer than
 PROGRESS_EVERY_S logs a line every PROGRESS_EVERY_S seconds (batches done, seconds left) and one
@@ -24,15 +26,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from data.loader import val_batches
 from data.progress import Progress
+from data.tokenizer import Tokenizer
 
 from .runtime import Runtime
 
@@ -57,15 +61,23 @@ def fixed_batches(prepared_dir: Path, split: str, batch_size: int, block_size: i
     return batches[rt.rank::rt.world_size]
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean nats per target token, over every target (nan without batches)
+    bpb: float | None  # bits per byte of the targets with bytes; None without a byte table
+
+
 @torch.no_grad()
 def estimate_loss(model: nn.Module, batches: Batches, rt: Runtime, lockstep: bool = False,
-                  desc: str | None = None) -> float:
-    """Mean per-token loss over every rank's batches; call on every rank. lockstep: every rank must
+                  desc: str | None = None, token_bytes: torch.Tensor | None = None) -> EvalResult:
+    """Mean per-token loss over every rank's batches, and with token_bytes (the (vocab,) table of
+    Tokenizer.token_bytes on rt.device) bits per byte; call on every rank. lockstep: every rank must
     run the same number of forward passes (FSDP all-gathers weights in each), so ranks with fewer
     batches run extra ones whose loss is discarded. desc: show progress under that name (rank 0)."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(2, device=rt.device, dtype=torch.float64)  # (loss * tokens, tokens)
+    # (nats of all targets, targets, nats of the targets with bytes, their bytes)
+    sums = torch.zeros(4, device=rt.device, dtype=torch.float64)
     n_passes = len(batches)
     if lockstep and rt.distributed:
         n = torch.tensor([len(batches)], device=rt.device)
@@ -77,36 +89,43 @@ def estimate_loss(model: nn.Module, batches: Batches, rt: Runtime, lockstep: boo
     for i in range(n_passes):
         x, y = batches[i] if i < len(batches) else batches[0] if batches else (dummy, dummy)
         with rt.autocast():
-            _, loss = model(x, y)
+            logits, loss = model(x, y) if token_bytes is None else model(x)  # logits (B, T, V)
         if i < len(batches):
-            sums += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), device=rt.device)])
+            sums += _batch_sums(logits, loss, y, token_bytes)
         progress.update(1)
     if rt.distributed:
         dist.all_reduce(sums)
     progress.close()
     model.train(was_training)
-    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+    total, tokens, counted, n_bytes = sums.tolist()
+    loss = total / tokens if tokens > 0 else float("nan")
+    if token_bytes is None:
+        return EvalResult(loss, None)
+    return EvalResult(loss, bits_per_byte(counted, n_bytes))
 
 
-def target_bytes(batches: Batches, decode: Callable[[list[int]], str], rt: Runtime) -> tuple[int, int]:
-    """(tokens, UTF-8 bytes) of the targets of every rank's batches, each row decoded as one text:
-    the denominators of bits per byte. Call on every rank (under torchrun the counts are summed)."""
-    tokens = n_bytes = 0
-    for _, y in batches:
-        for row in y.tolist():  # (T,) ids each
-            tokens += len(row)
-            n_bytes += len(decode(row).encode("utf-8"))
-    if rt.distributed:
-        counts = torch.tensor([tokens, n_bytes], device=rt.device, dtype=torch.float64)
-        dist.all_reduce(counts)
-        tokens, n_bytes = (int(v) for v in counts.tolist())
-    return tokens, n_bytes
+def _batch_sums(logits: torch.Tensor, loss: torch.Tensor | None, y: torch.Tensor,
+                token_bytes: torch.Tensor | None) -> torch.Tensor:
+    """estimate_loss's four sums for one batch, float64: from the model's mean loss without a byte
+    table, else from the loss of each target."""
+    n = torch.tensor(float(y.numel()), device=y.device, dtype=torch.float64)
+    if token_bytes is None:
+        return torch.stack([loss.double() * n, n, n.new_zeros(()), n.new_zeros(())])
+    nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").double()  # (B*T,)
+    n_bytes = token_bytes[y.flatten()]  # (B*T,)
+    return torch.stack([nats.sum(), n, nats[n_bytes > 0].sum(), n_bytes.sum().double()])
 
 
-def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
-    """bpb = (mean loss in nats per token) * tokens / bytes / ln 2: the bits the model needs per byte
-    of the text it scored, whatever its tokenizer. nan when there are no bytes."""
-    return loss * tokens / n_bytes / math.log(2) if n_bytes > 0 else float("nan")
+def bits_per_byte(nats: float, n_bytes: float) -> float:
+    """bpb = nats / (ln 2 * bytes): the bits the model needs per byte of the text it scored, whatever
+    its tokenizer (nats summed over the targets that stand for text). nan when there are no bytes."""
+    return nats / (math.log(2) * n_bytes) if n_bytes > 0 else float("nan")
+
+
+def token_byte_table(tokenizer: Tokenizer, rt: Runtime) -> torch.Tensor:
+    """The tokenizer's per-token UTF-8 byte counts as a (vocab,) tensor on the device: estimate_loss's
+    token_bytes, built once per run."""
+    return torch.as_tensor(tokenizer.token_bytes(), dtype=torch.long, device=rt.device)
 
 
 def perplexity(loss: float) -> float:
@@ -116,9 +135,11 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def generate_sample(model: nn.Module, prompt: list[int], n_tokens: int, rt: Runtime, seed: int,
-                    vocab_limit: int | None = None) -> list[int]:
+                    vocab_limit: int | None = None, stop_id: int | None = None) -> list[int]:
     """Token ids continuing prompt, drawn with a generator of its own (the global RNG stays untouched).
-    vocab_limit: draw only ids below it, the tokenizer's size when model.vocab_size is padded past it."""
+    vocab_limit: draw only ids below it, the tokenizer's size when model.vocab_size is padded past it.
+    stop_id: the sample ends before the first such id (the end-of-text token). All n_tokens are drawn
+    even so: under FSDP every rank must run the same forwards, whatever its sample draws."""
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=rt.device).manual_seed(seed)
@@ -131,4 +152,5 @@ def generate_sample(model: nn.Module, prompt: list[int], n_tokens: int, rt: Runt
     if unshard is not None:
         model.reshard()
     model.train(was_training)
-    return out[0, len(prompt):].tolist()
+    ids = out[0, len(prompt):].tolist()
+    return ids[:ids.index(stop_id)] if stop_id in ids else ids

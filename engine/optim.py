@@ -7,7 +7,10 @@ biases and LayerNorm gains are left alone, as in GPT-2/nanoGPT.
 Muon (torch.optim.Muon, torch >= 2.9) orthogonalises each update of a weight matrix (Newton-Schulz),
 which suits the hidden linear maps of the blocks and nothing else, so the parameters are split as
 nanochat and modded-nanogpt split them:
-- Muon: the 2-D weights inside the blocks (`h.*`): attention c_attn and c_proj, MLP c_fc and c_proj;
+- Muon: the 2-D weights inside the blocks (`h.*`): attention c_attn and c_proj, MLP c_fc and c_proj.
+  c_attn (3C x C) stacks three maps, W_q, W_k and W_v; they are orthogonalised as the three C x C
+  matrices they are (`Muon`'s split), as nanochat's and modded-nanogpt's separate q, k, v weights
+  are, not as one 3C x C matrix, whose orthogonalisation would mix the three;
 - AdamW: the token embedding wte (and lm_head, tied to it or not), the position table wpe, every
   LayerNorm weight and bias and every bias. An embedding is a lookup table (one-hot inputs: a row
   should move with its own token's gradient only) and the head maps onto logits; both train better
@@ -64,6 +67,66 @@ def muon_split(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[t
     return muon, adamw
 
 
+# torch.optim.Muon where torch has it (>= 2.9); build_optimizer refuses optim=muon otherwise.
+_MuonBase = getattr(torch.optim, "Muon", torch.optim.Optimizer)
+
+
+class Muon(_MuonBase):
+    """torch.optim.Muon, where a parameter may be a stack of k matrices by rows (split: {id(param): k}):
+    its update is then orthogonalised block by block, each block with the lr adjustment of its own
+    shape. Parameters not in split get torch's update exactly (tests/test_numbers.py compares the two).
+    The state (one momentum buffer a parameter) and the state dict are torch.optim.Muon's."""
+
+    def __init__(self, params, split: dict[int, int] | None = None, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.split = dict(split or {})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            lr, momentum = group["lr"], group["momentum"]
+            for param, grad, buf in zip(params, grads, bufs, strict=True):
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                k = self.split.get(id(param), 1)
+                blocks = update.chunk(k, dim=0) if k > 1 else (update,)  # k x (rows / k, cols): c_attn's q, k, v
+                ortho = [newton_schulz(b, group["ns_coefficients"], group["ns_steps"], group["eps"]) for b in blocks]
+                update = torch.cat(ortho) if k > 1 else ortho[0]  # (rows, cols)
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], blocks[0].shape))
+        return loss
+
+
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of torch.optim.Muon (Keller Jordan's), in bf16: g (m, n) ->
+    an approximately orthogonal matrix of the same shape, U S' V^T with S' near 1."""
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T  # (n, m): the Gram matrix below is the smaller one
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's per-matrix lr: original lr * sqrt(max(1, rows / cols)), match_rms_adamw
+    lr * 0.2 * sqrt(max(rows, cols))."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr * math.sqrt(max(1, rows / cols))
+
+
 class MuonAdamW:
     """Muon and AdamW behind one optimizer's interface, so the loop, the GradScaler (unscale_ walks
     param_groups; step calls step() when the gradients are finite) and set_lr drive both at once.
@@ -117,31 +180,39 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
                          f"{torch.__version__} lacks it: upgrade torch, or use optim=adamw")
     hidden, rest = muon_split(model)
     log.info("Muon: %d matrices (%d params)", len(hidden), sum(p.numel() for _, p in hidden))
-    muon = torch.optim.Muon([p for _, p in hidden], lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
-                            momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
+    qkv = {id(p): 3 for name, p in hidden if name.endswith("attn.c_attn.weight")}  # (3C, C): W_q, W_k, W_v
+    muon = Muon([p for _, p in hidden], split=qkv, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+                momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
     adamw = torch.optim.AdamW(param_groups(model, cfg.weight_decay, rest), lr=cfg.lr, betas=tuple(cfg.betas),
                               eps=cfg.eps, fused=fused)
     return MuonAdamW(muon, adamw, cfg.muon_lr / cfg.lr)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
-    """The learning rate of optimisation step `step` (0-based): AdamW's; Muon's is it times muon_lr / lr."""
+    """The learning rate of optimisation step `step` (0-based): AdamW's; Muon's is it times muon_lr / lr.
+
+    The steps that run are 0 .. max_iters - 1, so a decay ends on the last of them: wsd gives min_lr
+    on step max_iters - 1, cosine on step decay_iters - 1 (decay_iters: null means max_iters) and on
+    every step after it, unless the warm-up lasts that long. The first step after the warm-up runs
+    at the peak lr."""
     if step < cfg.warmup_iters:  # linear warmup; never exactly 0, so step 0 still learns
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     match cfg.schedule:
         case "constant":
             return cfg.lr
         case "cosine":
-            decay_iters = cfg.decay_iters or max_iters
-            if step >= decay_iters:
+            end = cfg.decay_iters or max_iters
+            if step >= end - 1:
                 return cfg.min_lr
-            progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+            progress = (step - cfg.warmup_iters) / (end - 1 - cfg.warmup_iters)  # 0 at the peak, 1 on the last step
             return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
         case "wsd":
             decay_start = max(cfg.warmup_iters, round(max_iters * (1.0 - cfg.decay_fraction)))
+            if step >= max_iters - 1:
+                return cfg.min_lr
             if step < decay_start:
                 return cfg.lr
-            progress = min(1.0, (step - decay_start) / max(1, max_iters - decay_start))
+            progress = (step - decay_start) / (max_iters - 1 - decay_start)  # 0 at decay_start, 1 on the last step
             return cfg.lr + progress * (cfg.min_lr - cfg.lr)
         case _:
             raise ValueError(f"optim.schedule={cfg.schedule!r} is not valid; choose cosine, wsd or constant")

@@ -13,6 +13,7 @@ import ctypes
 import datetime
 import logging
 import os
+import re
 import resource
 from dataclasses import dataclass
 
@@ -21,11 +22,35 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-# Dense bf16/fp16 tensor-core peak FLOP/s by GPU name (vendor data sheets), for MFU; the first
-# matching name wins, so specific names come first. `peak_flops=` overrides it.
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-              ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-              ("V100", 125e12)]
+# Dense (no 2:4 sparsity) bf16/fp16 tensor-core peak FLOP/s by GPU model and form factor, from the
+# vendor data sheets, for MFU. Names are matched whole (peak_flops_for): "NVIDIA L40" is not an L4,
+# and an H100 NVL or PCIe is not an SXM; None as form factor: any. A GPU not listed gets no MFU (an
+# honest blank, not a neighbour's figure); `peak_flops=` gives one by hand.
+PEAK_FLOPS: dict[tuple[str, str | None], float] = {
+    ("H100", "SXM"): 989e12, ("H100", "PCIe"): 756e12, ("H100", "NVL"): 835e12,
+    ("H200", "SXM"): 989e12, ("H200", "NVL"): 835e12, ("GH200", None): 989e12,
+    ("A100", None): 312e12,
+    ("L4", None): 121e12, ("L40", None): 181e12, ("L40S", None): 362e12,
+    ("RTX 4090", None): 165e12, ("RTX 3090", None): 71e12,
+    ("V100", None): 125e12,  # fp16 (no bf16)
+}
+_VENDOR_WORDS = {"NVIDIA", "TESLA", "GEFORCE"}
+_FORM_WORDS = {"PCIE": "PCIe", "NVL": "NVL"}  # and SXM<n>; neither: an SXM board ("NVIDIA H100 80GB HBM3")
+_MEMORY_WORD = re.compile(r"\d+GB|HBM\w*")
+
+
+def peak_flops_for(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by the name torch.cuda.get_device_name reports ("NVIDIA H100
+    80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090"), or None
+    for one PEAK_FLOPS does not list. The model is what is left of the name without the vendor,
+    memory and form-factor words, compared whole."""
+    words = [w for w in re.split(r"[\s_-]+", name.upper()) if w and w not in _VENDOR_WORDS]
+    form = next((_FORM_WORDS[w] for w in words if w in _FORM_WORDS), "SXM")
+    model = " ".join(w for w in words if w not in _FORM_WORDS and not re.fullmatch(r"SXM\d*", w)
+                     and not _MEMORY_WORD.fullmatch(w))
+    return PEAK_FLOPS.get((model, form), PEAK_FLOPS.get((model, None)))
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -63,14 +88,12 @@ class Runtime:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
     def peak_flops(self, override: float | None = None) -> float | None:
-        """Peak FLOP/s for MFU: the override, else the table above by GPU name, else None (CPU)."""
+        """Peak FLOP/s for MFU: the override, else the table above by GPU name, else None (CPU, fp32,
+        a GPU the table does not list)."""
         if override:
             return float(override)
-        if self.device_type == "cuda":
-            name = torch.cuda.get_device_name(self.device)
-            for key, flops in PEAK_FLOPS:
-                if key in name:
-                    return flops if self.precision != "fp32" else None  # fp32 peaks differ: no guess
+        if self.device_type == "cuda" and self.precision != "fp32":  # fp32 peaks differ: no guess
+            return peak_flops_for(torch.cuda.get_device_name(self.device))
         return None
 
     def any_flag(self, *flags: bool) -> list[bool]:

@@ -21,6 +21,9 @@ Under DDP/FSDP the gradient norm is computed from the synchronised gradients, so
 every rank; the loss is per rank, so the flag is all-reduced (an asynchronous collective on NCCL).
 `step_guarded` returns the flag as a float tensor (1.0 = skipped); the loop adds it to a counter on
 the device and reads the counter only when it logs.
+
+The logged train loss is the whole step's: `log_values`, at log steps only, averages the ranks' mean
+losses (one small all-reduce), so under torchrun it is the loss of the global batch, not rank 0's.
 """
 
 from __future__ import annotations
@@ -117,3 +120,16 @@ def step_guarded(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
     elif not bad.item():  # optimizers without a found_inf input: one host read decides
         optimizer.step()
     return bad
+
+
+def log_values(loss: torch.Tensor, norm: torch.Tensor, rt: Runtime) -> tuple[float, float]:
+    """(train loss, gradient norm) of a step as numbers, for a log line: the host sync of a log step.
+    The loss is the mean over ranks of their mean micro-batch losses (every rank's micro-batches hold
+    as many tokens), so it is the global batch's; the norm is already the same on every rank. Call
+    on every rank, at log steps only: the all-reduce is not worth a collective every step."""
+    loss = loss.detach().float().clone()  # a fresh tensor: the all-reduce writes into it
+    if rt.distributed:
+        dist.all_reduce(loss)  # a sum (gloo has no AVG), then / world_size
+        loss /= rt.world_size
+    train_loss, grad_norm = torch.stack([loss, norm.detach().float().to(loss.device)]).tolist()
+    return train_loss, grad_norm

@@ -119,16 +119,31 @@ def compile_for_generation(model: nn.Module, cudagraphs: bool | None = None) -> 
 def generate_tokens(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                     generator: torch.Generator | None = None, with_logits: bool = False,
-                    vocab_limit: int | None = None) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+                    vocab_limit: int | None = None,
+                    stop_id: int | None = None) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """Yield max_new_tokens new tokens, each (B, 1), continuing the prompt idx (B, T); with
     with_logits, yield (token, logits (B, V) it was picked from) pairs instead.
 
     vocab_limit: pick only ids below it (the logits are cut to (B, vocab_limit)), for a model whose
     vocabulary is padded past the tokenizer's (GPT-2's 50257 ids in a 50304-row table): the padding
-    rows are never trained, and their ids would have no text."""
+    rows are never trained, and their ids would have no text.
+    stop_id: end as soon as that token is drawn, without yielding it (the end-of-text token: the text
+    is over). One sequence only (B = 1), and each token is read back to compare: a host sync a token."""
     check_sampling_args(temperature, top_k, top_p, vocab_limit)
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"the prompt must have shape (batch, time) with time >= 1, got {tuple(idx.shape)}")
+    if stop_id is not None:
+        if idx.shape[0] != 1:
+            raise ValueError(f"stop_id ends one sequence; the prompt is a batch of {idx.shape[0]} (rows would end apart)")
+        tokens = generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 use_cache=use_cache, generator=generator, with_logits=with_logits,
+                                 vocab_limit=vocab_limit)
+        for out in tokens:
+            if int((out[0] if with_logits else out)[0, 0]) == stop_id:
+                tokens.close()  # releases a compiled model's caches now
+                return
+            yield out
+        return
     block_size = model.config.block_size
     # Compiled for eval: in train mode (dropout) the eager steps run.
     compiled: CompiledSteps | None = None if model.training else getattr(model, "compiled_steps", None)

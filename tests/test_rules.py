@@ -133,7 +133,7 @@ def test_eval_loss_is_the_token_weighted_mean_over_unequal_batches(prepared):
     sizes = [y.numel() for _, y in batches]
     assert len(batches) >= 2 and sizes[-1] < sizes[0], "the split must end in a smaller batch for this test"
     model = BatchIndexLoss()
-    loss = estimate_loss(model, batches, CPU_FP32)
+    loss = estimate_loss(model, batches, CPU_FP32).loss
     expected = sum(v * n for v, n in zip(model.losses, sizes, strict=True)) / sum(sizes)
     assert loss == pytest.approx(expected, rel=1e-12, abs=1e-12)
     assert abs(loss - sum(model.losses) / len(model.losses)) > 1e-3  # the mean of means is another number
@@ -190,7 +190,7 @@ def test_eval_loss_is_the_eval_mode_loss_even_when_called_in_train_mode():
     batches = [(torch.randint(0, 32, (4, 16), generator=g), torch.randint(0, 32, (4, 16), generator=g))
                for _ in range(2)]
     model.train()
-    first, second = estimate_loss(model, batches, CPU_FP32), estimate_loss(model, batches, CPU_FP32)
+    first, second = estimate_loss(model, batches, CPU_FP32).loss, estimate_loss(model, batches, CPU_FP32).loss
     assert model.training  # given back in the mode it came in
     model.eval()
     with torch.no_grad():

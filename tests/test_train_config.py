@@ -111,19 +111,20 @@ def test_main_guard_turns_user_errors_into_one_line(capsys):
 
 def test_cosine_schedule():
     cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_iters=10, schedule="cosine")
-    lrs = [lr_at(s, cfg, max_iters=110) for s in range(120)]
+    lrs = [lr_at(s, cfg, max_iters=111) for s in range(120)]  # steps 0..110 run
     assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)  # linear warmup
     assert lrs[10] == pytest.approx(1.0)
-    assert lrs[60] == pytest.approx(0.55)  # half way: (max + min) / 2
-    assert lrs[110] == lrs[119] == pytest.approx(0.1)
+    assert lrs[60] == pytest.approx(0.55)  # half way from step 10 to the last, 110: (max + min) / 2
+    assert lrs[109] > 0.1 and lrs[110] == lrs[119] == 0.1  # the last step runs at min_lr
     assert all(a >= b for a, b in zip(lrs[10:-1], lrs[11:], strict=True))  # monotone decay after warmup
 
 
 def test_wsd_and_constant_schedules():
     wsd = OptimConfig(lr=1.0, min_lr=0.0, warmup_iters=10, schedule="wsd", decay_fraction=0.2)
-    lrs = [lr_at(s, wsd, max_iters=100) for s in range(101)]
-    assert all(v == 1.0 for v in lrs[10:80])  # stable phase
-    assert lrs[90] == pytest.approx(0.5) and lrs[100] == pytest.approx(0.0)  # linear decay
+    lrs = [lr_at(s, wsd, max_iters=100) for s in range(100)]  # steps 0..99 run; the decay from step 80
+    assert all(v == 1.0 for v in lrs[10:81])  # stable phase
+    assert lrs[80:] == pytest.approx([1 - k / 19 for k in range(20)])  # linear decay, min_lr on the last step
+    assert lrs[99] == 0.0
     const = OptimConfig(lr=0.3, min_lr=0.0, warmup_iters=0, schedule="constant")
     assert {lr_at(s, const, 50) for s in range(50)} == {0.3}
 

@@ -22,6 +22,7 @@ from conftest import ROOT, compose_train, run_script
 
 import train
 from engine.checkpoint import load_checkpoint, model_from_checkpoint
+from engine.metrics import read_metrics
 
 STEPS = 6
 
@@ -32,6 +33,11 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    """{step: train/loss} of a run's metrics.jsonl."""
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r}
 
 
 @pytest.fixture
@@ -68,6 +74,14 @@ def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(recipe, tmp_p
         assert ckpt["step"] == STEPS and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
         assert ckpt["tokens_seen"] == single["step"] * 2 * 4 * 16
         assert ckpt["best_val"] == pytest.approx(single["best_val"], abs=1e-5)  # eval split across ranks
+    # The logged train loss is the global batch's: the mean of the two ranks' losses, which is what one
+    # process logs for its two micro-batches (rank 0's alone would be one micro-batch's).
+    want = _train_losses(tmp_path / "one")
+    assert len(want) == 2
+    for run in (ddp_dir, tmp_path / "fsdp"):
+        got = _train_losses(run)
+        assert got.keys() == want.keys()
+        assert all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want), (got, want)
 
     # An FSDP checkpoint is a plain, full one: it loads into one process, for sampling or to resume.
     fsdp_ckpt = load_checkpoint(tmp_path / "fsdp")

@@ -31,7 +31,7 @@ import train
 from engine import evaluate as evaluate_mod
 from engine import metrics as metrics_mod
 from engine.config import LoggerConfig
-from engine.evaluate import bits_per_byte, target_bytes
+from engine.evaluate import bits_per_byte, estimate_loss
 from engine.metrics import RunLogger, read_metrics, wandb_init_args, wandb_mode
 from engine.runtime import Runtime
 
@@ -274,9 +274,12 @@ def test_bits_per_byte_counts_utf8_bytes_not_tokens():
     from data.tokenizer import CharTokenizer
     tok = CharTokenizer.from_text(["aé日"])  # 1, 2 and 3 bytes
     y = torch.tensor([tok.encode("aé日a"), tok.encode("日日日日")])  # (2, 4)
+    assert int(torch.as_tensor(tok.token_bytes())[y].sum()) == 7 + 12
+    assert bits_per_byte(2.0 * 8, 19) == pytest.approx(2.0 * 8 / 19 / math.log(2))
     rt = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), precision="fp32", compile=False)
-    assert target_bytes([(y, y)], tok.decode, rt) == (8, 7 + 12)
-    assert bits_per_byte(2.0, 8, 19) == pytest.approx(2.0 * 8 / 19 / math.log(2))
+    model = train.GPT(train.ModelConfig(vocab_size=3, block_size=4, n_layer=1, n_head=1, n_embd=8))
+    result = estimate_loss(model, [(y, y)], rt, token_bytes=torch.as_tensor(tok.token_bytes()))
+    assert result.bpb == pytest.approx(result.loss * 8 / 19 / math.log(2))  # no special token here
 
 
 def test_a_long_eval_logs_its_progress(monkeypatch, caplog):
