@@ -36,7 +36,7 @@ from engine.checkpoint import check_fits_data, remove_leftovers
 from engine.config import TrainConfig
 from engine.evaluate import estimate_loss, fixed_batches, generate_sample, perplexity, token_byte_table
 from engine.formats.pretrained import load_pretrained
-from engine.metrics import RunLogger, StepMeter
+from engine.metrics import Phases, RunLogger, StepMeter
 from engine.optim import build_optimizer, lr_at
 from engine.parallel import RankFailed, lost_peer, wrap_model
 from engine.resume import data_as_trained, warn_if_resume_differs
@@ -79,7 +79,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None,
 
 def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] | None,
            on_start: Callable[[Path], None] | None) -> dict:
-    run = set_up(cfg, rt, explicit)
+    phases = Phases()  # where the wall time goes: one line at the end
+    with phases("set-up"):
+        run = set_up(cfg, rt, explicit, phases)
     if on_start is not None and rt.is_main:
         on_start(run.out_dir)
     loop, logger, out_dir = run.state, run.logger, run.out_dir  # loop: the TrainState's counters
@@ -93,7 +95,8 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
 
         # ---- every eval_interval steps and at the end: eval losses, a sample, best.pt --------------
         if not stopping and (done or loop.step % cfg.eval_interval == 0) and loop.last_eval_step != loop.step:
-            losses = evaluate(run, cfg, rt)
+            with phases("eval"):
+                losses = evaluate(run, cfg, rt)
             log.info("step %d: %s", loop.step, ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items()))
             if losses.get("val", math.inf) < loop.best_val:
                 loop.best_val = losses["val"]
@@ -109,8 +112,9 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
         # ---- the optimisation step: no host sync in it (engine/step.py) ----------------------------
         meter.start()
         lr = lr_at(loop.step, cfg.optim, cfg.max_iters)
-        loss, norm, _ = train_step(loop, run.train_model, [s.next_batch() for s in run.streams], lr, cfg.grad_clip)
-        meter.stop()
+        with phases("compile" if rt.compile and loop.step - start_step < 2 else "train"):  # first steps compile
+            loss, norm, _ = train_step(loop, run.train_model, [s.next_batch() for s in run.streams], lr, cfg.grad_clip)
+            meter.stop()
         bar.update(1)
 
         # ---- every log_interval steps: read the loss, count skipped steps, log; the stop flag ------
@@ -135,7 +139,10 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
         elif loop.step % cfg.log_interval == 0:
             (stopping,) = rt.any_flag(stop.requested)
     bar.close()
-    return finish(run, cfg, rt, stop.signum if stopping else None)
+    with phases("eval"):
+        summary = finish(run, cfg, rt, stop.signum if stopping else None)
+    log.info("%s", phases.line())
+    return summary
 
 
 # ---- set-up ------------------------------------------------------------------------------------------
@@ -156,6 +163,7 @@ class Run:
     peak_flops: float | None
     token_bytes: torch.Tensor | None = None  # (vocab,) UTF-8 bytes per token id: val/bpb
     keep_last: int = 0  # step-numbered checkpoints kept beside last.pt
+    phases: Phases = dataclasses.field(default_factory=Phases)  # wall time per phase (the closing line)
 
     @property
     def model(self) -> GPT:
@@ -170,12 +178,14 @@ class Run:
         return self.state.loaders
 
     def save(self, name: str) -> None:
-        self.state.save(self.out_dir / name, keep_last=self.keep_last if name == "last.pt" else 0)
+        with self.phases("save"):
+            self.state.save(self.out_dir / name, keep_last=self.keep_last if name == "last.pt" else 0)
 
 
-def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None) -> Run:
+def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None, phases: Phases | None = None) -> Run:
     """Data, model (fresh, resumed or fine-tuned), optimizer, loaders, eval batches and logger.
-    explicit: see train()."""
+    explicit: see train(). phases: times the data step and, later, the saves (Run.save)."""
+    phases = phases or Phases()
     out_dir = Path(cfg.out_dir)
     if rt.is_main and (leftovers := remove_leftovers(out_dir)):  # before anything writes there
         log.info("removed %d temporary file(s) of interrupted saves in %s", len(leftovers), out_dir)
@@ -183,7 +193,8 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None) -> R
     ckpt_path, ckpt = find_resume(cfg.resume, out_dir, rt) or (None, None)  # falls back to older ones
     if ckpt is not None and explicit is not None:
         cfg.data = data_as_trained(ckpt, cfg.data, explicit)
-    prepared = prepare(cfg.data, progress=rt.is_main)  # every rank; one builds, the others wait on its file lock
+    with phases("data"):  # every rank; one builds, the others wait on its file lock
+        prepared = prepare(cfg.data, progress=rt.is_main)
     meta, tokenizer = read_meta(prepared), load_tokenizer(prepared)
     init_weights: dict | None = None
     if ckpt is not None:
@@ -236,7 +247,7 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None) -> R
     return Run(out_dir, prepared, tokenizer, state, train_model, eval_model, eval_sets, logger,
                [start_token(tokenizer, fallback=0)], tokens_per_step,
                lockstep=rt.distributed and cfg.distributed == "fsdp", peak_flops=rt.peak_flops(cfg.peak_flops),
-               token_bytes=token_byte_table(tokenizer, rt), keep_last=cfg.keep_last)
+               token_bytes=token_byte_table(tokenizer, rt), keep_last=cfg.keep_last, phases=phases)
 
 
 # ---- the pieces the loop calls -----------------------------------------------------------------------

@@ -171,3 +171,14 @@ def test_init_from_refuses_data_with_another_tokenizer(trained, tiny_overrides, 
                  f"out_dir={tmp_path / 'fine_tuned'}"]  # not the source run's own directory
     with pytest.raises(ValueError, match="does not fit this data: it was trained with another tokenizer"):
         train.train(compose_train(overrides))
+
+
+def test_the_closing_time_line_splits_the_run_into_phases_that_add_up(tiny_overrides, caplog):
+    import re
+    caplog.set_level("INFO", logger="train")
+    train.train(compose_train([*tiny_overrides, "max_iters=2", "eval_interval=2"]))
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("time: ")]
+    parts = dict((name, float(s)) for name, s in re.findall(r"([a-z-]+) (\d+\.\d+) s", line.split(";")[0]))
+    assert {"set-up", "data", "train", "eval", "save", "other"} <= set(parts), line
+    total = float(re.search(r"; (\d+\.\d+) s in all$", line).group(1))
+    assert abs(sum(parts.values()) - total) < 0.05 and parts["train"] > 0 and parts["save"] > 0
