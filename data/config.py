@@ -44,6 +44,12 @@ def warn_user(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 @dataclass
 class DataConfig:
     # Preset name (informational; the file name under configs/data/).

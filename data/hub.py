@@ -18,7 +18,7 @@ import logging
 import re
 from pathlib import Path
 
-from data.config import DataError
+from data.config import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,6 @@ class HubUnreachable(Exception):
 def is_commit_sha(revision: str | None) -> bool:
     """True for a full 40-hex commit sha, which names one commit forever (a branch or tag can move)."""
     return revision is not None and _COMMIT_SHA.fullmatch(revision) is not None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def dataset_commit(repo_id: str, revision: str | None) -> str | None:
@@ -57,7 +52,7 @@ def dataset_commit(repo_id: str, revision: str | None) -> str | None:
         ) from None
     except Exception as e:  # huggingface_hub raises many kinds (offline mode, network, HTTP): all mean "cannot tell"
         log.info("could not ask the hub which commit %s of dataset %s is (%s); using the name as given",
-                 revision or "the default branch", repo_id, _first_line(e))
+                 revision or "the default branch", repo_id, first_line(e))
         return None
 
 
@@ -76,6 +71,6 @@ def download_tokenizer(repo_id: str, revision: str | None, filename: str = "toke
             f"see https://huggingface.co/{repo_id}/commits for the ones it has"
         ) from None
     except Exception as e:  # as above: offline, unknown repository, no such file, HTTP errors
-        raise HubUnreachable(_first_line(e)) from e
+        raise HubUnreachable(first_line(e)) from e
     commit = path.parent.name  # the cache keeps every file under snapshots/<commit sha>/
     return path, commit if is_commit_sha(commit) else revision
