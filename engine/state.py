@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, candidates, open_checkpoint, save_checkpoint
-from .parallel import gather_objects, raise_together
+from .parallel import gather_objects, together
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -127,14 +127,9 @@ class TrainState:
     def save(self, path: Path, keep_last: int = 0) -> None:
         """Write a full checkpoint (call on every rank). Only rank 0 writes, atomically; when the write
         fails every rank raises (rank 0 the CheckpointError naming the file), so none waits for a
-        save that will not come."""
-        payload, error = self.state_dict(), None
-        if self.rt.is_main:
-            try:
-                save_checkpoint(path, payload, keep_last=keep_last)
-            except Exception as e:  # raised again below, on this rank and (as RankFailed) on the others
-                error = e
-        raise_together(self.rt, error)  # also the barrier: nobody runs ahead before the file is complete
+        save that will not come; nor does any run ahead before the file is complete."""
+        payload = self.state_dict()
+        together(self.rt, lambda: save_checkpoint(path, payload, keep_last=keep_last), here=self.rt.is_main)
 
     # ---- putting the state back on another runtime ----------------------------------------------------
     def _restore_runtime(self, ckpt: dict) -> None:
@@ -190,32 +185,24 @@ def find_resume(resume: str | None, out_dir: Path, rt: Runtime) -> tuple[Path, d
         return None
     auto = str(resume).lower() == "auto"
     target = Path(out_dir) if auto else Path(resume).expanduser()
-    chosen, error = None, None
-    if rt.is_main:
-        try:
-            if not auto and not target.exists():
-                raise CheckpointError(f"resume={resume}: checkpoint {target} does not exist")
-            if auto and not candidates(target):
-                log.warning("resume=auto: no checkpoint in %s yet, starting fresh (to continue an earlier run, "
-                            "pass out_dir=<its run directory> or resume=<its last.pt>)", target)
-            else:
-                chosen = open_checkpoint(target, training_state=True)
-        except Exception as e:
-            error = e
-    raise_together(rt, error)
+
+    def choose() -> tuple[Path, dict] | None:
+        if not auto and not target.exists():
+            raise CheckpointError(f"resume={resume}: checkpoint {target} does not exist")
+        if auto and not candidates(target):
+            log.warning("resume=auto: no checkpoint in %s yet, starting fresh (to continue an earlier run, "
+                        "pass out_dir=<its run directory> or resume=<its last.pt>)", target)
+            return None
+        return open_checkpoint(target, training_state=True)
+
+    chosen = together(rt, choose, here=rt.is_main)
     if not rt.distributed:
         return chosen
     path = gather_objects(None if chosen is None else str(chosen[0]), rt)[0]
     if path is None:
         return None
-    error = None
-    if not rt.is_main:
-        try:
-            chosen = open_checkpoint(path, training_state=True)
-        except Exception as e:
-            error = e
-    raise_together(rt, error)
-    return chosen
+    loaded = together(rt, lambda: open_checkpoint(path, training_state=True), here=not rt.is_main)
+    return chosen if rt.is_main else loaded
 
 
 def _full(cpu_offload: bool = True):
