@@ -38,21 +38,9 @@ INSTALL_HINT = "transformers is not installed; install the optional extra: pip i
 
 
 # ---- reading an HF GPT-2 directory (no transformers needed) ----------------------------------------
-def is_hf_gpt2_dir(path: Path) -> bool:
-    """True for a directory whose config.json says model_type gpt2."""
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "gpt2"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-
-
-def load_hf_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """A local HF GPT-2 directory as a checkpoint-like dict (model, model_config, tokenizer, source)."""
-    path = Path(path).expanduser()
-    hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+def load_hf_dir(path: Path, hf_config: dict[str, Any], device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A local HF GPT-2 directory (hf_config: its config.json) as a checkpoint-like dict (model,
+    model_config, tokenizer, source)."""
     model_config = model_config_from_hf(hf_config, where=str(path / "config.json"))
     files = _weight_files(path)
     hf_sd: dict[str, torch.Tensor] = {}

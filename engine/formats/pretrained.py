@@ -26,7 +26,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import secrets
 import shutil
 from pathlib import Path
@@ -38,7 +37,7 @@ from data.atomic import atomic_write, exclusive_lock, fsync_dir, make_temp_dir, 
 from model import GPT, ModelConfig
 
 from ..checkpoint import CheckpointError, check_weights, model_from_checkpoint, open_checkpoint
-from .hf import is_hf_gpt2_dir, load_hf_dir
+from .hf import load_hf_dir
 
 EXPORT_FORMAT = "causalgpt"
 EXPORT_VERSION = 1
@@ -72,15 +71,8 @@ def save_export(ckpt: dict[str, Any], out_dir: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
 
 
-def is_export_dir(path: Path) -> bool:
-    """True for a directory whose config.json carries our format marker."""
-    return _read_json(path / CONFIG_FILE).get("format") == EXPORT_FORMAT
-
-
-def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """An export directory as a checkpoint-like dict."""
-    path = Path(path).expanduser()
-    config = _read_json(path / CONFIG_FILE)
+def load_export(path: Path, config: dict, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """An export directory (config: its config.json) as a checkpoint-like dict."""
     if config.get("format_version") != EXPORT_VERSION:
         raise CheckpointError(f"{path / CONFIG_FILE} has format_version {config.get('format_version')}, "
                               f"this code reads version {EXPORT_VERSION}; use the causalgpt release that wrote it")
@@ -116,16 +108,16 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{path} was being overwritten when its writer stopped ({INCOMPLETE_MARKER} is "
                               "still there), so its files may come from two different models: export again "
                               "(overwrite=true)")
-    if path.is_dir() and (path / CONFIG_FILE).is_file() and _read_json(path / CONFIG_FILE, strict=True) is None:
+    config = _read_json(path / CONFIG_FILE) if path.is_dir() else {}
+    if config is None:
         raise CheckpointError(f"{path / CONFIG_FILE} is not a JSON object (truncated or corrupt): export again, "
                               "or restore the file")
-    if is_export_dir(path):
-        return load_export(path, device)
-    if is_hf_gpt2_dir(path):
-        return load_hf_dir(path, device)
-    if path.is_dir() and "model_type" in _read_json(path / CONFIG_FILE):
-        model_type = _read_json(path / CONFIG_FILE)["model_type"]
-        raise CheckpointError(f"{path / CONFIG_FILE}: model_type={model_type!r}; of Hugging Face models "
+    if config.get("format") == EXPORT_FORMAT:
+        return load_export(path, config, device)
+    if config.get("model_type") == "gpt2":
+        return load_hf_dir(path, config, device)
+    if "model_type" in config:
+        raise CheckpointError(f"{path / CONFIG_FILE}: model_type={config['model_type']!r}; of Hugging Face models "
                               "only GPT-2 (model_type 'gpt2') loads")
     try:
         file, ckpt = open_checkpoint(path, map_location=device)  # a run dir: its first one that loads
@@ -140,15 +132,15 @@ _ACCEPTED = ("pass a checkpoint (.pt), a run directory, an export directory (scr
              "or a Hugging Face GPT-2 directory")
 
 
-def _read_json(path: Path, strict: bool = False) -> dict | None:
-    """A JSON object file, or {} when it is absent or not a JSON object (None then, when strict)."""
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file, {} when it is absent, None when it is not a JSON object."""
     if not path.is_file():
         return {}
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return None if strict else {}
-    return obj if isinstance(obj, dict) else (None if strict else {})
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
@@ -182,9 +174,6 @@ def write_dir(out: Path, write: Any) -> list[str]:
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out.parent / f".{out.name}.lock", waiting_for=f"another export into {out}"):
         remove_temps(out)
-        for stale in out.parent.glob(f".{out.name}.*"):  # mkdtemp's names, from earlier versions
-            if stale.is_dir() and re.fullmatch(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}", stale.name):
-                shutil.rmtree(stale, ignore_errors=True)
         tmp = make_temp_dir(out)
         try:
             write(tmp)
