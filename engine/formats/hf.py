@@ -45,7 +45,7 @@ def load_hf_dir(path: Path, hf_config: dict[str, Any], device: str | torch.devic
     files = _weight_files(path)
     hf_sd: dict[str, torch.Tensor] = {}
     for f in files:
-        hf_sd.update(_read_weights(f, device))
+        hf_sd.update(read_weights(f, device))
     try:
         sd = from_hf_state_dict(hf_sd, model_config, where=str(files[0] if len(files) == 1 else path))
     except ValueError as e:  # weights that do not fit the config: a bad file, named in the message
@@ -66,7 +66,8 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has a GPT-2 config.json but no model.safetensors or pytorch_model.bin")
 
 
-def _read_weights(f: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+def read_weights(f: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a weights-only torch file, as a state dict; CheckpointError naming it."""
     if f.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

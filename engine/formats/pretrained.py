@@ -1,24 +1,18 @@
 """Loading a model from anywhere, and our pickle-free export format.
 
-`load_pretrained(path)` accepts, and tells apart by what is on disk:
-  - our checkpoint file, or a run directory (engine/checkpoint.py's order) -> source "checkpoint"
-  - our export directory (config.json with "format": "causalgpt")        -> source "export"
-  - a local Hugging Face GPT-2 directory (config.json, model_type gpt2)  -> source "hf"
-and returns a checkpoint-like dict {"model", "model_config", "tokenizer", "source"} (a checkpoint
-keeps its other keys too), so everything downstream (model_from_checkpoint, sample.py, a
-fine-tune's init_from) treats the three alike.
+`load_pretrained(path)` tells apart, by what is on disk, our checkpoint or run directory (source
+"checkpoint"), our export directory (config.json with "format": "causalgpt"; "export") and a local
+Hugging Face GPT-2 directory (model_type gpt2; "hf"), and returns a checkpoint-like dict {"model",
+"model_config", "tokenizer", "source"} that everything downstream treats alike.
 
-The export format is what we recommend sharing, because loading it runs no pickle:
+The export format, recommended for sharing because loading it runs no pickle:
     model.safetensors   the state dict (the tied LM head stored once, as wte.weight)
     config.json         {"format": "causalgpt", "format_version": 1, "model_config": {...}}
-    tokenizer.json      the tokenizer exactly as the checkpoint holds it (a `tokenizers` JSON, or
-                        our small char-vocabulary JSON), absent when the checkpoint has none
+    tokenizer.json      the checkpoint's tokenizer JSON as is, absent when it has none
 
-Writing survives kills: `save_export` writes each file atomically, config.json (what makes a
-directory an export) last; `write_dir` builds a whole directory beside its target and renames it
-into place. Overwriting an existing directory replaces file by file under a marker file
-(`.causalgpt-incomplete`), so a reader that finds the marker knows the files may come from two
-exports and stops with one line, as it does for a truncated or corrupt file.
+Writing survives kills: `save_export` writes each file atomically, config.json last; `write_dir`
+builds a directory beside its target and renames it into place, or replaces an existing one's files
+under a marker file (`.causalgpt-incomplete`) that makes a reader stop with one line.
 """
 
 from __future__ import annotations
@@ -37,7 +31,7 @@ from data.atomic import atomic_write, exclusive_lock, fsync_dir, make_temp_dir, 
 from model import GPT, ModelConfig
 
 from ..checkpoint import CheckpointError, check_weights, model_from_checkpoint, open_checkpoint
-from .hf import load_hf_dir
+from .hf import load_hf_dir, read_weights
 
 EXPORT_FORMAT = "causalgpt"
 EXPORT_VERSION = 1
@@ -80,12 +74,7 @@ def load_export(path: Path, config: dict, device: str | torch.device = "cpu") ->
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"export {path} has no {WEIGHTS_FILE}")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        sd = load_file(weights, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights} is not a readable safetensors file ({e})") from e
+    sd = read_weights(weights, device)
     if model_config["tie_weights"] and "wte.weight" in sd:
         sd["lm_head.weight"] = sd["wte.weight"]
     check_weights({"model": sd, "model_config": model_config}, weights)
