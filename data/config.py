@@ -1,16 +1,10 @@
 """DataConfig, the schema of configs/data/*.yaml; DataError, the one error users see; warn_user.
 
-Every field is documented where it is declared. `__post_init__` validates the fields (OmegaConf's
-`to_object` calls it), so a bad setting fails before any text is read, with a one-line message that
-names the field and says how to fix it.
-
-This module must not import Hydra (house rule: data code never does). Entry points register the
-schema themselves, before composing, so that a typo such as `data.pth=x` is refused by Hydra:
-
-    from hydra.core.config_store import ConfigStore
-    ConfigStore.instance().store(group="data", name="schema", node=DataConfig)
-
-and every configs/data/*.yaml starts with `defaults: [schema, _self_]`.
+Every field is documented where it is declared; `__post_init__` (which OmegaConf's `to_object`
+calls) refuses a bad setting before any text is read, in one line naming the field and the fix.
+No Hydra here: entry points register the schema before composing, so that Hydra refuses a typo
+such as `data.pth=x` (`ConfigStore.instance().store(group="data", name="schema", node=DataConfig)`;
+every configs/data/*.yaml starts with `defaults: [schema, _self_]`).
 """
 
 from __future__ import annotations

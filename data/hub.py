@@ -1,15 +1,11 @@
-"""What data/ fetches from the Hugging Face hub, and how it is pinned to a commit.
+"""What data/ fetches from the Hugging Face hub, pinned to a commit, and nothing that runs code.
 
-- `dataset_commit(repo_id, revision)`: the commit sha that a branch, tag or sha of a hub dataset
-  is at (None when the hub cannot be asked, e.g. offline), which prepare() records in meta.json and,
-  for a pinned revision, hashes into the cache fingerprint; datasets then load that exact commit.
-- `download_tokenizer(repo_id, revision)`: a repository's tokenizer.json and the commit it came from.
+- `dataset_commit(repo_id, revision)`: the commit sha a branch, tag or sha of a hub dataset is at
+  (None when the hub cannot be asked, e.g. offline), recorded in meta.json and, when pinned, hashed
+  into the cache fingerprint; datasets then load that commit with trust_remote_code=False.
+- `download_tokenizer(repo_id, revision)`: a repository's tokenizer.json (data) and its commit.
 
-Nothing fetched here runs code: datasets load with trust_remote_code=False (and datasets>=3, which
-has no loading scripts by default, is required), and a tokenizer is its tokenizer.json, which is
-data. Downloads go through the Hugging Face cache, whose files appear under their final name only
-when complete. huggingface_hub is imported inside the functions: a dependency of `tokenizers` and
-`datasets`, needed only when something comes from the hub.
+huggingface_hub (a dependency of tokenizers and datasets) is imported only inside the functions.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """Batches of random token windows from prepared token files; DDP-aware and resumable.
 
 `BatchLoader.next_batch()` returns (x, y), both (B, T) int64, y being x shifted by one token, from
-windows at random offsets of a split's memmap (as nanoGPT's get_batch). The offsets of batch i
-come from a generator seeded with (seed, rank, i), so
-- DDP ranks draw different windows without talking to each other;
-- the loader's state is one integer, the batch counter, identical on every rank: rank 0's
-  checkpoint resumes all ranks, each onto exactly the batches the uninterrupted run would draw.
-
-`val_batches()` yields fixed evaluation batches (the same at every eval, for a stable loss), or
-the whole split in order.
+windows at random offsets (as nanoGPT's get_batch). Batch i's offsets come from a generator seeded
+with (seed, rank, i), so DDP ranks draw different windows without talking, and the loader's whole
+state is the batch counter, the same on every rank: rank 0's checkpoint resumes all of them.
+`val_batches()` yields fixed evaluation batches (the same at every eval), or the whole split in order.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """Where raw text comes from: tiny Shakespeare, the Python standard library, local files, HF datasets.
 
-`open_corpus(cfg)` returns a `Corpus`: the name of the source actually used, a JSON-able identity
-of its content (what the cache fingerprint hashes, computed without reading everything), and
-`docs(split)`, a fresh iterator over the documents of the train or val split on every call.
-
-Splits:
-- text sources (shakespeare_char, python_stdlib, files) are cut by characters exactly as nanoGPT
-  does: the first int(n * (1 - val_fraction)) characters train, the rest validate, so val losses
-  on Shakespeare compare with nanoGPT's;
-- hf uses the dataset's own validation split when data.hf_val_split names one, else holds out the
-  last val_fraction of the documents (streaming: every round(1/val_fraction)-th document).
-
-The Hugging Face source is data/hf_datasets.py; `datasets` is imported only on its code path, so
-training on prepared data never needs it. Corpus and resolve_files are data/corpus.py.
+`open_corpus(cfg)` returns a `Corpus` (data/corpus.py): the source actually used, a JSON-able
+identity of its content (what the cache fingerprint hashes, computed without reading everything),
+and `docs(split)`. Text sources are split by characters exactly as nanoGPT does (the first
+int(n * (1 - val_fraction)) train), so val losses on Shakespeare compare with nanoGPT's. The HF
+source is data/hf_datasets.py, whose `datasets` import training on prepared data never needs.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """The training state: one object holding everything a bit-identical resume needs.
 
-`TrainState` holds the model (the plain GPT, sharded in place under FSDP2), the optimizer (AdamW, or
-Muon + AdamW as named parts), the GradScaler, the loop's counters, the data streams' position,
-every rank's RNG states and the W&B run id. It speaks torch.distributed.checkpoint's `Stateful`
-protocol: `state_dict()` returns the checkpoint payload (engine/checkpoint.py lists its keys) and
-`load_state_dict()` puts one back. Model and optimizer go through
-`torch.distributed.checkpoint.state_dict` with full, CPU-offloaded state dicts keyed by parameter
-name, so one process, DDP and FSDP2 take one path and read each other's checkpoints.
-
-RNG states are plain lists, ints and tensors, so the payload loads with weights_only=True. A resume
-onto another precision (fp16 <-> bf16/fp32), device (CPU <-> GPU) or world size puts back what it
-can and says once what had to be reset; only a resume that changes none of them is bit-identical.
+`TrainState` holds the model (sharded in place under FSDP2), the optimizer (AdamW, or Muon + AdamW
+as named parts), the GradScaler, the loop's counters, the data position, every rank's RNG states
+and the W&B run id, and speaks torch.distributed.checkpoint's `Stateful` protocol. Model and
+optimizer go through full, CPU-offloaded state dicts keyed by parameter name, so one process, DDP
+and FSDP2 read each other's checkpoints. A resume onto another precision, device or world size
+puts back what it can and says once what was reset; only one that changes none is bit-identical.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Our GPT <-> Hugging Face's GPT-2 (`GPT2LMHeadModel`): the config and state-dict mapping, in memory.
 
-What maps to what:
-  - config: n_positions <-> block_size; activation_function "gelu_new" <-> activation "gelu_tanh",
-    "gelu" <-> "gelu"; GPT-2 is always pre-LN, learned positions, biases, causal, MLP width 4C.
-  - weights: same names under a "transformer." prefix; HF's Conv1D stores (in, out), our nn.Linear
-    (out, in), so c_attn, c_proj and c_fc weights are transposed; the q|k|v order of c_attn is the same.
-
-Pure functions of dicts and tensors: reading and writing HF directories (files, tokenizers,
-transformers itself) is engine/formats/hf.py's business.
+Config: n_positions <-> block_size; activation_function "gelu_new" <-> "gelu_tanh", "gelu" <->
+"gelu"; GPT-2 is always pre-LN, learned positions, biases, causal, MLP width 4C. Weights: the same
+names under "transformer."; HF's Conv1D stores (in, out), our nn.Linear (out, in), so c_attn,
+c_proj and c_fc weights are transposed (c_attn's q|k|v order is the same). Files and transformers
+itself are engine/formats/hf.py's business.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """Hugging Face GPT-2 directories on disk: read one as a checkpoint-like dict, write one.
 
-The config and weight mapping itself is model/gpt2.py (in memory, no files); this file adds what
-touches disk or other libraries:
-  - reading: config.json + model.safetensors (or a weights-only pytorch_model.bin, or their sharded
-    indexes), and the tokenizer (tokenizer.json, else GPT-2's vocab.json + merges.txt);
-  - writing (save_hf): transformers' own save_pretrained, imported lazily so the extra stays optional;
-  - tokenizers: a `tokenizers` JSON is written as tokenizer.json + tokenizer_config.json; our char
-    vocabulary becomes a WordLevel model with one token per character (a round trip, see tests).
+The mapping itself is model/gpt2.py (in memory); this file reads config.json + model.safetensors (or
+a weights-only pytorch_model.bin, or their sharded indexes) and the tokenizer (tokenizer.json, else
+GPT-2's vocab.json + merges.txt) without transformers, and writes with transformers' own
+save_pretrained (imported lazily: the extra stays optional). Our char vocabulary is written as a
+WordLevel tokenizer with one token per character.
 """
 
 from __future__ import annotations
