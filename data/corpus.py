@@ -1,6 +1,6 @@
-"""What every source of text returns (`Corpus`), and how paths, globs and directories name files.
-
-Shared by the local sources (data/sources.py) and Hugging Face datasets (data/hf_datasets.py).
+"""What every source of text returns (`Corpus`), how paths, globs and directories name files, and
+character budgets: shared by the local sources (data/sources.py), Hugging Face datasets
+(data/hf_datasets.py) and the tokenizer training in data/prepare.py.
 """
 
 from __future__ import annotations
