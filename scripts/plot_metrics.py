@@ -26,14 +26,6 @@ SERIES = (("train/loss", "train loss (step)", dict(alpha=0.35, lw=1)),
           ("val/loss", "val loss (eval)", dict(lw=2, marker="o", ms=3)))
 
 
-def read_run(run_dir: Path) -> list[dict]:
-    """The run's metrics records; a line cut short by a kill is dropped with a warning (read_metrics)."""
-    path = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass a run directory written by train.py")
-    return read_metrics(path)
-
-
 def plot(records: list[dict], out: Path, log_y: bool = False, title: str | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for key, label, style in SERIES:
@@ -65,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output PNG (default <run_dir>/loss.png)")
     parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
     args = parser.parse_args(argv)
-    try:
-        records = read_run(args.run_dir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     run_dir = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent
-    out = plot(records, args.out or run_dir / "loss.png", args.log_y, title=str(run_dir))
+    path = run_dir / "metrics.jsonl" if args.run_dir.is_dir() else args.run_dir
+    if not path.is_file():
+        print(f"error: {path} does not exist: pass a run directory written by train.py", file=sys.stderr)
+        return 2
+    # A line cut short by a kill is dropped with a warning (read_metrics).
+    out = plot(read_metrics(path), args.out or run_dir / "loss.png", args.log_y, title=str(run_dir))
     print(out)
     return 0
 

@@ -3,8 +3,6 @@ every model file (pretrained.py; HF directories: hf.py). Training checkpoints ar
 the in-memory mapping between our parameter names and GPT-2's is model/gpt2.py.
 """
 
-from ..checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .pretrained import from_pretrained, load_pretrained
 
-__all__ = ["CheckpointError", "from_pretrained", "load_checkpoint", "load_pretrained", "model_from_checkpoint",
-           "save_checkpoint"]
+__all__ = ["from_pretrained", "load_pretrained"]
