@@ -174,11 +174,8 @@ class DataConfig:
     @property
     def paths(self) -> list[str]:
         """data.path as a list of strings (empty when unset)."""
-        if self.path is None:
-            return []
-        if isinstance(self.path, str | os.PathLike):
-            return [os.fspath(self.path)]
-        return [os.fspath(p) for p in self.path]
+        paths = [self.path] if isinstance(self.path, str | os.PathLike) else self.path or []
+        return [os.fspath(p) for p in paths]
 
     @property
     def bpe_vocab_size(self) -> int:

@@ -86,10 +86,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
-    """Prepare (or find in the cache) the token files cfg describes; returns their directory.
-
-    Safe to call from many processes at once (all ranks of a job): one builds, the others wait for
-    it on a file lock and return the same directory. progress: tqdm bars while building."""
+    """Prepare (or find in the cache) the token files cfg describes; returns their directory. Safe to
+    call from every rank at once. progress: progress bars (or log lines) while building."""
     cache_root = resolve_cache_dir(cfg.cache_dir)
     try:
         cache_root.mkdir(parents=True, exist_ok=True)

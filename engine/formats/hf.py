@@ -145,11 +145,8 @@ def require_transformers() -> Any:
 
 def save_hf(ckpt: dict[str, Any], out_dir: str | os.PathLike) -> list[str]:
     """Write ckpt (model, model_config, tokenizer) as an HF GPT-2 directory; returns the file names.
-
-    Refuses (ValueError naming the setting) before importing anything heavy when GPT-2 cannot
-    express the model. transformers writes config.json, generation_config.json and model.safetensors
-    itself, so the files match what its loader expects in whatever version is installed.
-    """
+    A model GPT-2 cannot express is refused (ValueError) before transformers is imported; transformers
+    writes its files itself, so they fit its loader in whatever version is installed."""
     cfg = check_gpt2_expressible(ckpt["model_config"])
     transformers = require_transformers()
     out_dir = Path(out_dir)

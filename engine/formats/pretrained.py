@@ -153,13 +153,10 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def write_dir(out: Path, write: Any) -> list[str]:
-    """Call write(tmp_dir) on a fresh directory beside out, then put its files into out.
-
-    A new out appears whole (one rename) or not at all. An existing out (overwrite) gets our files
-    replaced by name and keeps any others; while that happens a marker file in it tells readers the
-    directory is incomplete, so a kill mid-way is one clear error, never a silent mix of two models.
-    Temporary directories of killed writers are removed first (under a lock, so never a live one's).
-    A disk error is a CheckpointError naming out; out is then unchanged, or marked incomplete."""
+    """Call write(tmp_dir) on a fresh directory beside out, then put its files into out: a new out
+    appears whole (one rename); an existing one (overwrite) has our files replaced by name, others
+    kept, under the incomplete-marker. Killed writers' temporary directories are removed first (under
+    a lock). A disk error is a CheckpointError naming out, which is unchanged or marked incomplete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out.parent / f".{out.name}.lock", waiting_for=f"another export into {out}"):
         remove_temps(out)
