@@ -8,6 +8,7 @@ when pinned) and never runs repository code. `datasets` is imported only when a 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,15 +63,13 @@ def hf_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
             )
         revision["commit"] = dataset_commit(cfg.hf_name, cfg.revision) or cfg.revision
         identity["revision"] = info["revision"] = revision["commit"]
-    loaded: dict[str, Any] = {}
 
+    @functools.cache
     def load(split: str) -> Any:
         if "commit" not in revision:
             revision["commit"] = dataset_commit(cfg.hf_name, None) if hf_kind(cfg.hf_name) == "hub" else None
             info["revision"] = revision["commit"]
-        if split not in loaded:
-            loaded[split] = _load_hf_split(cfg, split, cache_root, revision["commit"])
-        return loaded[split]
+        return _load_hf_split(cfg, split, cache_root, revision["commit"])
 
     def docs(split: str) -> Iterator[str]:
         if cfg.hf_val_split is not None:

@@ -9,6 +9,7 @@ source is data/hf_datasets.py, whose `datasets` import training on prepared data
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -50,12 +51,7 @@ def open_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
 
 
 def _text_corpus(name: str, identity: dict, load: Callable[[], list[str]], cfg: DataConfig, info: dict) -> Corpus:
-    cache: list[list[str]] = []
-
-    def texts() -> list[str]:
-        if not cache:
-            cache.append(load())
-        return cache[0]
+    texts = functools.cache(load)  # read once, on first use
 
     def chars(split: str) -> int:
         total = sum(len(t) for t in texts())
