@@ -106,20 +106,14 @@ def main() -> None:
                     runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 median = statistics.median(r["seconds"] for r in runs)
                 tokens = runs[0]["tokens"]
+                # The median run's build times (an even count has no median run: the first one's).
+                build = runs[[r["seconds"] for r in runs].index(median)] if args.runs % 2 else runs[0]
                 print(json.dumps({
-                    "case": case,
-                    "threads": "all" if threads == 0 else threads,
-                    "cpus": os.cpu_count(),
-                    "corpus_mb": round(mb, 1),
-                    "tokens": tokens,
-                    "median_s": round(median, 2),
-                    "tokens_per_s": round(tokens / median),
-                    "mb_per_s": round(mb / median, 2),
-                    "runs_s": [round(r["seconds"], 2) for r in runs],
-                    "cpu_s": [round(r["cpu_s"], 1) for r in runs],
-                    "load_avg_1m": round(os.getloadavg()[0], 1),
-                    "build_seconds": runs[[r["seconds"] for r in runs].index(median)]["build_seconds"]
-                    if args.runs % 2 else runs[0]["build_seconds"],
+                    "case": case, "threads": "all" if threads == 0 else threads, "cpus": os.cpu_count(),
+                    "corpus_mb": round(mb, 1), "tokens": tokens, "median_s": round(median, 2),
+                    "tokens_per_s": round(tokens / median), "mb_per_s": round(mb / median, 2),
+                    "runs_s": [round(r["seconds"], 2) for r in runs], "cpu_s": [round(r["cpu_s"], 1) for r in runs],
+                    "load_avg_1m": round(os.getloadavg()[0], 1), "build_seconds": build["build_seconds"],
                     "max_rss_mb": round(max(r["max_rss_mb"] for r in runs)),
                 }), flush=True)
 
