@@ -182,16 +182,11 @@ def _fingerprint(cfg: DataConfig, corpus: Corpus, plan: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _budgets(cfg: DataConfig) -> dict[str, int | None]:
-    if cfg.max_tokens is None:
-        return {"train": None, "val": None}
-    train = int(cfg.max_tokens * (1 - cfg.val_fraction))
-    return {"train": train, "val": cfg.max_tokens - train}
-
-
 def _build(cfg: DataConfig, corpus: Corpus, plan: dict[str, Any], pretrained: Tokenizer | None, fingerprint: str,
            out: Path, progress: bool) -> None:
-    budgets = _budgets(cfg)
+    # Token budgets: train gets 1 - val_fraction of max_tokens, val the rest (None: no limit).
+    train = None if cfg.max_tokens is None else int(cfg.max_tokens * (1 - cfg.val_fraction))
+    budgets = {"train": train, "val": None if train is None else cfg.max_tokens - train}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with _threads(cfg.num_proc):
