@@ -1,14 +1,11 @@
 """Attention weights of one prompt, per layer and head, written as labelled heatmap PNGs.
 
-The weights come from the explicit attention path (model.trace(need_weights=True)), which computes
-softmax(Q K^T / sqrt(d_k) + M) step by step; the fused path (attn=sdpa) returns no weights. When the
-model runs attn=sdpa, the same parameters go through the explicit path here, and the largest
-difference between the two paths' logits for the prompt is reported next to the pictures, so the
-reader knows which computation they are looking at and how close it is to the one the model runs.
-
-With the causal mask every weight above the diagonal is exactly 0 by construction: M puts -inf into
-those scores before the softmax, and exp(-inf) = 0. The pictures show that the mask is applied; they
-are not evidence that nothing leaks, which is what mode=leakage (causality/leakage.py) tests.
+The weights come from the explicit attention path (model.trace(need_weights=True)): softmax(Q K^T /
+sqrt(d_k) + M) step by step; the fused path (attn=sdpa) returns none. For an sdpa model the same
+parameters go through the explicit path, and the largest logit difference between the two paths is
+reported next to the pictures. With the causal mask every weight above the diagonal is exactly 0 by
+construction (M puts -inf there before the softmax): the pictures show that the mask is applied,
+not that nothing leaks, which is what mode=leakage (causality/leakage.py) tests.
 
 Shapes: L layers, nh heads, T time, V vocab.
 """

@@ -42,22 +42,19 @@ def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise
             sweep = _in_sweep()
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                _to_log_files(logging.ERROR, "".join(traceback.format_exception(e)).rstrip())
-                raise
-            if not user_error:  # a bug or a crash: its traceback, in the log file too
+            full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+            if full or not user_error:  # a bug or a crash: its traceback, in the log file too
                 text = "".join(traceback.format_exception(e)).rstrip()
-                _to_log_files(logging.ERROR, text)
-                if not sweep:
+                _to_log_files(text)
+                if full or not sweep:
                     raise  # Hydra prints the traceback
                 print(text, file=sys.stderr, flush=True)
                 raise JobFailed(f"{type(e).__name__}: {_one_line(e)}") from e
-            rank = os.environ.get("RANK", "0")
-            where = "" if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else f" (rank {rank})"
+            where = f" (rank {os.environ.get('RANK', '0')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             message = _one_line(e)
             sys.stderr.write(f"error{where}: {message}\n")  # one write: lines of two ranks never interleave
             sys.stderr.flush()
-            _to_log_files(logging.ERROR, f"error{where}: {message}")
+            _to_log_files(f"error{where}: {message}")
             if sweep:
                 raise JobFailed(message) from e
             sys.exit(2)
@@ -82,10 +79,10 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _to_log_files(level: int, text: str) -> None:
-    """Write text to the log files of the root logger (train.log once the run has started), not to the console:
-    the console has already shown it on stderr."""
-    record = log.makeRecord(log.name, level, __file__, 0, text, None, None)
+def _to_log_files(text: str) -> None:
+    """Write text as an error to the open log files (train.log once the run has started), not to the
+    console, which has already shown it on stderr."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, None, None)
     for handler in log_files():
         handler.handle(record)
 

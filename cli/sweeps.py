@@ -34,16 +34,11 @@ class RunResult(float):
 
 
 class SweepSummary(Callback):
-    """With -m: one line per job (number, overrides, done/error, best and final val, run directory),
-    printed as one table once the sweep's last job has ended; then, if a job failed, one line
-    `error: N of M jobs failed` and exit status 1.
-
-    Hydra's basic sweeper runs every job of a batch (all of them, unless hydra.sweeper.max_batch_size
-    is set) and only then re-raises the first failure, which would print that job's overrides, its
-    error again and a hint after the table. The sweep is over at that point, so this callback exits
-    with status 1 itself, right after the table (HYDRA_FULL_ERROR=1 leaves Hydra's way, traceback
-    included). With another sweeper the table comes from on_multirun_end.
-    """
+    """With -m: one table line per job (number, overrides, done/error, best and final val, run dir)
+    once the sweep's last job has ended; then, if a job failed, `error: N of M jobs failed` and exit
+    status 1. Hydra's basic sweeper would re-raise the first failure after its batch, printing that
+    job's error again after the table; the sweep is over then, so this exits itself, right after the
+    table (HYDRA_FULL_ERROR=1 leaves it to Hydra). Other sweepers: the table comes at on_multirun_end."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -83,7 +78,10 @@ class SweepSummary(Callback):
 
     def end(self) -> None:
         """Print the table (once); exit with status 1 when a job failed."""
-        self.print_table()
+        if self.printed or not self.rows:
+            return
+        self.printed = True
+        print(format_sweep_table(self.rows, self.sweep_dir), flush=True)
         if self.failed and os.environ.get("HYDRA_FULL_ERROR") != "1":
             print(f"error: {self.failed} of {len(self.rows)} jobs failed (table above; each job's error is also "
                   "in its run directory's train.log)", file=sys.stderr, flush=True)
@@ -92,12 +90,6 @@ class SweepSummary(Callback):
     @property
     def failed(self) -> int:
         return sum(r["status"].startswith("error") for r in self.rows)
-
-    def print_table(self) -> None:
-        if self.printed or not self.rows:
-            return
-        self.printed = True
-        print(format_sweep_table(self.rows, self.sweep_dir), flush=True)
 
 
 def format_sweep_table(rows: list[dict], sweep_dir: str) -> str:

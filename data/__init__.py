@@ -3,7 +3,7 @@
 - config.py     DataConfig (schema of configs/data/*.yaml), DataError and warn_user
 - sources.py    where text comes from: tiny Shakespeare, the Python stdlib, local files (open_corpus)
 - hf_datasets.py  Hugging Face datasets (hub, local save_to_disk, builders) as a corpus
-- corpus.py     Corpus (what every source returns) and resolve_files
+- corpus.py     Corpus (what every source returns), resolve_files and take_chars (a character budget)
 - tokenizer.py  char-level and byte-level BPE tokenizers behind one interface, decode_stream
 - hub.py        what comes from the Hugging Face hub, pinned to a commit (no remote code)
 - prepare.py    prepare(cfg) -> cached directory of train.bin / val.bin / meta.json / tokenizer.json,

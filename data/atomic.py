@@ -1,22 +1,10 @@
 """Atomic file writes, and the exclusive lock that the builder of a shared file or directory holds.
 
-The one atomic-write helper of the project. A file written here is never seen half-written under
-its final name, neither after a kill nor after a power cut: the bytes go to a temporary file beside
-it (`.<name>.tmp-<random>`, in the same directory so the rename cannot cross file systems), are
-flushed and fsync'ed, the temporary file replaces the final name (os.replace), and the directory is
-fsync'ed so that the rename itself is durable. On an error or an interrupt the temporary file is
-removed; the temporary files of a killed writer are what `remove_temps` deletes, where no other
-writer of the same file can be running (e.g. under `exclusive_lock`).
-
-- atomic_write(path, data)          bytes or str, in one call
-- atomic_open(path, mode)           a context manager yielding the file object, for streamed writes
-- make_temp_dir(path)               an empty directory beside path, to build a whole directory in
-- fsync_dir(path)                   make creations, renames and removals in a directory durable
-- remove_temps(path)                delete what killed writers of path left beside it
-- exclusive_lock(path, ...)         filelock.FileLock held for a block, waited for with a log line a minute
-
-Standard library and filelock only: data/ uses it for prepared data, tokenizers and downloads, and
-engine/ (checkpoints, metrics, exports) can use it without importing anything else of data/.
+A file written here is never seen half-written under its final name, after a kill or a power cut:
+the bytes go to `.<name>.tmp-<random>` beside it (same file system), are fsync'ed, replace the final
+name (os.replace), and the directory is fsync'ed so that the rename is durable. What a killed writer
+left is what `remove_temps` deletes, where no other writer can be running (under `exclusive_lock`).
+Standard library and filelock only, so engine/ (checkpoints, exports) uses it without the rest of data/.
 """
 
 from __future__ import annotations
@@ -129,15 +117,10 @@ def exclusive_lock(
     status: Callable[[], str] | None = None,
     timeout_s: float | None = None,
 ) -> Iterator[None]:
-    """Hold `filelock.FileLock(path)` for the block (an OS lock on path, created if needed).
-
-    While another process (or thread) holds it, this one tries again every LOCK_POLL_S seconds and
-    logs, at once and then every LOCK_LOG_EVERY_S, what it waits for (`waiting for <waiting_for>
-    (<status()>, waited N min)`). No collective and no timeout are involved unless timeout_s is
-    given (TimeoutError after it; 0 tries once). The OS releases the lock of a process that dies, so
-    a killed holder never blocks the next; the empty lock file stays and is simply locked again
-    (deleting it on release would let a waiter lock a file that no one else opens any more).
-    """
+    """Hold `filelock.FileLock(path)` (an OS lock) for the block. A waiter logs at once and then every
+    LOCK_LOG_EVERY_S what it waits for (`waiting for <waiting_for> (<status()>, waited N min)`); no
+    timeout unless timeout_s (TimeoutError after it; 0 tries once). The OS releases a dead holder's
+    lock; the lock file stays (deleting it would let a waiter lock a file no one else opens)."""
     lock = filelock.FileLock(path)
     start = time.monotonic()
     wait = 0.0  # the first try does not wait, so that a waiter says at once what it waits for

@@ -1,12 +1,10 @@
 """DataConfig, the schema of configs/data/*.yaml; DataError, the one error users see; warn_user.
 
-Every field is documented where it is declared. `__post_init__` validates the fields (OmegaConf's
-`to_object` calls it), so a bad setting fails before any text is read, with a one-line message that
-names the field and says how to fix it.
-
-This module must not import Hydra (house rule: data code never does). Each entry point registers a
-root schema whose `data` field is a DataConfig (cli.register_configs, data/prepare.py), so that a typo
-such as `data.pth=x` in a command line or a configs/data/*.yaml file is refused by Hydra.
+Every field is documented where it is declared; `__post_init__` (which OmegaConf's `to_object`
+calls) refuses a bad setting before any text is read, in one line naming the field and the fix.
+No Hydra here: each entry point registers a root schema whose `data` field is a DataConfig
+(cli.register_configs, data/prepare.py), so that Hydra refuses a typo such as `data.pth=x` in a
+command line or a configs/data/*.yaml file.
 """
 
 from __future__ import annotations
@@ -38,6 +36,12 @@ def warn_user(message: str) -> None:
     UserWarning, so that it shows where logging is not set up; it points at the caller's caller."""
     logging.getLogger("data").warning(message)
     warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass
@@ -170,11 +174,8 @@ class DataConfig:
     @property
     def paths(self) -> list[str]:
         """data.path as a list of strings (empty when unset)."""
-        if self.path is None:
-            return []
-        if isinstance(self.path, str | os.PathLike):
-            return [os.fspath(self.path)]
-        return [os.fspath(p) for p in self.path]
+        paths = [self.path] if isinstance(self.path, str | os.PathLike) else self.path or []
+        return [os.fspath(p) for p in paths]
 
     @property
     def bpe_vocab_size(self) -> int:

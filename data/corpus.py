@@ -1,13 +1,13 @@
-"""What every source of text returns (`Corpus`), and how paths, globs and directories name files.
-
-Shared by the local sources (data/sources.py) and Hugging Face datasets (data/hf_datasets.py).
+"""What every source of text returns (`Corpus`), how paths, globs and directories name files, and
+character budgets: shared by the local sources (data/sources.py), Hugging Face datasets
+(data/hf_datasets.py) and the tokenizer training in data/prepare.py.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,21 +21,10 @@ class Corpus:
 
     name: str  # the source actually used (differs from cfg.source after a fallback)
     identity: dict[str, Any]  # JSON-able content identity; the cache fingerprint hashes it
-    docs_fn: Callable[[str], Iterator[str]] = field(repr=False)
+    docs: Callable[[str], Iterator[str]] = field(repr=False)  # split ("train", "val") -> a fresh iterator
     info: dict[str, Any] = field(default_factory=dict)  # recorded in meta.json
-    streaming: bool = False  # documents come from a stream that may not fit in memory
-    chars_fn: Callable[[str], int] | None = field(default=None, repr=False)  # characters per split, when known
-
-    def chars(self, split: str) -> int | None:
-        """The characters of split's text when the corpus knows them up front (text held in memory),
-        else None: the denominator of a progress bar."""
-        return self.chars_fn(split) if self.chars_fn is not None else None
-
-    def docs(self, split: str) -> Iterator[str]:
-        """A fresh iterator over the documents of split ("train" or "val")."""
-        if split not in ("train", "val"):
-            raise DataError(f"split {split!r} is not valid; use train or val")
-        return self.docs_fn(split)
+    # Characters per split when known up front (text held in memory): a progress bar's total.
+    chars: Callable[[str], int | None] = field(default=lambda split: None, repr=False)
 
 
 def resolve_files(patterns: list[str]) -> list[Path]:
@@ -63,3 +52,15 @@ def resolve_files(patterns: list[str]) -> list[Path]:
             raise DataError(f"data.path={pattern!r}: no such file or directory; check the path")
         found += matches
     return list(dict.fromkeys(p.resolve() for p in found))  # de-duplicated, order kept
+
+
+def take_chars(docs: Iterable[str], max_chars: int | None) -> Iterator[str]:
+    """The documents, cut off after max_chars characters in total (None: all of them)."""
+    left = max_chars
+    for doc in docs:
+        if left is not None:
+            if left <= 0:
+                return
+            doc = doc[:left]
+            left -= len(doc)
+        yield doc

@@ -8,11 +8,12 @@ when pinned) and never runs repository code. `datasets` is imported only when a 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data.config import DataConfig, DataError
+from data.config import DataConfig, DataError, first_line
 from data.corpus import Corpus, resolve_files
 from data.hub import dataset_commit
 
@@ -62,15 +63,13 @@ def hf_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
             )
         revision["commit"] = dataset_commit(cfg.hf_name, cfg.revision) or cfg.revision
         identity["revision"] = info["revision"] = revision["commit"]
-    loaded: dict[str, Any] = {}
 
+    @functools.cache
     def load(split: str) -> Any:
         if "commit" not in revision:
             revision["commit"] = dataset_commit(cfg.hf_name, None) if hf_kind(cfg.hf_name) == "hub" else None
             info["revision"] = revision["commit"]
-        if split not in loaded:
-            loaded[split] = _load_hf_split(cfg, split, cache_root, revision["commit"])
-        return loaded[split]
+        return _load_hf_split(cfg, split, cache_root, revision["commit"])
 
     def docs(split: str) -> Iterator[str]:
         if cfg.hf_val_split is not None:
@@ -92,7 +91,7 @@ def hf_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
             rows = range(n - n_val) if split == "train" else range(n - n_val, n)
             yield from _texts(ds.select(rows), cfg.text_field, cfg.hf_name)
 
-    return Corpus(name="hf", identity=identity, docs_fn=docs, info=info, streaming=cfg.streaming)
+    return Corpus(name="hf", identity=identity, docs=docs, info=info)
 
 
 def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path, revision: str | None) -> Any:
@@ -125,50 +124,37 @@ def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path, revision: str 
     except DataError:
         raise
     except (OSError, ValueError) as e:  # not found, no network, unknown split or config
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         at = f", revision {revision!r}" if revision else ""
         raise DataError(
-            f"could not load dataset {cfg.hf_name!r} (config {cfg.hf_config!r}, split {split!r}{at}): {first_line}; "
+            f"could not load dataset {cfg.hf_name!r} (config {cfg.hf_config!r}, split {split!r}{at}): {first_line(e)}; "
             "check data.hf_name, data.hf_config and the split names"
         ) from e
 
 
 def _texts(ds: Any, text_field: str, name: str) -> Iterator[str]:
+    """The non-empty texts of ds's text_field, read in batches of columns (several times faster than
+    one dict per example); a connection lost mid-stream is a one-line DataError (prepare then
+    removes what it had written, so the next run starts clean)."""
     columns = getattr(ds, "column_names", None)  # None for streams whose features are unknown
-    if columns is not None and text_field not in columns:
-        raise DataError(
-            f"the dataset has no field {text_field!r}; its fields are {', '.join(columns)} (set data.text_field)"
-        )
     if columns is not None:
+        if text_field not in columns:
+            raise _no_field(text_field, columns)
         ds = ds.select_columns([text_field])  # skip decoding the other columns
-    # Batches of columns: several times faster than one dict per example.
-    for batch in _batches_or_data_error(ds, name):
-        if text_field not in batch:
-            raise DataError(
-                f"the dataset has no field {text_field!r}; its fields are {', '.join(batch)} (set data.text_field)"
-            )
-        for value in batch[text_field]:
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise DataError(f"field {text_field!r} holds {type(value).__name__}, not text; set data.text_field")
-            if value:
-                yield value
+    try:
+        for batch in ds.iter(batch_size=1000):
+            if text_field not in batch:
+                raise _no_field(text_field, batch)
+            for value in batch[text_field]:
+                if value is not None and not isinstance(value, str):
+                    raise DataError(f"field {text_field!r} holds {type(value).__name__}, not text; set data.text_field")
+                if value:
+                    yield value
+    except OSError as e:  # ConnectionError, timeouts, resets: the download stopped part way
+        raise DataError(
+            f"reading dataset {name!r} failed part way ({type(e).__name__}: {first_line(e)}); nothing was kept, "
+            "check the network and run again"
+        ) from e
 
 
-def _batches_or_data_error(ds: Any, name: str) -> Iterator[dict[str, list]]:
-    """ds.iter(batch_size=1000), with a connection lost mid-stream turned into a one-line DataError
-    (prepare then removes what it had written, so the next run starts clean)."""
-    batches = ds.iter(batch_size=1000)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except OSError as e:  # ConnectionError, timeouts, resets: the download stopped part way
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(
-                f"reading dataset {name!r} failed part way ({type(e).__name__}: {first_line}); nothing was kept, "
-                "check the network and run again"
-            ) from e
-        yield batch
+def _no_field(text_field: str, fields: Any) -> DataError:
+    return DataError(f"the dataset has no field {text_field!r}; its fields are {', '.join(fields)} (set data.text_field)")

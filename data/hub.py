@@ -1,17 +1,13 @@
-"""What data/ fetches from the Hugging Face hub, and how it is pinned to a commit.
+"""What data/ fetches from the Hugging Face hub, pinned to a commit, and nothing that runs code.
 
-- `dataset_commit(repo_id, revision)`: the commit sha that a branch, tag or sha of a hub dataset
-  is at (None when the hub cannot be asked, e.g. offline), which prepare() records in meta.json and,
-  for a pinned revision, hashes into the cache fingerprint; datasets then load that exact commit.
-- `download_tokenizer(repo_id, revision)`: a repository's tokenizer.json and the commit it came from.
+- `dataset_commit(repo_id, revision)`: the commit sha a branch, tag or sha of a hub dataset is at
+  (None when the hub cannot be asked, e.g. offline), recorded in meta.json and, when pinned, hashed
+  into the cache fingerprint; datasets then load that commit with trust_remote_code=False.
+- `download_tokenizer(repo_id, revision)`: a repository's tokenizer.json (data) and its commit.
 - `download_model(repo_id)`: a model repository's config, safetensors weights and tokenizer files
   (`init_from=gpt2`, `sample.py ckpt=gpt2`), as a directory of the Hugging Face cache.
 
-Nothing fetched here runs code: datasets load with trust_remote_code=False (and datasets>=3, which
-has no loading scripts by default, is required), and a tokenizer is its tokenizer.json, which is
-data. Downloads go through the Hugging Face cache, whose files appear under their final name only
-when complete. huggingface_hub is imported inside the functions: a dependency of `tokenizers` and
-`datasets`, needed only when something comes from the hub.
+huggingface_hub (a dependency of tokenizers and datasets) is imported only inside the functions.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ import logging
 import re
 from pathlib import Path
 
-from data.config import DataError
+from data.config import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +31,6 @@ class HubUnreachable(Exception):
 def is_commit_sha(revision: str | None) -> bool:
     """True for a full 40-hex commit sha, which names one commit forever (a branch or tag can move)."""
     return revision is not None and _COMMIT_SHA.fullmatch(revision) is not None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def dataset_commit(repo_id: str, revision: str | None) -> str | None:
@@ -59,7 +50,7 @@ def dataset_commit(repo_id: str, revision: str | None) -> str | None:
         ) from None
     except Exception as e:  # huggingface_hub raises many kinds (offline mode, network, HTTP): all mean "cannot tell"
         log.info("could not ask the hub which commit %s of dataset %s is (%s); using the name as given",
-                 revision or "the default branch", repo_id, _first_line(e))
+                 revision or "the default branch", repo_id, first_line(e))
         return None
 
 
@@ -78,7 +69,7 @@ def download_tokenizer(repo_id: str, revision: str | None, filename: str = "toke
             f"see https://huggingface.co/{repo_id}/commits for the ones it has"
         ) from None
     except Exception as e:  # as above: offline, unknown repository, no such file, HTTP errors
-        raise HubUnreachable(_first_line(e)) from e
+        raise HubUnreachable(first_line(e)) from e
     commit = path.parent.name  # the cache keeps every file under snapshots/<commit sha>/
     return path, commit if is_commit_sha(commit) else revision
 
@@ -95,4 +86,4 @@ def download_model(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES, etag_timeout=HUB_TIMEOUT_S))
     except Exception as e:  # as above: offline, unknown repository, HTTP errors
-        raise HubUnreachable(_first_line(e)) from e
+        raise HubUnreachable(first_line(e)) from e

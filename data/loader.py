@@ -1,14 +1,10 @@
 """Batches of random token windows from prepared token files; DDP-aware and resumable.
 
 `BatchLoader.next_batch()` returns (x, y), both (B, T) int64, y being x shifted by one token, from
-windows at random offsets of a split's memmap (as nanoGPT's get_batch). The offsets of batch i
-come from a generator seeded with (seed, rank, i), so
-- DDP ranks draw different windows without talking to each other;
-- the loader's state is one integer, the batch counter, identical on every rank: rank 0's
-  checkpoint resumes all ranks, each onto exactly the batches the uninterrupted run would draw.
-
-`val_batches()` yields fixed evaluation batches (the same at every eval, for a stable loss), or
-the whole split in order.
+windows at random offsets (as nanoGPT's get_batch). Batch i's offsets come from a generator seeded
+with (seed, rank, i), so DDP ranks draw different windows without talking, and the loader's whole
+state is the batch counter, the same on every rank: rank 0's checkpoint resumes all of them.
+`val_batches()` yields fixed evaluation batches (the same at every eval), or the whole split in order.
 """
 
 from __future__ import annotations
@@ -20,9 +16,7 @@ import numpy as np
 import torch
 
 from data.config import DataError
-from data.prepared import REBUILD_HINT, read_meta, split_problem
-
-SPLITS = ("train", "val")
+from data.prepared import REBUILD_HINT, SPLITS, read_meta, split_problem
 
 
 def _open_split(prepared_dir: str | Path, split: str, block_size: int) -> tuple[Path, np.dtype, int]:
@@ -54,21 +48,16 @@ def _seed(*parts: int) -> int:
     return (int(hi) << 32 | int(lo)) & ((1 << 63) - 1)
 
 
-def _windows(path: Path, dtype: np.dtype, n: int, starts: np.ndarray, block_size: int) -> torch.Tensor:
+def _batch(path: Path, dtype: np.dtype, n: int, starts: np.ndarray, block_size: int,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y), each (B, T) int64 on device, from the windows of T+1 tokens at starts."""
     # A fresh memmap per batch, as nanoGPT: pages read through a long-lived memmap stay counted in
     # the process's memory (RSS grows towards the file size), which looks like a leak on large
     # corpora; opening one costs microseconds.
     data = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
-    buf = data[starts[:, None] + np.arange(block_size + 1)]  # (B, T+1), one fancy-index read
-    return torch.from_numpy(buf.astype(np.int64))
-
-
-def _split_xy(buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    buf = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
     # Contiguous copies: callers flatten targets with .view(-1), which a strided slice refuses.
-    return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T), (B, T)
-
-
-def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T), (B, T)
     if device.type == "cuda":
         # Pinned host memory lets the copy run asynchronously with the previous step's compute.
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -110,8 +99,7 @@ class BatchLoader:
         self._generator.manual_seed(_seed(self.seed, self.rank, self.step))
         starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self._generator)
         self.step += 1
-        buf = _windows(self.path, self.dtype, self.n_tokens, starts.numpy(), self.block_size)  # (B, T+1)
-        return _to_device(*_split_xy(buf), self.device)
+        return _batch(self.path, self.dtype, self.n_tokens, starts.numpy(), self.block_size, self.device)
 
     def state_dict(self) -> dict[str, int]:
         """Plain ints (safe for torch.load(weights_only=True)); the same on every rank."""
@@ -150,4 +138,4 @@ def val_batches(
         g = torch.Generator().manual_seed(_seed(seed, rank))
         draws = torch.randint(n - block_size, (n_batches, batch_size), generator=g).numpy()
         batches = list(draws)
-    return (_to_device(*_split_xy(_windows(path, dtype, n, b, block_size)), device) for b in batches)
+    return (_batch(path, dtype, n, b, block_size, device) for b in batches)

@@ -1,25 +1,17 @@
 """Text -> token ids -> train.bin / val.bin + meta.json + tokenizer.json, cached by fingerprint.
 
-`prepare(cfg)` returns a directory under the cache root (data.cache_dir, else $CAUSALGPT_CACHE,
-else ~/.cache/causalgpt) named `<source>-<tokenizer>-<fingerprint>`. The fingerprint hashes the
-source's content identity (Shakespeare: its sha256; files: paths, sizes and mtimes; the stdlib:
-Python version and file listing; hf: name, config, splits and any local files) and every setting
-that changes the ids, so a second run returns at once and a changed setting builds a new one.
+`prepare(cfg)` returns `<cache root>/<source>-<tokenizer>-<fingerprint>`. The fingerprint hashes the
+source's content identity (see data/sources.py) and every setting that changes the ids, so a second
+run returns at once and a changed setting builds anew. Token files are flat uint16 (up to 65,536
+ids) or uint32 arrays, documents joined by <|endoftext|> when the tokenizer has one.
 
-Token files are flat arrays of uint16 (vocabularies up to 65,536 ids) or uint32, documents joined
-by <|endoftext|> when the tokenizer has one, readable with np.memmap (see data/loader.py).
+A build happens in a temporary directory beside the final one, renamed into place only when complete,
+under an OS file lock (`.<name>.lock`; data/atomic.py), so neither a kill nor two concurrent runs
+leave a half-written directory that looks valid. Every rank of a job may call prepare() at once:
+one builds, the others wait on the lock (no collective, no timeout), then find it cached. A cached
+directory whose files disagree with its meta.json (data/prepared.py) is rebuilt with a warning.
 
-A build happens in a temporary directory beside the final one (every file in it written through a
-temporary file, fsync'ed and renamed, see data/atomic.py) and the directory is renamed into place
-only when complete, under an exclusive OS file lock (filelock, on `.<name>.lock` in the cache root;
-a killed holder's lock is released by the OS), so a killed run or two concurrent runs never leave a
-half-written directory that looks valid. Any number of processes may call prepare() at once, e.g.
-every rank of a torchrun job: one builds, the others wait on the lock (logging every minute what
-they wait for), with no collective and no timeout, and then find the directory cached. A cached directory whose files disagree with its meta.json (cut short,
-corrupt, unreadable; see data/prepared.py) is rebuilt with a warning that names the file.
-
-Run it as `python -m data.prepare data=tinystories data.vocab_size=4096`: the last line printed is
-the prepared directory.
+`python -m data.prepare data=tinystories data.vocab_size=4096` prints the directory last.
 """
 
 from __future__ import annotations
@@ -54,7 +46,7 @@ from data.atomic import (
     temp_prefix,
 )
 from data.config import MAX_VOCAB, DataConfig, DataError, resolve_cache_dir, warn_user
-from data.corpus import Corpus
+from data.corpus import Corpus, take_chars
 from data.prepared import FORMAT_VERSION, META_FILE, TOKENIZER_FILE, check_prepared, file_sha256, read_meta
 from data.progress import Progress
 from data.sources import open_corpus
@@ -94,10 +86,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
-    """Prepare (or find in the cache) the token files cfg describes; returns their directory.
-
-    Safe to call from many processes at once (all ranks of a job): one builds, the others wait for
-    it on a file lock and return the same directory. progress: tqdm bars while building."""
+    """Prepare (or find in the cache) the token files cfg describes; returns their directory. Safe to
+    call from every rank at once. progress: progress bars (or log lines) while building."""
     cache_root = resolve_cache_dir(cfg.cache_dir)
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
@@ -192,28 +182,23 @@ def _fingerprint(cfg: DataConfig, corpus: Corpus, plan: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _budgets(cfg: DataConfig) -> dict[str, int | None]:
-    if cfg.max_tokens is None:
-        return {"train": None, "val": None}
-    train = int(cfg.max_tokens * (1 - cfg.val_fraction))
-    return {"train": train, "val": cfg.max_tokens - train}
-
-
 def _build(cfg: DataConfig, corpus: Corpus, plan: dict[str, Any], pretrained: Tokenizer | None, fingerprint: str,
            out: Path, progress: bool) -> None:
-    budgets = _budgets(cfg)
+    # Token budgets: train gets 1 - val_fraction of max_tokens, val the rest (None: no limit).
+    train = None if cfg.max_tokens is None else int(cfg.max_tokens * (1 - cfg.val_fraction))
+    budgets = {"train": train, "val": None if train is None else cfg.max_tokens - train}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with _threads(cfg.num_proc):
         if plan["kind"] == "char":
             # The whole text, as nanoGPT's sorted(set(data)); a char is one token, so the budget
             # in characters is exact.
-            texts = chain(*(_take(corpus.docs(s), budgets[s]) for s in ("train", "val")))
+            texts = chain(*(take_chars(corpus.docs(s), budgets[s]) for s in ("train", "val")))
             tok: Tokenizer = CharTokenizer.from_text(texts, unk=cfg.unk)
         elif plan["kind"] == "bpe":
             limit = cfg.bpe_train_chars or (4 * budgets["train"] if budgets["train"] else None)
             log.info("training a byte-level BPE with %d tokens on the training split", plan["vocab_size"])
-            pieces = (p for doc in _take(corpus.docs("train"), limit) for p in _pieces(doc))
+            pieces = (p for doc in take_chars(corpus.docs("train"), limit) for p in _pieces(doc))
             tok = train_bpe(pieces, plan["vocab_size"], progress=progress)
         else:
             assert pretrained is not None  # _tokenizer_plan returns it with kind pretrained
@@ -284,18 +269,6 @@ def _threads(num_proc: int) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def _take(docs: Iterable[str], max_chars: int | None) -> Iterator[str]:
-    """The documents, cut off after max_chars characters in total (None: all of them)."""
-    left = max_chars
-    for doc in docs:
-        if left is not None:
-            if left <= 0:
-                return
-            doc = doc[:left]
-            left -= len(doc)
-        yield doc
 
 
 def _pieces(doc: str) -> Iterator[str]:

@@ -1,17 +1,10 @@
 """The layout of a prepared data directory, and the checks that its files agree with its meta.json.
 
 A prepared directory holds train.bin and val.bin (flat token arrays), tokenizer.json and meta.json,
-written last. meta.json records what verifies the rest: the token count of each split and their
-dtype (so each .bin must be exactly n_tokens * itemsize bytes) and, since this check exists, the
-size and sha256 of every file (`files`). Directories prepared before that have no `files` entry;
-they are checked by sizes and by tokenizer.json parsing, and keep loading as they are.
-
-- read_meta(directory)        meta.json, whole and of this format, else a one-line DataError
-- check_prepared(directory)   None when the directory is sound, else the Problem: which file, what
-- split_problem(...)          the check of one .bin against meta.json (the batch loader's)
-
-prepare() rebuilds a directory with a Problem (with a warning naming the file); readers given a
-directory directly raise DataError naming the file and saying how to rebuild it.
+written last, which records each split's token count and dtype (so each .bin is exactly n_tokens *
+itemsize bytes) and the size and sha256 of every file (`files`; older directories without it are
+checked by sizes and by tokenizer.json parsing). prepare() rebuilds a directory with a Problem
+(warning with the file's name); readers given a directory raise DataError naming the file.
 """
 
 from __future__ import annotations
@@ -133,12 +126,11 @@ def tokenizer_problem(directory: Path, meta: dict[str, Any]) -> Problem | None:
     """None when tokenizer.json is whole (its sha256 as recorded, or valid JSON), else the Problem."""
     path = directory / TOKENIZER_FILE
     recorded = (meta.get("files") or {}).get(TOKENIZER_FILE, {}).get("sha256")
-    if recorded and path.is_file():
-        if file_sha256(path) == recorded:
-            return None
-        _, problem = parse_json(path)
-        return problem or Problem(path, f"is corrupt: its sha256 differs from the one in {META_FILE}")
+    if recorded and path.is_file() and file_sha256(path) == recorded:
+        return None
     _, problem = parse_json(path)
+    if problem is None and recorded:  # whole JSON, other bytes
+        return Problem(path, f"is corrupt: its sha256 differs from the one in {META_FILE}")
     return problem
 
 

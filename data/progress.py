@@ -1,13 +1,11 @@
 """Progress of long work (tokenizing a corpus, a whole-split eval) that never floods a log file.
 
-On a terminal: a tqdm bar. Anywhere else (a batch job, `> log`), tqdm's carriage returns would fill
-the file, so instead a log line every `every_s` seconds says how far the work got and, when the
-total is known, about how long is left; work that ends sooner writes nothing, work that wrote a
-line writes a last one when it ends.
+On a terminal, a tqdm bar. Elsewhere (a batch job, `> log`) its carriage returns would fill the file,
+so a log line every `every_s` seconds says how far the work got and, with a known total, about how
+long is left; work that ends sooner writes nothing, work that wrote one writes a last one.
 
     with Progress("tokenizing train", total=n_chars, unit="chars") as p:
         for piece in pieces:
-            ...
             p.update(len(piece))          # how much more is done
 """
 

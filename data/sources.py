@@ -1,42 +1,34 @@
 """Where raw text comes from: tiny Shakespeare, the Python standard library, local files, HF datasets.
 
-`open_corpus(cfg)` returns a `Corpus`: the name of the source actually used, a JSON-able identity
-of its content (what the cache fingerprint hashes, computed without reading everything), and
-`docs(split)`, a fresh iterator over the documents of the train or val split on every call.
-
-Splits:
-- text sources (shakespeare_char, python_stdlib, files) are cut by characters exactly as nanoGPT
-  does: the first int(n * (1 - val_fraction)) characters train, the rest validate, so val losses
-  on Shakespeare compare with nanoGPT's;
-- hf uses the dataset's own validation split when data.hf_val_split names one, else holds out the
-  last val_fraction of the documents (streaming: every round(1/val_fraction)-th document).
-
-The Hugging Face source is data/hf_datasets.py; `datasets` is imported only on its code path, so
-training on prepared data never needs it. Corpus and resolve_files are data/corpus.py.
+`open_corpus(cfg)` returns a `Corpus` (data/corpus.py): the source actually used, a JSON-able
+identity of its content (what the cache fingerprint hashes, computed without reading everything),
+and `docs(split)`. Text sources are split by characters exactly as nanoGPT does (the first
+int(n * (1 - val_fraction)) train), so val losses on Shakespeare compare with nanoGPT's. The HF
+source is data/hf_datasets.py, whose `datasets` import training on prepared data never needs.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import sys
 import sysconfig
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from itertools import chain
 from pathlib import Path
 
 from data.atomic import atomic_write, exclusive_lock, remove_temps
 from data.config import DataConfig, DataError, warn_user
-from data.corpus import Corpus, resolve_files
+from data.corpus import Corpus, resolve_files, take_chars
 from data.hf_datasets import hf_corpus
 
 log = logging.getLogger(__name__)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-SHAKESPEARE_CHARS = 1_115_394
 DOWNLOAD_TIMEOUT_S = 15.0
 
 
@@ -59,12 +51,7 @@ def open_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
 
 
 def _text_corpus(name: str, identity: dict, load: Callable[[], list[str]], cfg: DataConfig, info: dict) -> Corpus:
-    cache: list[list[str]] = []
-
-    def texts() -> list[str]:
-        if not cache:
-            cache.append(load())
-        return cache[0]
+    texts = functools.cache(load)  # read once, on first use
 
     def chars(split: str) -> int:
         total = sum(len(t) for t in texts())
@@ -86,7 +73,7 @@ def _text_corpus(name: str, identity: dict, load: Callable[[], list[str]], cfg: 
             elif split == "val" and hi > cut and text:
                 yield text[max(cut - lo, 0) :]
 
-    return Corpus(name=name, identity=identity, docs_fn=docs, info=info, chars_fn=chars)
+    return Corpus(name=name, identity=identity, docs=docs, info=info, chars=chars)
 
 
 def decode_utf8(data: bytes, where: str, errors: str) -> str:
@@ -127,16 +114,11 @@ def _shakespeare(cfg: DataConfig, cache_root: Path) -> Corpus:
         try:
             raw = _cached_shakespeare(cached)
         except ShakespeareUnavailable as e:
+            why = f"tiny Shakespeare is not cached and could not be downloaded ({e})"
             if cfg.fallback is None:
-                raise DataError(
-                    f"tiny Shakespeare is not cached and could not be downloaded ({e}); "
-                    "download it and pass data.path=/path/to/input.txt"
-                ) from None
-            warn_user(
-                f"tiny Shakespeare is not cached and could not be downloaded ({e}); using the offline "
-                f"{cfg.fallback} corpus instead. To train on Shakespeare offline, copy {SHAKESPEARE_URL} "
-                "to this machine and pass data.path=/path/to/input.txt"
-            )
+                raise DataError(f"{why}; download it and pass data.path=/path/to/input.txt") from None
+            warn_user(f"{why}; using the offline {cfg.fallback} corpus instead. To train on Shakespeare offline, "
+                      f"copy {SHAKESPEARE_URL} to this machine and pass data.path=/path/to/input.txt")
             corpus = _python_stdlib(cfg)
             corpus.info.update(requested_source="shakespeare_char", fallback_reason=str(e))
             return corpus
@@ -165,37 +147,31 @@ def _valid_copy(path: Path, say: bool = True) -> bytes | None:
 
 
 def _cached_shakespeare(cached: Path) -> bytes:
-    """Tiny Shakespeare from the cache, else downloaded into it. One process downloads at a time
-    (the others wait on the lock and then find the copy), and what a killed download left is removed."""
-    raw = _valid_copy(cached)
-    if raw is not None:
+    """Tiny Shakespeare from the cache, else downloaded into it atomically (a reader never sees half
+    a file). One process downloads at a time (the others wait on the lock, then find the copy), and
+    what a killed download left is removed."""
+    if (raw := _valid_copy(cached)) is not None:
         return raw
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(cached.parent / f".{cached.name}.lock", waiting_for=f"another process downloading {cached}"):
-            raw = _valid_copy(cached, say=False)  # another process may have downloaded it meanwhile
-            if raw is None:
-                remove_temps(cached)
-                raw = _download_shakespeare(cached)
+            if (raw := _valid_copy(cached, say=False)) is not None:  # downloaded by another process meanwhile
+                return raw
+            remove_temps(cached)
+            log.info("downloading tiny Shakespeare from %s", SHAKESPEARE_URL)
+            try:
+                raw = fetch_url(SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S)
+            except OSError as e:  # URLError, timeouts and resets are all OSErrors
+                raise ShakespeareUnavailable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
+            if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
+                raise ShakespeareUnavailable("the download has the wrong sha256 checksum")
+            atomic_write(cached, raw)
+            return raw
     except OSError as e:
         raise DataError(
             f"cannot write the tiny Shakespeare copy {e.filename or cached} ({e.strerror}); free disk space, "
             "or set data.cache_dir to a writable directory"
         ) from None
-    return raw
-
-
-def _download_shakespeare(dest: Path) -> bytes:
-    log.info("downloading tiny Shakespeare from %s", SHAKESPEARE_URL)
-    try:
-        raw = fetch_url(SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S)
-    except (urllib.error.URLError, OSError) as e:  # URLError, timeouts and resets are all OSErrors
-        raise ShakespeareUnavailable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
-    if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
-        raise ShakespeareUnavailable("the download has the wrong sha256 checksum")
-    # Atomic: a reader never sees half a file, and a failed write (a full disk) leaves none behind.
-    atomic_write(dest, raw)
-    return raw
 
 
 def _python_stdlib(cfg: DataConfig) -> Corpus:
@@ -220,31 +196,12 @@ def _python_stdlib(cfg: DataConfig) -> Corpus:
             from pydoc_data.topics import topics
         except ImportError:  # some distributions strip pydoc_data; the .py files are enough
             topics = {}
-        texts = [topics[k] for k in sorted(topics)]
-        budget = cfg.max_chars if cfg.max_chars is not None else sys.maxsize
-        texts = _take_chars(texts, budget)
-        budget -= sum(len(t) for t in texts)
-        for path in files:
-            if budget <= 0:
-                break
-            # A few stdlib files declare other encodings; replacing keeps the corpus offline-safe.
-            text = path.read_bytes().decode("utf-8", errors="replace")[:budget]
-            texts.append(text)
-            budget -= len(text)
-        return texts
+        # A few stdlib files declare other encodings; replacing keeps the corpus offline-safe.
+        sources = (p.read_bytes().decode("utf-8", errors="replace") for p in files)
+        return list(take_chars(chain((topics[k] for k in sorted(topics)), sources), cfg.max_chars))
 
     info = {"stdlib": str(stdlib), "python": sys.version.split()[0], "max_chars": cfg.max_chars}
     return _text_corpus("python_stdlib", identity, load, cfg, info)
-
-
-def _take_chars(texts: list[str], budget: int) -> list[str]:
-    out = []
-    for t in texts:
-        if budget <= 0:
-            break
-        out.append(t[:budget])
-        budget -= len(out[-1])
-    return out
 
 
 def _files(cfg: DataConfig) -> Corpus:

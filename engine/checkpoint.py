@@ -1,31 +1,16 @@
 """Checkpoints: the one module that writes, reads and chooses them, for every caller.
 
-A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
-`torch.load(weights_only=True)`. Keys written by the trainer (engine/state.py's TrainState; the
-model keys are required):
+A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) that loads with
+`torch.load(weights_only=True)`: format_version, model (the unwrapped, uncompiled GPT's state dict),
+model_config, tokenizer (JSON string or None), config (the resolved run config), and the training
+state of engine/state.py's TrainState (step, optimizer, loader_state, rng, ...).
 
-    format_version  int, FORMAT_VERSION
-    model           full state dict of the unwrapped, uncompiled GPT
-    model_config    ModelConfig.to_dict()
-    tokenizer       the tokenizer as a JSON string (sampling needs no data directory), or None
-    config          the whole resolved run config as plain data
-    step, tokens_seen, best_val, loop, optimizer, scaler, loader_state, rng, wandb_run_id, data,
-    world_size, precision, device   (a resume that changes the last three is told what resets)
-
-Writing (`save_checkpoint`): a temporary file beside the target, fsync'ed, renamed over it, the
-directory fsync'ed (data/atomic.py), so a kill leaves the old file or the new one. keep_last > 0 also
-names the file ckpt-<step>.pt (a hard link: no second write) and deletes older step files beyond
-that many. A disk error (full, quota, read-only) leaves no temporary file, keeps the previous
-checkpoint and is one CheckpointError naming the path.
-
-Choosing: in a run directory the order is last.pt, then the step files newest first, then best.pt
-(`candidates`); resume, sample.py, init_from, the exports and the scripts all use it, and a file
-that does not load is skipped with a warning naming it (`open_checkpoint`).
-
-Reading: anything torch.load fails on, a record whose CRC-32 does not match (torch.load does not
-check them) and weights that do not fit their model_config are one CheckpointError naming the file.
-Whether a checkpoint fits the data it is used with (vocabulary, tokenizer) is checked here too
-(`check_fits_data`), for every load that meets data.
+Writing is atomic (data/atomic.py): a kill leaves the old file or the new one; keep_last > 0 also
+names it ckpt-<step>.pt (a hard link) and prunes older step files; a disk error is one
+CheckpointError naming the path. Choosing (`candidates`): last.pt, the step files newest first,
+best.pt; a file that does not load is skipped with a warning (`open_checkpoint`). Reading: a
+torch.load failure, a bad CRC-32 or weights that do not fit model_config are one CheckpointError;
+`check_fits_data` checks a checkpoint against the data it meets (vocabulary, tokenizer).
 """
 
 from __future__ import annotations
@@ -206,9 +191,7 @@ def open_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """(file, checkpoint) for a file or a run directory: of a directory the first candidate that
     loads, each one skipped named in a warning. training_state: it must hold what resume needs."""
     path = Path(path).expanduser()
-    files = [resolve_checkpoint(path)] if not path.is_dir() else candidates(path)
-    if not files:
-        resolve_checkpoint(path)  # raises: nothing there
+    files = (candidates(path) if path.is_dir() else []) or [resolve_checkpoint(path)]  # raises: nothing there
     errors: list[CheckpointError] = []
     for file in files:
         try:

@@ -6,6 +6,8 @@ engine/step.py.)
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,19 +67,23 @@ class RankFailed(RuntimeError):
     """Another rank of this job failed; the message is its error, prefixed with its rank."""
 
 
-def raise_together(rt: Runtime, error: Exception | None) -> None:
-    """Every rank calls this with its own error or None (a collective, in place of a barrier); if any
-    rank failed, every rank raises: its own error where it has one, else RankFailed."""
-    if not rt.distributed:
-        if error is not None:
-            raise error
-        return
-    messages = gather_objects(None if error is None else one_line(error), rt)
+def together(rt: Runtime, fn: Callable[[], Any], here: bool = True) -> Any:
+    """fn() on the ranks where `here` holds (None elsewhere), then a collective that every rank calls,
+    in place of a barrier: if fn raised on any rank, every rank raises, its own error where it has
+    one, else RankFailed."""
+    result, error = None, None
+    if here:
+        try:
+            result = fn()
+        except Exception as e:  # raised again below, on this rank and (as RankFailed) on the others
+            error = e
+    messages = gather_objects(None if error is None else one_line(error), rt)  # [it] in one process
     if error is not None:
         raise error
     for rank, message in enumerate(messages):
         if message is not None:
             raise RankFailed(f"rank {rank} failed: {message}")
+    return result
 
 
 def one_line(error: BaseException) -> str:

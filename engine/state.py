@@ -1,16 +1,11 @@
 """The training state: one object holding everything a bit-identical resume needs.
 
-`TrainState` holds the model (the plain GPT, sharded in place under FSDP2), the optimizer (AdamW, or
-Muon + AdamW as named parts), the GradScaler, the loop's counters, the data streams' position,
-every rank's RNG states and the W&B run id. It speaks torch.distributed.checkpoint's `Stateful`
-protocol: `state_dict()` returns the checkpoint payload (engine/checkpoint.py lists its keys) and
-`load_state_dict()` puts one back. Model and optimizer go through
-`torch.distributed.checkpoint.state_dict` with full, CPU-offloaded state dicts keyed by parameter
-name, so one process, DDP and FSDP2 take one path and read each other's checkpoints.
-
-RNG states are plain lists, ints and tensors, so the payload loads with weights_only=True. A resume
-onto another precision (fp16 <-> bf16/fp32), device (CPU <-> GPU) or world size puts back what it
-can and says once what had to be reset; only a resume that changes none of them is bit-identical.
+`TrainState` holds the model (sharded in place under FSDP2), the optimizer (AdamW, or Muon + AdamW
+as named parts), the GradScaler, the loop's counters, the data position, every rank's RNG states
+and the W&B run id, and speaks torch.distributed.checkpoint's `Stateful` protocol. Model and
+optimizer go through full, CPU-offloaded state dicts keyed by parameter name, so one process, DDP
+and FSDP2 read each other's checkpoints. A resume onto another precision, device or world size
+puts back what it can and says once what was reset; only one that changes none is bit-identical.
 """
 
 from __future__ import annotations
@@ -26,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, candidates, open_checkpoint, save_checkpoint
-from .parallel import gather_objects, raise_together
+from .parallel import gather_objects, together
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -127,14 +122,9 @@ class TrainState:
     def save(self, path: Path, keep_last: int = 0) -> None:
         """Write a full checkpoint (call on every rank). Only rank 0 writes, atomically; when the write
         fails every rank raises (rank 0 the CheckpointError naming the file), so none waits for a
-        save that will not come."""
-        payload, error = self.state_dict(), None
-        if self.rt.is_main:
-            try:
-                save_checkpoint(path, payload, keep_last=keep_last)
-            except Exception as e:  # raised again below, on this rank and (as RankFailed) on the others
-                error = e
-        raise_together(self.rt, error)  # also the barrier: nobody runs ahead before the file is complete
+        save that will not come; nor does any run ahead before the file is complete."""
+        payload = self.state_dict()
+        together(self.rt, lambda: save_checkpoint(path, payload, keep_last=keep_last), here=self.rt.is_main)
 
     # ---- putting the state back on another runtime ----------------------------------------------------
     def _restore_runtime(self, ckpt: dict) -> None:
@@ -190,32 +180,24 @@ def find_resume(resume: str | None, out_dir: Path, rt: Runtime) -> tuple[Path, d
         return None
     auto = str(resume).lower() == "auto"
     target = Path(out_dir) if auto else Path(resume).expanduser()
-    chosen, error = None, None
-    if rt.is_main:
-        try:
-            if not auto and not target.exists():
-                raise CheckpointError(f"resume={resume}: checkpoint {target} does not exist")
-            if auto and not candidates(target):
-                log.warning("resume=auto: no checkpoint in %s yet, starting fresh (to continue an earlier run, "
-                            "pass out_dir=<its run directory> or resume=<its last.pt>)", target)
-            else:
-                chosen = open_checkpoint(target, training_state=True)
-        except Exception as e:
-            error = e
-    raise_together(rt, error)
+
+    def choose() -> tuple[Path, dict] | None:
+        if not auto and not target.exists():
+            raise CheckpointError(f"resume={resume}: checkpoint {target} does not exist")
+        if auto and not candidates(target):
+            log.warning("resume=auto: no checkpoint in %s yet, starting fresh (to continue an earlier run, "
+                        "pass out_dir=<its run directory> or resume=<its last.pt>)", target)
+            return None
+        return open_checkpoint(target, training_state=True)
+
+    chosen = together(rt, choose, here=rt.is_main)
     if not rt.distributed:
         return chosen
     path = gather_objects(None if chosen is None else str(chosen[0]), rt)[0]
     if path is None:
         return None
-    error = None
-    if not rt.is_main:
-        try:
-            chosen = open_checkpoint(path, training_state=True)
-        except Exception as e:
-            error = e
-    raise_together(rt, error)
-    return chosen
+    loaded = together(rt, lambda: open_checkpoint(path, training_state=True), here=not rt.is_main)
+    return chosen if rt.is_main else loaded
 
 
 def _full(cpu_offload: bool = True):

@@ -1,13 +1,10 @@
 """Our GPT <-> Hugging Face's GPT-2 (`GPT2LMHeadModel`): the config and state-dict mapping, in memory.
 
-What maps to what:
-  - config: n_positions <-> block_size; activation_function "gelu_new" <-> activation "gelu_tanh",
-    "gelu" <-> "gelu"; GPT-2 is always pre-LN, learned positions, biases, causal, MLP width 4C.
-  - weights: same names under a "transformer." prefix; HF's Conv1D stores (in, out), our nn.Linear
-    (out, in), so c_attn, c_proj and c_fc weights are transposed; the q|k|v order of c_attn is the same.
-
-Pure functions of dicts and tensors: reading and writing HF directories (files, tokenizers,
-transformers itself) is engine/formats/hf.py's business.
+Config: n_positions <-> block_size; activation_function "gelu_new" <-> "gelu_tanh", "gelu" <->
+"gelu"; GPT-2 is always pre-LN, learned positions, biases, causal, MLP width 4C. Weights: the same
+names under "transformer."; HF's Conv1D stores (in, out), our nn.Linear (out, in), so c_attn,
+c_proj and c_fc weights are transposed (c_attn's q|k|v order is the same). Files and transformers
+itself are engine/formats/hf.py's business.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
+from .gpt import GPT
 
 # HF's activation names that compute exactly our two GELUs (gelu_new, gelu_fast and gelu_pytorch_tanh
 # are the same tanh formula).
@@ -119,7 +117,8 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], model_config: dict[str, A
         sd.pop("lm_head.weight", None)  # stored by some writers, always equal to wte when tied
         if "wte.weight" in sd:
             sd["lm_head.weight"] = sd["wte.weight"]
-    expected = _expected_shapes(cfg)
+    with torch.device("meta"):  # the names and shapes cfg builds, without memory or initialisation
+        expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
     missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"{where}: not a GPT-2 of this config.json (missing {missing[:4]}, "
@@ -128,19 +127,6 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], model_config: dict[str, A
         if tuple(sd[name].shape) != shape:
             raise ValueError(f"{where}: {name} has shape {tuple(sd[name].shape)}, config.json implies {shape}")
     return sd
-
-
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    C, V = cfg.n_embd, cfg.vocab_size
-    shapes = {"wte.weight": (V, C), "wpe.weight": (cfg.block_size, C), "ln_f.weight": (C,),
-              "ln_f.bias": (C,), "lm_head.weight": (V, C)}
-    for i in range(cfg.n_layer):
-        for ln in ("ln_1", "ln_2"):
-            shapes[f"h.{i}.{ln}.weight"] = shapes[f"h.{i}.{ln}.bias"] = (C,)
-        for mod, (n_out, n_in) in (("attn.c_attn", (3 * C, C)), ("attn.c_proj", (C, C)),
-                                   ("mlp.c_fc", (4 * C, C)), ("mlp.c_proj", (C, 4 * C))):
-            shapes[f"h.{i}.{mod}.weight"], shapes[f"h.{i}.{mod}.bias"] = (n_out, n_in), (n_out,)
-    return shapes
 
 
 def _check_layers(sd: dict, n_layer: int, prefix: str) -> None:

@@ -1,18 +1,11 @@
 """Benchmark of data preparation throughput (tokens/s), one JSON line per case.
 
-Builds a corpus of about --mb megabytes by repeating --input (tiny Shakespeare), then times
-`data.prepare.prepare` from an empty cache for each case:
-
-- char / bpe: the text as one local file (source=files);
-- hf_stream_bpe: the same text as a local jsonl, one document per paragraph, read by
-  `datasets` with streaming=true;
-- char_python_loop: nanoGPT's way, a Python list comprehension over the characters, as a
-  reference for the numpy lookup table.
-
-Each tokenizer case runs with all cores (num_proc=0: the `tokenizers` thread pool) and with one
-thread (num_proc=1), i.e. the same work in one thread. Every run is a fresh subprocess with a fresh
-cache; the reported figure is the median of --runs runs. tokens/s counts all tokens written
-(train + val) over the whole prepare() call: reading, tokenizer training and encoding.
+Repeats --input (tiny Shakespeare) to about --mb megabytes and times `data.prepare.prepare` from an
+empty cache: char and bpe read it as one local file (source=files); hf_stream_bpe as a jsonl of one
+paragraph per document, streamed by `datasets`; char_python_loop is nanoGPT's list comprehension
+over the characters, the reference for our lookup table. Tokenizer cases run with all cores
+(num_proc=0) and one thread (num_proc=1), each run a fresh subprocess with a fresh cache; the figure
+is the median of --runs, over all tokens written in the whole call (read, train, encode).
 
     python scripts/bench_prepare.py --input /path/to/tinyshakespeare.txt --mb 100 --runs 3
 """
@@ -113,20 +106,14 @@ def main() -> None:
                     runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 median = statistics.median(r["seconds"] for r in runs)
                 tokens = runs[0]["tokens"]
+                # The median run's build times (an even count has no median run: the first one's).
+                build = runs[[r["seconds"] for r in runs].index(median)] if args.runs % 2 else runs[0]
                 print(json.dumps({
-                    "case": case,
-                    "threads": "all" if threads == 0 else threads,
-                    "cpus": os.cpu_count(),
-                    "corpus_mb": round(mb, 1),
-                    "tokens": tokens,
-                    "median_s": round(median, 2),
-                    "tokens_per_s": round(tokens / median),
-                    "mb_per_s": round(mb / median, 2),
-                    "runs_s": [round(r["seconds"], 2) for r in runs],
-                    "cpu_s": [round(r["cpu_s"], 1) for r in runs],
-                    "load_avg_1m": round(os.getloadavg()[0], 1),
-                    "build_seconds": runs[[r["seconds"] for r in runs].index(median)]["build_seconds"]
-                    if args.runs % 2 else runs[0]["build_seconds"],
+                    "case": case, "threads": "all" if threads == 0 else threads, "cpus": os.cpu_count(),
+                    "corpus_mb": round(mb, 1), "tokens": tokens, "median_s": round(median, 2),
+                    "tokens_per_s": round(tokens / median), "mb_per_s": round(mb / median, 2),
+                    "runs_s": [round(r["seconds"], 2) for r in runs], "cpu_s": [round(r["cpu_s"], 1) for r in runs],
+                    "load_avg_1m": round(os.getloadavg()[0], 1), "build_seconds": build["build_seconds"],
                     "max_rss_mb": round(max(r["max_rss_mb"] for r in runs)),
                 }), flush=True)
 

@@ -4,11 +4,9 @@
     python scripts/bench_train.py --preset gpt2 --batch-size 16 --precision bf16 --compile true   # a GPU
     python scripts/bench_train.py --data path/to/tinyshakespeare.txt --steps 200
 
-Each step is train.py's optimisation step, engine/step.py's train_step (forward and backward under
-autocast, GradScaler for fp16, gradient clipping, AdamW, the device-side NaN guard), read back and timed one by one; the output has
-the median and mean step time, tokens/s, MFU when the device's peak is known (or --peak-flops), peak
-memory and the last loss. Batches come from the real loader when --data is a text file (tokenized
-through data.prepare, char-level), else random token ids (throughput does not depend on them).
+Each step is train.py's (engine/step.py's train_step), read back and timed one by one. Out: median and
+mean step time, tokens/s, MFU when the device's peak is known (or --peak-flops), peak memory, the last
+loss. Batches come from the real loader when --data is a text file (char-level), else random ids.
 """
 
 from __future__ import annotations

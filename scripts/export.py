@@ -1,13 +1,10 @@
 """Export a trained model as our pickle-free artifact: model.safetensors + config.json + tokenizer.json.
 
-    python scripts/export.py ckpt=outputs/2024-01-01/12-00-00 out=exports/shakespeare
-    python scripts/export.py ckpt=exports/shakespeare/../gpt2-hf out=exports/gpt2 overwrite=true
+    python scripts/export.py ckpt=outputs/2024-01-01/12-00-00 out=exports/shakespeare [overwrite=true]
 
-ckpt is anything `engine.formats.pretrained.load_pretrained` reads (a checkpoint, a run directory, an export,
-a Hugging Face GPT-2 directory). The result loads with `engine.formats.from_pretrained(out)`, `sample.py
-ckpt=out`, and `train.py init_from=out`, and loading it runs no pickle: it is what we recommend sharing.
-
-Arguments are key=value, like Hydra overrides. A bad input prints one `error: ...` line and exits 2.
+ckpt is anything `engine.formats.pretrained.load_pretrained` reads. The result loads, running no
+pickle, with `engine.formats.from_pretrained(out)`, `sample.py ckpt=out` and `train.py init_from=out`.
+Arguments are key=value, like Hydra overrides; a bad input prints one `error: ...` line, exit 2.
 """
 
 from __future__ import annotations

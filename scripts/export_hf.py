@@ -1,16 +1,12 @@
 """Export a trained model as a Hugging Face GPT-2 directory that transformers loads as is.
 
     python scripts/export_hf.py ckpt=outputs/2024-01-01/12-00-00 out=exports/my-gpt2-hf
-    # then, anywhere:  GPT2LMHeadModel.from_pretrained("exports/my-gpt2-hf")
-    #                  AutoTokenizer.from_pretrained("exports/my-gpt2-hf")
+    # then: GPT2LMHeadModel.from_pretrained(out), AutoTokenizer.from_pretrained(out)
 
-Writes config.json, generation_config.json, model.safetensors and, when the model has a tokenizer,
-tokenizer.json + tokenizer_config.json. Only models GPT-2 can express export (pre-LN, learned
-positions, tied weights, biases, causal); any other is refused with the setting that prevents it
-(scripts/export.py exports every model in our own format).
-
-verify=true (the default) reloads the directory with transformers and compares its logits with
-ours on random tokens (fp32, CPU); a difference above 1e-4 is an error (exit 1).
+Writes config.json, generation_config.json, model.safetensors and, with a tokenizer, tokenizer.json +
+tokenizer_config.json. Only models GPT-2 can express export (pre-LN, learned positions, tied weights, biases, causal); any
+other is refused naming the setting (scripts/export.py exports every model). verify=true (default)
+reloads it with transformers and compares logits on random tokens (fp32, CPU): above 1e-4, exit 1.
 Needs the optional extra: pip install -e '.[hf]'. A bad input prints one `error: ...` line, exit 2.
 """
 

@@ -4,19 +4,15 @@ was never interrupted: on CPU the final weights and optimizer state must be bit-
     python scripts/kill_resume.py --kills 50 --rounds 10 --work /tmp/kill_resume
     python scripts/kill_resume.py --kills 3 --rounds 1 -- model.n_layer=1 max_iters=40   # overrides last
 
-First one uninterrupted reference run, whose log gives the timeline of a launch: start-up, data
-preparation, set-up, steps. Then each round starts from nothing (a new run directory and an empty
-data cache, so the data is prepared again) and repeats: start `train.py ... resume=auto`, wait a
-random time, SIGKILL it. The first wait of a round is drawn around the reference's data
-preparation (it lasts well under a second: a uniform draw over the whole run would rarely land
-there); the others uniformly over what is left of the run, plus 10 %, so some kills come after the
-end. Where a kill landed is read from what the process left: a checkpoint's temporary file in the
-run directory (a save; one it left, not an earlier launch), its own log lines (before the runtime
-line: start-up; after the set-up line: training, i.e. steps, evals, samples) and the data cache (no
-finished build yet: data preparation; else set-up: resuming, building the model). Checkpoints are saved
-after every step, so many kills land during saves. After its kills a round runs to the end and its last.pt is
-compared with the reference's, tensor by tensor. Prints one line per kill and a summary, writes
-summary.json in the work directory, exits 1 when a resume failed or a final state differs.
+A reference run gives the timeline of a launch (start-up, data preparation, set-up, steps). Each
+round starts from nothing (new run directory, empty data cache) and repeats: start `train.py
+resume=auto`, wait a random time, SIGKILL it. A round's first wait is drawn around the data
+preparation (well under a second, which a uniform draw would rarely hit), the others uniformly over
+what is left of the run plus 10 %. Where a kill landed is read from what the process left: a save's
+temporary file, its own log lines, the data cache. Checkpoints are saved after every step, so many
+kills land during saves. Then the round runs to the end and its last.pt is compared with the
+reference's, tensor by tensor. Prints a line per kill and a summary, writes summary.json, and exits
+1 when a resume failed or a final state differs.
 """
 
 from __future__ import annotations

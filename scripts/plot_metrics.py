@@ -28,14 +28,6 @@ SERIES = (("train/loss", "train loss (step)", dict(alpha=0.35, lw=1)),
           ("val/loss", "val loss (eval)", dict(lw=2, marker="o", ms=3)))
 
 
-def read_run(run_dir: Path) -> list[dict]:
-    """The run's metrics records; a line cut short by a kill is dropped with a warning (read_metrics)."""
-    path = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass a run directory written by train.py")
-    return read_metrics(path)
-
-
 def plot(records: list[dict], out: Path, log_y: bool = False, title: str | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for key, label, style in SERIES:
@@ -118,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             out = plot_sweep(jobs, args.out or path / "loss.png", args.log_y,
                              title=f"{path} ({', '.join(corpora)})" if corpora else str(path))
         else:
-            records = read_run(path)
             run_dir = path if path.is_dir() else path.parent
+            file = run_dir / "metrics.jsonl" if path.is_dir() else path
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} does not exist: pass a run directory written by train.py")
+            records = read_metrics(file)  # a line cut short by a kill is dropped with a warning
             name = corpus(records)
             out = plot(records, args.out or run_dir / "loss.png", args.log_y,
                        title=f"{run_dir} ({name})" if name else str(run_dir))

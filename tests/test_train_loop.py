@@ -87,10 +87,11 @@ def test_plot_metrics_writes_png(trained):
 
 
 def test_plot_metrics_draws_a_sweeps_jobs_side_by_side_and_names_the_corpus(trained, tmp_path, capsys):
-    from scripts.plot_metrics import corpus, read_run, read_sweep
+    from engine.metrics import read_metrics
+    from scripts.plot_metrics import corpus, read_sweep
     from scripts.plot_metrics import main as plot_main
     run = Path(trained[1]["run_dir"])
-    assert corpus(read_run(run)) == trained[1]["corpus"]
+    assert corpus(read_metrics(run / "metrics.jsonl")) == trained[1]["corpus"]
     sweep = tmp_path / "multirun" / "2030-01-01" / "00-00-00"
     for num, lr in ((0, "1e-3"), (1, "3e-3")):
         (sweep / str(num) / ".hydra").mkdir(parents=True)

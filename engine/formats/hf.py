@@ -1,12 +1,10 @@
 """Hugging Face GPT-2 directories on disk: read one as a checkpoint-like dict, write one.
 
-The config and weight mapping itself is model/gpt2.py (in memory, no files); this file adds what
-touches disk or other libraries:
-  - reading: config.json + model.safetensors (or a weights-only pytorch_model.bin, or their sharded
-    indexes), and the tokenizer (tokenizer.json, else GPT-2's vocab.json + merges.txt);
-  - writing (save_hf): transformers' own save_pretrained, imported lazily so the extra stays optional;
-  - tokenizers: a `tokenizers` JSON is written as tokenizer.json + tokenizer_config.json; our char
-    vocabulary becomes a WordLevel model with one token per character (a round trip, see tests).
+The mapping itself is model/gpt2.py (in memory); this file reads config.json + model.safetensors (or
+a weights-only pytorch_model.bin, or their sharded indexes) and the tokenizer (tokenizer.json, else
+GPT-2's vocab.json + merges.txt) without transformers, and writes with transformers' own
+save_pretrained (imported lazily: the extra stays optional). Our char vocabulary is written as a
+WordLevel tokenizer with one token per character.
 """
 
 from __future__ import annotations
@@ -38,26 +36,14 @@ INSTALL_HINT = "transformers is not installed; install the optional extra: pip i
 
 
 # ---- reading an HF GPT-2 directory (no transformers needed) ----------------------------------------
-def is_hf_gpt2_dir(path: Path) -> bool:
-    """True for a directory whose config.json says model_type gpt2."""
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "gpt2"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-
-
-def load_hf_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """A local HF GPT-2 directory as a checkpoint-like dict (model, model_config, tokenizer, source)."""
-    path = Path(path).expanduser()
-    hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+def load_hf_dir(path: Path, hf_config: dict[str, Any], device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A local HF GPT-2 directory (hf_config: its config.json) as a checkpoint-like dict (model,
+    model_config, tokenizer, source)."""
     model_config = model_config_from_hf(hf_config, where=str(path / "config.json"))
     files = _weight_files(path)
     hf_sd: dict[str, torch.Tensor] = {}
     for f in files:
-        hf_sd.update(_read_weights(f, device))
+        hf_sd.update(read_weights(f, device))
     try:
         sd = from_hf_state_dict(hf_sd, model_config, where=str(files[0] if len(files) == 1 else path))
     except ValueError as e:  # weights that do not fit the config: a bad file, named in the message
@@ -78,7 +64,8 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has a GPT-2 config.json but no model.safetensors or pytorch_model.bin")
 
 
-def _read_weights(f: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+def read_weights(f: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a weights-only torch file, as a state dict; CheckpointError naming it."""
     if f.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -158,11 +145,8 @@ def require_transformers() -> Any:
 
 def save_hf(ckpt: dict[str, Any], out_dir: str | os.PathLike) -> list[str]:
     """Write ckpt (model, model_config, tokenizer) as an HF GPT-2 directory; returns the file names.
-
-    Refuses (ValueError naming the setting) before importing anything heavy when GPT-2 cannot
-    express the model. transformers writes config.json, generation_config.json and model.safetensors
-    itself, so the files match what its loader expects in whatever version is installed.
-    """
+    A model GPT-2 cannot express is refused (ValueError) before transformers is imported; transformers
+    writes its files itself, so they fit its loader in whatever version is installed."""
     cfg = check_gpt2_expressible(ckpt["model_config"])
     transformers = require_transformers()
     out_dir = Path(out_dir)

@@ -1,24 +1,18 @@
 """Loading a model from anywhere, and our pickle-free export format.
 
-`load_pretrained(path)` accepts, and tells apart by what is on disk:
-  - our checkpoint file, or a run directory (engine/checkpoint.py's order) -> source "checkpoint"
-  - our export directory (config.json with "format": "causalgpt")        -> source "export"
-  - a local Hugging Face GPT-2 directory (config.json, model_type gpt2)  -> source "hf"
-and returns a checkpoint-like dict {"model", "model_config", "tokenizer", "source"} (a checkpoint
-keeps its other keys too), so everything downstream (model_from_checkpoint, sample.py, a
-fine-tune's init_from) treats the three alike.
+`load_pretrained(path)` tells apart, by what is on disk, our checkpoint or run directory (source
+"checkpoint"), our export directory (config.json with "format": "causalgpt"; "export") and a local
+Hugging Face GPT-2 directory (model_type gpt2; "hf"), and returns a checkpoint-like dict {"model",
+"model_config", "tokenizer", "source"} that everything downstream treats alike.
 
-The export format is what we recommend sharing, because loading it runs no pickle:
+The export format, recommended for sharing because loading it runs no pickle:
     model.safetensors   the state dict (the tied LM head stored once, as wte.weight)
     config.json         {"format": "causalgpt", "format_version": 1, "model_config": {...}}
-    tokenizer.json      the tokenizer exactly as the checkpoint holds it (a `tokenizers` JSON, or
-                        our small char-vocabulary JSON), absent when the checkpoint has none
+    tokenizer.json      the checkpoint's tokenizer JSON as is, absent when it has none
 
-Writing survives kills: `save_export` writes each file atomically, config.json (what makes a
-directory an export) last; `write_dir` builds a whole directory beside its target and renames it
-into place. Overwriting an existing directory replaces file by file under a marker file
-(`.causalgpt-incomplete`), so a reader that finds the marker knows the files may come from two
-exports and stops with one line, as it does for a truncated or corrupt file.
+Writing survives kills: `save_export` writes each file atomically, config.json last; `write_dir`
+builds a directory beside its target and renames it into place, or replaces an existing one's files
+under a marker file (`.causalgpt-incomplete`) that makes a reader stop with one line.
 """
 
 from __future__ import annotations
@@ -38,7 +32,7 @@ from data.atomic import atomic_write, exclusive_lock, fsync_dir, make_temp_dir, 
 from model import GPT, ModelConfig
 
 from ..checkpoint import CheckpointError, check_weights, model_from_checkpoint, open_checkpoint
-from .hf import is_hf_gpt2_dir, load_hf_dir
+from .hf import load_hf_dir, read_weights
 
 EXPORT_FORMAT = "causalgpt"
 EXPORT_VERSION = 1
@@ -72,15 +66,8 @@ def save_export(ckpt: dict[str, Any], out_dir: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
 
 
-def is_export_dir(path: Path) -> bool:
-    """True for a directory whose config.json carries our format marker."""
-    return _read_json(path / CONFIG_FILE).get("format") == EXPORT_FORMAT
-
-
-def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """An export directory as a checkpoint-like dict."""
-    path = Path(path).expanduser()
-    config = _read_json(path / CONFIG_FILE)
+def load_export(path: Path, config: dict, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """An export directory (config: its config.json) as a checkpoint-like dict."""
     if config.get("format_version") != EXPORT_VERSION:
         raise CheckpointError(f"{path / CONFIG_FILE} has format_version {config.get('format_version')}, "
                               f"this code reads version {EXPORT_VERSION}; use the causalgpt release that wrote it")
@@ -88,12 +75,7 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"export {path} has no {WEIGHTS_FILE}")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        sd = load_file(weights, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights} is not a readable safetensors file ({e})") from e
+    sd = read_weights(weights, device)
     if model_config["tie_weights"] and "wte.weight" in sd:
         sd["lm_head.weight"] = sd["wte.weight"]
     check_weights({"model": sd, "model_config": model_config}, weights)
@@ -118,16 +100,16 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{path} was being overwritten when its writer stopped ({INCOMPLETE_MARKER} is "
                               "still there), so its files may come from two different models: export again "
                               "(overwrite=true)")
-    if path.is_dir() and (path / CONFIG_FILE).is_file() and _read_json(path / CONFIG_FILE, strict=True) is None:
+    config = _read_json(path / CONFIG_FILE) if path.is_dir() else {}
+    if config is None:
         raise CheckpointError(f"{path / CONFIG_FILE} is not a JSON object (truncated or corrupt): export again, "
                               "or restore the file")
-    if is_export_dir(path):
-        return load_export(path, device)
-    if is_hf_gpt2_dir(path):
-        return load_hf_dir(path, device)
-    if path.is_dir() and "model_type" in _read_json(path / CONFIG_FILE):
-        model_type = _read_json(path / CONFIG_FILE)["model_type"]
-        raise CheckpointError(f"{path / CONFIG_FILE}: model_type={model_type!r}; of Hugging Face models "
+    if config.get("format") == EXPORT_FORMAT:
+        return load_export(path, config, device)
+    if config.get("model_type") == "gpt2":
+        return load_hf_dir(path, config, device)
+    if "model_type" in config:
+        raise CheckpointError(f"{path / CONFIG_FILE}: model_type={config['model_type']!r}; of Hugging Face models "
                               "only GPT-2 (model_type 'gpt2') loads")
     try:
         file, ckpt = open_checkpoint(path, map_location=device)  # a run dir: its first one that loads
@@ -159,15 +141,15 @@ _ACCEPTED = ("pass a checkpoint (.pt), a run directory, an export directory (scr
              "or a Hugging Face GPT-2 directory")
 
 
-def _read_json(path: Path, strict: bool = False) -> dict | None:
-    """A JSON object file, or {} when it is absent or not a JSON object (None then, when strict)."""
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file, {} when it is absent, None when it is not a JSON object."""
     if not path.is_file():
         return {}
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return None if strict else {}
-    return obj if isinstance(obj, dict) else (None if strict else {})
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
@@ -191,19 +173,13 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def write_dir(out: Path, write: Any) -> list[str]:
-    """Call write(tmp_dir) on a fresh directory beside out, then put its files into out.
-
-    A new out appears whole (one rename) or not at all. An existing out (overwrite) gets our files
-    replaced by name and keeps any others; while that happens a marker file in it tells readers the
-    directory is incomplete, so a kill mid-way is one clear error, never a silent mix of two models.
-    Temporary directories of killed writers are removed first (under a lock, so never a live one's).
-    A disk error is a CheckpointError naming out; out is then unchanged, or marked incomplete."""
+    """Call write(tmp_dir) on a fresh directory beside out, then put its files into out: a new out
+    appears whole (one rename); an existing one (overwrite) has our files replaced by name, others
+    kept, under the incomplete-marker. Killed writers' temporary directories are removed first (under
+    a lock). A disk error is a CheckpointError naming out, which is unchanged or marked incomplete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out.parent / f".{out.name}.lock", waiting_for=f"another export into {out}"):
         remove_temps(out)
-        for stale in out.parent.glob(f".{out.name}.*"):  # mkdtemp's names, from earlier versions
-            if stale.is_dir() and re.fullmatch(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}", stale.name):
-                shutil.rmtree(stale, ignore_errors=True)
         tmp = make_temp_dir(out)
         try:
             write(tmp)
