@@ -9,7 +9,8 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.9" || e
 TORCH_INDEX ?=
 EXTRAS ?= dev,hf
 ARGS ?=
-PYTEST_ARGS ?=
+# The suite on every core (pytest-xdist); PYTEST_ARGS= runs it in one process.
+PYTEST_ARGS ?= -n auto
 STAMP := $(VENV)/.installed
 
 .PHONY: install train test lint clean clean-runs
