@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from data.config import DataConfig
-from data.loader import BatchLoader
+from data.loader import BatchLoader, val_batches
 from data.prepare import prepare
 from engine.evaluate import estimate_loss, fixed_batches
 from engine.runtime import Runtime
@@ -88,25 +88,31 @@ def test_top_k_keeps_the_kth_token(drawn_from):
 
 
 # ---- 2. the loader's random start reaches the last window and never runs past it -----------------
-def test_a_split_of_t_plus_1_tokens_gives_its_one_window_every_time(prepared):
+def random_batches(prepared, T: int, kind: str):
+    """50 batches of 4 random windows: the training loader's, or the fixed eval batches' draws."""
+    if kind == "train":
+        loader = BatchLoader(prepared, "val", batch_size=4, block_size=T, seed=0)
+        return [loader.next_batch() for _ in range(50)]
+    return list(val_batches(prepared, "val", 4, T, n_batches=50, seed=0))
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_a_split_of_t_plus_1_tokens_gives_its_one_window_every_time(prepared, kind):
     data = split_tokens(prepared, "val")
     T = len(data) - 1  # exactly one window of T + 1 tokens fits
-    loader = BatchLoader(prepared, "val", batch_size=4, block_size=T, seed=0)
-    for _ in range(50):
-        x, y = loader.next_batch()
+    for x, y in random_batches(prepared, T, kind):
         assert x.shape == y.shape == (4, T)
         assert all(torch.equal(row, data[:T]) for row in x)
         assert all(torch.equal(row, data[1 : T + 1]) for row in y)
 
 
-def test_a_split_of_t_plus_2_tokens_starts_at_0_and_at_1(prepared):
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_a_split_of_t_plus_2_tokens_starts_at_0_and_at_1(prepared, kind):
     data = split_tokens(prepared, "val")
     T = len(data) - 2  # two windows fit: starting at 0 and at 1, the last one ending on the last token
     assert not torch.equal(data[:T], data[1 : T + 1])  # the two windows can be told apart
-    loader = BatchLoader(prepared, "val", batch_size=4, block_size=T, seed=0)
     starts = set()
-    for _ in range(50):
-        x, y = loader.next_batch()
+    for x, y in random_batches(prepared, T, kind):
         for row_x, row_y in zip(x, y, strict=True):
             start = next(s for s in (0, 1) if torch.equal(row_x, data[s : s + T]))
             assert torch.equal(row_y, data[start + 1 : start + T + 1])
