@@ -4,29 +4,27 @@ run on the model as configured and on a copy with the causal mask removed, and t
 1. Perturbation: replacing every token after position t must leave the logits and every layer's
    hidden states at positions <= t unchanged. The original runs in the very same batch shape as the
    perturbed rows and is compared row by row, so both go through identical kernels in identical
-   order: any difference at a past position is information from the future, not rounding (with
-   the mask it is exactly 0.0). The smallest change after t is kept too, as evidence that the
-   perturbation reached the model, so a 0 is not a test that measured nothing: PASS needs it > 0.
+   order: any difference at a past position is information from the future, not rounding (with the
+   mask it is exactly 0.0). The smallest change after t is kept as evidence that the perturbation
+   reached the model, so that a 0 is not a test that measured nothing: PASS needs it > 0.
 2. Influence: I[t, s] = ||d h_t / d x_s||_F, how strongly the last block's output at t depends on
-   the input embedding at s, from autograd. With the mask, h_t is a function of x_0..x_t only, so
+   the input embedding at s, from autograd. With the mask h_t is a function of x_0..x_t only, so
    every entry with s > t is exactly 0.0. Each C x C Jacobian's norm comes from vector-Jacobian
    products: ||J||_F^2 = E ||v^T J||^2 for v ~ N(0, I) (Hutchinson), or exactly from the C basis
    vectors; a zero Jacobian gives exactly 0 with any probe, so the estimate never blurs the triangle.
-3. Generation: greedy tokens with the KV cache must equal those from recomputing the whole sequence.
-   The cache keeps each position's keys and values as computed without any later token; recomputing
-   rebuilds them with the whole sequence present, so the two agree only if nothing reads ahead. The
-   two paths run kernels of different shapes, so their logits differ by rounding; in bf16/fp16 that
-   rounding flips near-tied tokens, so this test always runs in float32 (autocast and TF32 off), and
-   a flip where both paths' logits agree within `tie_margin` is reported as a near-tie, not a leak.
-   The logits themselves must agree within float32 rounding too (see `logit_tolerance`): a model
-   that reads one token ahead can keep every greedy token and still move the logits.
+3. Generation: greedy tokens with the KV cache must equal those from recomputing the whole sequence:
+   the cache keeps each position's keys and values as computed without any later token, so the two
+   agree only if nothing reads ahead. The two paths run kernels of different shapes, and in bf16/fp16
+   that rounding flips near-tied tokens, so this test always runs in float32 (autocast and TF32 off),
+   and a flip where both paths' logits agree within `tie_margin` is a near-tie, not a leak. The logits
+   must agree within float32 rounding too (`logit_tolerance`): a model that reads one token ahead can
+   keep every greedy token and still move the logits.
 
 Every number must be finite. A mask that leaves a query row with nothing to read (say, one that hides
-each token from itself: row 0 is empty) makes the explicit softmax 0/0 = NaN, and NaN compared with
-any tolerance is False: without this rule such a model would "show no leakage". Any NaN or inf in any
-test, on either model, or in the weights, makes the verdict FAIL. (The weights are checked directly:
-torch's CPU sdpa returns zeros for a query row of NaN scores, so a NaN query weight can leave every
-forward output finite.)
+each token from itself) makes the explicit softmax 0/0 = NaN, and NaN compared with any tolerance is
+False: without this rule such a model would "show no leakage". Any NaN or inf in any test, on either
+model, or in the weights, makes the verdict FAIL. (The weights are checked directly: torch's CPU sdpa
+returns zeros for a query row of NaN scores, so a NaN query weight can leave every output finite.)
 
 The mask-off copy (same weights, causal=False) is the control: a test that reports 0 convinces only
 if the same test on the same weights shows clear leakage once the mask is gone; if it does not, the
@@ -45,12 +43,12 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from model import GPT, Trace
+from model import GPT
 from model.generate import generate_tokens
 
 log = logging.getLogger(__name__)
@@ -88,33 +86,22 @@ class LeakageConfig:
     logit_eps: float = 2.0
 
 
-def _max(values: Iterable[float]) -> float:
-    """max() that is NaN when any value is NaN (Python's max then depends on the order)."""
+def _strict(pick: Callable[[list[float]], float], values: Iterable[float]) -> float:
+    """max() or min() that is NaN when any value is NaN (Python's max then depends on the order)."""
     values = list(values)
-    return math.nan if any(math.isnan(v) for v in values) else max(values)
-
-
-def _min(values: Iterable[float]) -> float:
-    values = list(values)
-    return math.nan if any(math.isnan(v) for v in values) else min(values)
+    return math.nan if any(math.isnan(v) for v in values) else pick(values)
 
 
 def _nonfinite(*tensors: torch.Tensor) -> int:
-    """How many elements of the tensors are NaN or +-inf."""
     return sum(int((~torch.isfinite(t)).sum()) for t in tensors)
 
 
 def variant(model: GPT, **changes) -> GPT:
     """The same weights run another way, e.g. variant(model, causal=False) for the mask-off control
     or attn="explicit". A new module: the original is left untouched."""
-    config = dataclasses.replace(model.config, **changes)
-    other = GPT(config).to(model.wte.weight.device).eval()
+    other = GPT(dataclasses.replace(model.config, **changes)).to(model.wte.weight.device).eval()
     other.load_state_dict(model.state_dict())
     return other
-
-
-def _autocast(ctx: contextlib.AbstractContextManager | None) -> contextlib.AbstractContextManager:
-    return ctx or contextlib.nullcontext()
 
 
 # ---- test 1: perturbation --------------------------------------------------------------------------
@@ -132,38 +119,21 @@ class PerturbationResult:
 
     @property
     def max_logits(self) -> float:
-        return _max(self.logits)
+        return _strict(max, self.logits)
 
     @property
     def max_hidden_per_layer(self) -> list[float]:
-        return [_max(col) for col in zip(*self.hidden, strict=True)]
+        return [_strict(max, col) for col in zip(*self.hidden, strict=True)]
 
     @property
     def max_past(self) -> float:
         """The headline number: the largest change anywhere at or before the perturbed position."""
-        return _max([self.max_logits, *self.max_hidden_per_layer])
+        return _strict(max, [self.max_logits, *self.max_hidden_per_layer])
 
     @property
     def min_future(self) -> float:
         """The smallest effect the perturbation had on later positions (over all t)."""
-        return _min(self.future_logits)
-
-    @property
-    def finite(self) -> bool:
-        return self.nonfinite_logits == 0 and self.nonfinite_hidden == 0
-
-
-def perturb_future(idx: torch.Tensor, positions: torch.Tensor, vocab_size: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Rows of idx (1, T) where, for row r, every token after positions[r] is replaced by a random
-    token different from the original. Returns (R, T)."""
-    R, T = positions.shape[0], idx.shape[1]
-    rows = idx.expand(R, T).clone()  # (R, T)
-    future = torch.arange(T, device=idx.device)[None, :] > positions[:, None]  # (R, T)
-    # Adding 1..V-1 modulo V changes every future token: no trial can leave one as it was.
-    shift = torch.randint(1, vocab_size, (R, T), generator=generator, device="cpu").to(idx.device)
-    rows[future] = (rows[future] + shift[future]) % vocab_size
-    return rows
+        return _strict(min, self.future_logits)
 
 
 @torch.no_grad()
@@ -171,7 +141,8 @@ def perturbation_test(model: GPT, idx: torch.Tensor, *, trials: int = 3, seed: i
                       autocast: contextlib.AbstractContextManager | None = None) -> PerturbationResult:
     """Run the perturbation test on one prompt idx (1, T), T >= 2."""
     if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] < 2:
-        raise ValueError(f"the perturbation test needs one prompt of at least 2 tokens, got shape {tuple(idx.shape)}")
+        raise ValueError("the leakage check needs one prompt of at least 2 tokens (seq_len >= 2, or a longer prompt), "
+                         f"got shape {tuple(idx.shape)}")
     if trials < 1:
         raise ValueError(f"leakage.trials must be >= 1, got {trials}")
     model.eval()
@@ -179,35 +150,37 @@ def perturbation_test(model: GPT, idx: torch.Tensor, *, trials: int = 3, seed: i
     generator = torch.Generator().manual_seed(seed)
     positions = torch.arange(T - 1, device=idx.device).repeat_interleave(trials)  # (R,): t of each row
     chunk = max(1, _CHUNK_ELEMENTS // (T * (V + cfg.n_embd * cfg.n_layer)))
+    bad = [0, 0]  # non-finite elements in the logits, in the hidden states
 
-    past_logits, future_logits, past_hidden = [], [], []
-    bad_logits = bad_hidden = 0
-    base_by_rows: dict[int, Trace] = {}
+    def outputs(rows: torch.Tensor) -> list[torch.Tensor]:
+        """The logits and every layer's hidden state for rows (R, T), each (R, T, V or C)."""
+        trace = model.trace(rows)
+        bad[0] += _nonfinite(trace.logits)
+        bad[1] += _nonfinite(*trace.hidden)
+        return [trace.logits, *trace.hidden]
+
+    past, after, base_by_rows = [], [], {}
     for start in range(0, positions.shape[0], chunk):
         pos = positions[start:start + chunk]  # (R,)
         R = pos.shape[0]
-        rows = perturb_future(idx, pos, V, generator)  # (R, T)
-        with _autocast(autocast):
+        rows = idx.expand(R, T).clone()  # (R, T)
+        future = torch.arange(T, device=idx.device)[None, :] > pos[:, None]  # (R, T): after each row's t
+        # Adding 1..V-1 modulo V changes every future token: no trial can leave one as it was.
+        shift = torch.randint(1, V, (R, T), generator=generator, device="cpu").to(idx.device)
+        rows[future] = (rows[future] + shift[future]) % V
+        with autocast or contextlib.nullcontext():
             if R not in base_by_rows:  # the original, in the same batch shape (see the top of this file)
-                base_by_rows[R] = base = model.trace(idx.expand(R, T).contiguous())
-                bad_logits, bad_hidden = bad_logits + _nonfinite(base.logits), bad_hidden + _nonfinite(*base.hidden)
-            base = base_by_rows[R]
-            pert = model.trace(rows)
-        bad_logits, bad_hidden = bad_logits + _nonfinite(pert.logits), bad_hidden + _nonfinite(*pert.hidden)
-        past = torch.arange(T, device=idx.device)[None, :] <= pos[:, None]  # (R, T)
-        d_logits = (pert.logits.float() - base.logits.float()).abs().amax(dim=-1)  # (R, T)
-        past_logits.append(d_logits.masked_fill(~past, 0).amax(dim=1))  # (R,)
-        future_logits.append(d_logits.masked_fill(past, float("inf")).amin(dim=1))  # (R,): smallest effect
-        layers = [(p.float() - b.float()).abs().amax(dim=-1).masked_fill(~past, 0).amax(dim=1)  # (R,)
-                  for p, b in zip(pert.hidden, base.hidden, strict=True)]
-        past_hidden.append(torch.stack(layers, dim=1))  # (R, n_layer)
+                base_by_rows[R] = outputs(idx.expand(R, T).contiguous())
+            pert = outputs(rows)
+        change = torch.stack([(p.float() - b.float()).abs().amax(dim=-1)  # (R, T) per output
+                              for p, b in zip(pert, base_by_rows[R], strict=True)], dim=1)  # (R, 1 + n_layer, T)
+        past.append(change.masked_fill(future[:, None], 0).amax(dim=-1))  # (R, 1 + n_layer)
+        after.append(change[:, 0].masked_fill(~future, math.inf).amin(dim=1))  # (R,): the logits' smallest effect
 
     # Largest change over the trials of each t (smallest, for the future effect).
-    p_logits = torch.cat(past_logits).view(T - 1, trials).amax(dim=1)  # (T-1,)
-    f_logits = torch.cat(future_logits).view(T - 1, trials).amin(dim=1)  # (T-1,)
-    p_hidden = torch.cat(past_hidden).view(T - 1, trials, cfg.n_layer).amax(dim=1)  # (T-1, n_layer)
-    return PerturbationResult(list(range(T - 1)), trials, p_logits.tolist(), p_hidden.tolist(), f_logits.tolist(),
-                              bad_logits, bad_hidden)
+    p = torch.cat(past).view(T - 1, trials, 1 + cfg.n_layer).amax(dim=1)  # (T-1, 1 + n_layer)
+    f = torch.cat(after).view(T - 1, trials).amin(dim=1)  # (T-1,)
+    return PerturbationResult(list(range(T - 1)), trials, p[:, 0].tolist(), p[:, 1:].tolist(), f.tolist(), *bad)
 
 
 # ---- test 2: influence ---------------------------------------------------------------------------
@@ -224,29 +197,27 @@ def influence_matrix(model: GPT, idx: torch.Tensor, *, probes: int | None = 8, s
     if probes is not None and probes < 1:
         raise ValueError(f"leakage.probes must be >= 1 (or null for the exact norm), got {probes}")
     model.eval()
-    T, C = idx.shape[1], model.config.n_embd
-    device = idx.device
+    T, C, device = idx.shape[1], model.config.n_embd, idx.device
     with torch.no_grad():
         x0 = model.embed(idx)  # (1, T, C)
-    n_probes = C if probes is None else probes
-    t_of_row = torch.arange(T).repeat_interleave(n_probes)  # (T * n_probes,)
-    if probes is None:
-        vectors = torch.eye(C).repeat(T, 1)  # (T * C, C): every basis vector at every t
+    if probes is None:  # every basis vector at every t
+        t_of_row, vectors = torch.arange(T).repeat_interleave(C), torch.eye(C).repeat(T, 1)  # (T * C,), (T * C, C)
     else:
-        vectors = torch.randn(T * n_probes, C, generator=torch.Generator().manual_seed(seed))  # (T * probes, C)
+        t_of_row = torch.arange(T).repeat_interleave(probes)  # (T * probes,)
+        vectors = torch.randn(T * probes, C, generator=torch.Generator().manual_seed(seed))  # (T * probes, C)
 
     squared = torch.zeros(T, T)  # accumulates sum over probes of ||v^T J_ts||^2
     broken = torch.zeros(T, dtype=torch.bool)  # rows t where h_t is NaN or inf
     for start in range(0, t_of_row.shape[0], _ROWS_PER_PASS):
         ts = t_of_row[start:start + _ROWS_PER_PASS]
-        R = ts.shape[0]
+        R, rows = ts.shape[0], torch.arange(ts.shape[0])
         x = x0.expand(R, T, C).clone().requires_grad_(True)  # (R, T, C)
-        with torch.enable_grad(), _autocast(autocast):
+        with torch.enable_grad(), autocast or contextlib.nullcontext():
             h = model.trace(embeds=x).hidden[-1]  # (R, T, C)
         seed_grad = torch.zeros(R, T, C, device=device, dtype=h.dtype)
-        seed_grad[torch.arange(R), ts.to(device)] = vectors[start:start + R].to(device, h.dtype)
+        seed_grad[rows, ts.to(device)] = vectors[start:start + R].to(device, h.dtype)
         (grad,) = torch.autograd.grad(h, x, grad_outputs=seed_grad)  # (R, T, C): row r = v_r^T dh_t/dx
-        broken[ts[~torch.isfinite(h[torch.arange(R), ts.to(device)]).all(dim=-1).cpu()]] = True  # h[r, t_r]: (R, C)
+        broken[ts[~torch.isfinite(h[rows, ts.to(device)]).all(dim=-1).cpu()]] = True  # h[r, t_r]: (R, C)
         squared.index_add_(0, ts, grad.float().pow(2).sum(dim=-1).cpu())  # (R, T) summed into rows t
     if probes is not None:
         squared /= probes
@@ -302,10 +273,6 @@ class ConsistencyResult:
         return self.max_logit_diff <= self.logit_tolerance
 
     @property
-    def finite(self) -> bool:
-        return self.nonfinite_logits == 0
-
-    @property
     def near_tie(self) -> bool:
         """The tokens differ only where two tokens were tied within tie_margin and both paths agreed
         within tie_margin: rounding, not information from the future."""
@@ -341,22 +308,19 @@ def cache_consistency(model: GPT, idx: torch.Tensor, max_new_tokens: int, *,
         # logits each token was picked from: a slip in how generation feeds the cache shows here.
         steps = list(generate_tokens(model, idx, max_new_tokens, temperature=0.0, use_cache=True, with_logits=True))
         cached = torch.cat([idx, *(tok for tok, _ in steps)], dim=1)  # (1, T + N)
-        step_logits = [logits[0].float() for _, logits in steps]  # N x (V,)
+        on_cache = [logits[0].float() for _, logits in steps]  # N x (V,)
         recomputed = model.generate(idx, max_new_tokens, temperature=0.0, use_cache=False)  # (1, T + N)
         # Recomputed next-token logits on the same (cached) prefixes: up to the first mismatch these are
         # exactly the logits the recomputing path picked its token from.
-        full_logits = [model(cached[:, :i])[0][0, -1].float() for i in range(T, T + max_new_tokens)]  # N x (V,)
-    diffs = [(a - b).abs().max().item() for a, b in zip(step_logits, full_logits, strict=True)]
-    result = ConsistencyResult(T, cached[0, T:].tolist(), recomputed[0, T:].tolist(), _max(diffs),
-                               tie_margin=tie_margin,
-                               logit_tolerance=logit_tolerance(step_logits + full_logits, model.config.n_embd,
-                                                               logit_eps),
-                               nonfinite_logits=_nonfinite(*step_logits, *full_logits))
+        on_full = [model(cached[:, :i])[0][0, -1].float() for i in range(T, T + max_new_tokens)]  # N x (V,)
+    diffs = [(a - b).abs().max().item() for a, b in zip(on_cache, on_full, strict=True)]
+    result = ConsistencyResult(T, cached[0, T:].tolist(), recomputed[0, T:].tolist(), _strict(max, diffs),
+                               tie_margin=tie_margin, nonfinite_logits=_nonfinite(*on_cache, *on_full),
+                               logit_tolerance=logit_tolerance(on_cache + on_full, model.config.n_embd, logit_eps))
     if (i := result.first_mismatch) is not None:
         a, b = result.cached[i], result.recomputed[i]
-        on_cache, on_full = step_logits[i], full_logits[i]
         result.flip_logit_diff = diffs[i]
-        result.flip_gap = _max([(on_cache[a] - on_cache[b]).item(), (on_full[b] - on_full[a]).item()])
+        result.flip_gap = _strict(max, [(on_cache[i][a] - on_cache[i][b]).item(), (on_full[i][b] - on_full[i][a]).item()])
     return result
 
 
@@ -377,30 +341,26 @@ class ModelChecks:
         return self.influence[torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)]
 
     @property
-    def max_past_change(self) -> float:
-        """Largest change at past positions over the perturbation tests of both attention paths."""
-        return _max(p.max_past for _, p in self.perturbations)
-
-    @property
     def perturbations(self) -> list[tuple[str, PerturbationResult]]:
         """(what ran, result) for the perturbation test through each attention path that ran it."""
-        runs = [("perturbation", self.perturbation)]
-        if self.other_impl is not None:
-            runs.append((f"perturbation through attn={self.other_impl[0]}", self.other_impl[1]))
-        return runs
+        other = [] if self.other_impl is None else [(f"perturbation through attn={self.other_impl[0]}",
+                                                     self.other_impl[1])]
+        return [("perturbation", self.perturbation), *other]
+
+    @property
+    def max_past_change(self) -> float:
+        """Largest change at past positions over the perturbation tests of both attention paths."""
+        return _strict(max, (p.max_past for _, p in self.perturbations))
 
     @property
     def nonfinite(self) -> list[str]:
         """Each test that met a NaN or inf, and how many (empty: every number was finite)."""
-        found = []
-        for name, p in self.perturbations:
-            if not p.finite:
-                found.append(f"{name}: non-finite logits ({p.nonfinite_logits}) and hidden states "
-                             f"({p.nonfinite_hidden}), NaN or inf")
-        if bad := int((~torch.isfinite(self.influence)).sum()):
+        found = [f"{name}: non-finite logits ({p.nonfinite_logits}) and hidden states ({p.nonfinite_hidden}), NaN or inf"
+                 for name, p in self.perturbations if p.nonfinite_logits or p.nonfinite_hidden]
+        if bad := _nonfinite(self.influence):
             found.append(f"influence: {bad}/{self.influence.numel()} entries non-finite (the output h_t is NaN or inf)")
-        if not self.consistency.finite:
-            found.append(f"generation: non-finite logits ({self.consistency.nonfinite_logits}), NaN or inf")
+        if bad := self.consistency.nonfinite_logits:
+            found.append(f"generation: non-finite logits ({bad}), NaN or inf")
         return found
 
 
@@ -428,13 +388,12 @@ class LeakageReport:
     @property
     def leaks(self) -> list[str]:
         """What found leakage in the model as configured (empty: none)."""
-        found, tol = [], self.settings.tolerance
+        found, tol, c = [], self.settings.tolerance, self.masked.consistency
         if self.masked.max_past_change > tol:
             found.append(f"perturbation: past positions changed by {self.masked.max_past_change:.3g}")
         upper = self.masked.influence_above_diagonal
         if upper.numel() and upper.max().item() > tol:
             found.append(f"influence: d h_t / d x_s reaches {upper.max().item():.3g} for s > t")
-        c = self.masked.consistency
         if not c.equal and not c.near_tie:
             found.append(f"generation: cached and recomputed tokens differ from step {c.first_mismatch}")
         if c.max_logit_diff > c.logit_tolerance:
@@ -486,8 +445,7 @@ def _checks(label: str, model: GPT, idx: torch.Tensor, s: LeakageConfig, seed: i
     other = None
     if other_impl:  # the same test through the other attention implementation (same weights)
         impl = "explicit" if model.config.attn == "sdpa" else "sdpa"
-        other = (impl, perturbation_test(variant(model, attn=impl), idx, trials=s.trials, seed=seed,
-                                         autocast=autocast))
+        other = (impl, perturbation_test(variant(model, attn=impl), idx, trials=s.trials, seed=seed, autocast=autocast))
     n = min(s.influence_len, idx.shape[1])
     log.info("%s: influence map over %d positions", label, n)
     infl = influence_matrix(model, idx[:, :n], probes=s.probes, seed=seed, autocast=autocast)
@@ -503,8 +461,6 @@ def run_leakage_check(model: GPT, idx: torch.Tensor, settings: LeakageConfig | N
     """Run the three tests on model and on its mask-off copy, for the prompt idx (1, T), T >= 2.
     autocast: the precision of the perturbation and influence tests (generation runs in float32)."""
     s = settings or LeakageConfig()
-    if idx.shape[1] < 2:
-        raise ValueError("the leakage check needs a prompt of at least 2 tokens (seq_len >= 2, or a longer prompt)")
     masked = _checks("mask on" if model.config.causal else "as configured (causal=False)", model, idx, s, seed,
                      autocast, other_impl=True)
     unmasked = _checks("mask removed", variant(model, causal=False), idx, s, seed, autocast, other_impl=False)
