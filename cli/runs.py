@@ -59,16 +59,12 @@ def _claim_stamp(base: str | None) -> str:
     now = time.strftime("%Y-%m-%d/%H-%M-%S")
     if base is None:
         return now
+    (Path(base) / now).parent.mkdir(parents=True, exist_ok=True)
     for n in itertools.count(1):
         stamp = now if n == 1 else f"{now}-{n}"
-        path = Path(base) / stamp
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            path.mkdir()
+        with contextlib.suppress(FileExistsError):
+            (Path(base) / stamp).mkdir()  # fails when another launch holds it: try the next suffix
             return stamp
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
 
 
 _FRESH: list[Path] = []  # the run directory of this launch when it found it empty (remove_if_unstarted)
@@ -194,10 +190,8 @@ def _resuming(resume: str | None, out_dir: Path) -> bool:
 
 def _check_run_dir(out_dir: Path, resume: str | None, overwrite: bool) -> None:
     auto = str(resume).lower() == "auto"
-    if overwrite and _resuming(resume, out_dir) and not auto:
+    if overwrite and (auto or _resuming(resume, out_dir)):
         raise ValueError(f"resume={resume} continues a run and overwrite=true starts over: give one of them")
-    if overwrite and auto:
-        raise ValueError("resume=auto continues the run in out_dir and overwrite=true starts over: give one of them")
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     found += sorted(p.name for p in out_dir.glob(STEP_CHECKPOINTS))
     if not found or _resuming(resume, out_dir):
