@@ -190,17 +190,14 @@ def logit_tolerance(logits: Iterable[torch.Tensor], n_embd: int, logit_eps: floa
     """How far two float32 computations of the same logits may drift apart by rounding alone:
     logit_eps x eps(dtype) x sqrt(n_embd) x max(1, max |logit|).
 
-    Why this form: every logit ends a chain of C-long dot products, and two summation orders of a
-    C-long sum differ by a random walk of rounding errors, about sqrt(C) units of eps relative to the
-    result; max |logit| (at least 1: LayerNorm keeps the hidden states O(1) even when the logits are
-    small) sets the magnitude. Measured on CPU, fp32, KV cache vs recomputation, in these units: healthy
-    models 16 to 768 wide, 2 to 12 layers, random init and trained, reach at most 0.6; a mask that reads
-    one token ahead gives 3.5 (the random-init `small` preset, whose near-uniform attention barely moves
-    anything), 14 (a 16-wide model with 3x-scaled weights: 6.5e-6 against 1.8e-7 healthy) and 3e4 (a
-    char model after 100 steps). logit_eps = 2 leaves a factor of three above rounding and still flags
-    the weakest of those; at |logit| ~ 1 and C = 32 it allows 1.35e-6, between 4.8e-7 (rounding) and
-    5.7e-6 (a look-ahead). A look-ahead too weak to clear rounding here is still caught by the
-    perturbation test, which needs exactly 0.0."""
+    Why this form: two summation orders of a C-long dot product differ by a random walk of rounding
+    errors, about sqrt(C) units of eps relative to the result; max |logit| (at least 1: LayerNorm keeps
+    the hidden states O(1) even when the logits are small) sets the magnitude. Measured on CPU, fp32, in
+    these units: healthy models 16 to 768 wide, 2 to 12 layers, random init and trained, reach at most
+    0.6; a mask that reads one token ahead gives 3.5 (the random-init `small` preset), 14 (a 16-wide
+    model with 3x-scaled weights) and 3e4 (a char model after 100 steps). logit_eps = 2 sits between;
+    at |logit| ~ 1 and C = 32 it allows 1.35e-6, between 4.8e-7 (rounding) and 5.7e-6 (a look-ahead). A
+    look-ahead too weak to clear rounding is still caught by the perturbation test (exactly 0.0)."""
     finite = [t[torch.isfinite(t)] for t in logits]
     scale = max([1.0, *(t.abs().max().item() for t in finite if t.numel())])
     return logit_eps * torch.finfo(dtype).eps * math.sqrt(n_embd) * scale
