@@ -7,16 +7,8 @@
     scripts.py  key=value arguments for the scripts without Hydra
     presets.py  model_preset(name): a named size from configs/model/, outside Hydra
 
-    import cli
-    cli.register_configs()          # schemas of the config groups + the train root, once
-
-    @hydra.main(config_path=cli.CONFIG_DIR, config_name="train", version_base="1.3")
-    @cli.main_guard
-    def main(cfg: DictConfig) -> None: ...
-
-    if __name__ == "__main__":
-        sys.argv = cli.quote_free_text(sys.argv, cli.TRAIN_TEXT)  # prompts, paths, names as typed
-        main()
+An entry point calls cli.register_configs() once, wraps its task function in @cli.main_guard below
+@hydra.main(config_path=cli.CONFIG_DIR, ...), and passes argv through cli.quote_free_text first.
 """
 
 from __future__ import annotations
