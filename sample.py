@@ -11,10 +11,8 @@ Free text is taken as the shell hands it over: `prompt=Où est-il ?`, `prompt="T
 `prompt='He said "hi"'` need no Hydra quoting (cli.quote_free_text does it); prompt=- reads standard
 input and prompt_file= a file.
 
-Exit status: 0 done; 2 a user error (one line on stderr); mode=leakage 1 when information from the
-future reaches the past, 3 when the mask-off control shows no leakage either (inconclusive), 4 when
-a test meets NaN or inf (it then proves nothing);
-mode=attention 1 when a causal model gives weight to a later token.
+Exit status: 0 done; 2 a user error (one line on stderr); mode=leakage 1 LEAK, 3 INCONCLUSIVE, 4 FAIL
+(causality/leakage.py says when); mode=attention 1 when a causal model gives weight to a later token.
 
 Every option is documented in SampleConfig below; configs/sample.yaml chooses the defaults. The
 console belongs to this file: generated text goes to stdout, everything else (progress, warnings,
@@ -234,8 +232,8 @@ def attention(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, std
     stdout.write(f"attention weights of {loaded.source} for a {idx.shape[1]}-token prompt: {n_layer} layers x "
                  f"{n_head} heads\n{maps.path_line()}\n{maps.zero_line()}\n"
                  f"files: {maps.grid_file} (all heads), {out}/layer<L>_head<H>.png, {out / 'attention.json'}\n")
-    images = {"attention/grid": maps.grid_file}
-    images.update({f"attention/layer{layer}_head{head}": p for (layer, head), p in maps.head_files.items()})
+    images = {"attention/grid": maps.grid_file,
+              **{f"attention/layer{layer}_head{head}": p for (layer, head), p in maps.head_files.items()}}
     log_images(cfg, out, images, {"max_weight_above_diagonal": maps.max_above_diagonal})
     return 1 if maps.broken_mask else 0
 

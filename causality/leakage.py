@@ -1,32 +1,11 @@
-"""The leakage check: three tests that information cannot flow from later tokens to earlier ones,
-run on the model as configured and on a copy with the causal mask removed, and the verdict.
-
-1. Perturbation: replacing every token after position t must leave the logits and every layer's
-   hidden states at positions <= t unchanged. The original runs in the very same batch shape as the
-   perturbed rows and is compared row by row, so both go through identical kernels in identical
-   order: any difference at a past position is information from the future, not rounding (with
-   the mask it is exactly 0.0). The smallest change after t is kept too, as evidence that the
-   perturbation reached the model, so a 0 is not a test that measured nothing: PASS needs it > 0.
-2. Influence: I[t, s] = ||d h_t / d x_s||_F, how strongly the last block's output at t depends on
-   the input embedding at s, from autograd. With the mask, h_t is a function of x_0..x_t only, so
-   every entry with s > t is exactly 0.0. Each C x C Jacobian's norm comes from vector-Jacobian
-   products: ||J||_F^2 = E ||v^T J||^2 for v ~ N(0, I) (Hutchinson), or exactly from the C basis
-   vectors; a zero Jacobian gives exactly 0 with any probe, so the estimate never blurs the triangle.
-3. Generation: greedy tokens with the KV cache must equal those from recomputing the whole sequence.
-   The cache keeps each position's keys and values as computed without any later token; recomputing
-   rebuilds them with the whole sequence present, so the two agree only if nothing reads ahead. The
-   two paths run kernels of different shapes, so their logits differ by rounding; in bf16/fp16 that
-   rounding flips near-tied tokens, so this test always runs in float32 (autocast and TF32 off), and
-   a flip where both paths' logits agree within `tie_margin` is reported as a near-tie, not a leak.
-   The logits themselves must agree within float32 rounding too (see `logit_tolerance`): a model
-   that reads one token ahead can keep every greedy token and still move the logits.
+"""The leakage check: the three tests of leakage_tests.py (perturbation, influence, KV cache vs
+recomputation) run on the model as configured and on a copy with the causal mask removed; the verdict.
 
 Every number must be finite. A mask that leaves a query row with nothing to read (say, one that hides
-each token from itself: row 0 is empty) makes the explicit softmax 0/0 = NaN, and NaN compared with
-any tolerance is False: without this rule such a model would "show no leakage". Any NaN or inf in any
-test, on either model, or in the weights, makes the verdict FAIL. (The weights are checked directly:
-torch's CPU sdpa returns zeros for a query row of NaN scores, so a NaN query weight can leave every
-forward output finite.)
+each token from itself) makes the explicit softmax 0/0 = NaN, and NaN compared with any tolerance is
+False: without this rule such a model would "show no leakage". Any NaN or inf in any test, on either
+model, or in the weights, makes the verdict FAIL. (The weights are checked directly: torch's CPU sdpa
+returns zeros for a query row of NaN scores, so a NaN query weight can leave every output finite.)
 
 The mask-off copy (same weights, causal=False) is the control: a test that reports 0 convinces only
 if the same test on the same weights shows clear leakage once the mask is gone; if it does not, the
@@ -35,33 +14,36 @@ check is INCONCLUSIVE (say, the prompt is too short), not a pass.
 Verdicts (and sample.py's exit codes): PASS 0, LEAK 1 (information from the future reaches the
 past in the model as configured), INCONCLUSIVE 3 (the control showed no leakage either, or the
 perturbation left a later position unchanged), FAIL 4 (a test met a NaN or inf: it proves nothing).
-
-Shapes: R rows of a batch, T time, C channels, V vocab, N new tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import math
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from model import GPT, Trace
-from model.generate import generate_tokens
+from model import GPT
+
+from .leakage_tests import (
+    ConsistencyResult,
+    PerturbationResult,
+    cache_consistency,
+    count_nonfinite,
+    influence_matrix,
+    logit_tolerance,
+    nan_or,
+    perturbation_test,
+    variant,
+)
+
+__all__ = ["EXIT_CODES", "ConsistencyResult", "LeakageConfig", "LeakageReport", "ModelChecks", "PerturbationResult",
+           "cache_consistency", "influence_matrix", "logit_tolerance", "perturbation_test", "run_leakage_check", "variant"]
 
 log = logging.getLogger(__name__)
 
 EXIT_CODES = {"PASS": 0, "LEAK": 1, "INCONCLUSIVE": 3, "FAIL": 4}
-# Perturbation: elements of activations kept per chunk of rows (~256 MB in fp32), which bounds memory
-# for large vocabularies and long prompts without slowing small models down.
-_CHUNK_ELEMENTS = 1 << 26
-# Influence: prompt copies per backward pass, enough to amortise the passes on CPU and few enough to
-# keep a small model's activations well under a gigabyte.
-_ROWS_PER_PASS = 128
 
 
 @dataclass
@@ -79,288 +61,13 @@ class LeakageConfig:
     tolerance: float = 0.0
     # The mask-off control must change the past by more than this, or the check is inconclusive.
     control_min: float = 1e-4
-    # Generation test: a flipped token is a near-tie (rounding), not a leak, when at that step the two
-    # paths' logits agree within this many nats and so do the two tokens' logits (probabilities within
-    # a factor e^tie_margin). Float32 rounding between the paths is ~1e-6 for small models.
+    # Generation test: a flipped token is a near-tie (rounding), not a leak, when the two paths' logits
+    # and the two tokens' logits agree within this many nats (float32 rounding is ~1e-6 for small models).
     tie_margin: float = 1e-3
-    # Generation test: the two paths' next-token logits must agree within this many float32 rounding
-    # units, logit_eps x eps x sqrt(n_embd) x max(1, max |logit|) (see logit_tolerance for why).
+    # Generation test: the paths' logits must agree within this many float32 rounding units (logit_tolerance).
     logit_eps: float = 2.0
 
 
-def _max(values: Iterable[float]) -> float:
-    """max() that is NaN when any value is NaN (Python's max then depends on the order)."""
-    values = list(values)
-    return math.nan if any(math.isnan(v) for v in values) else max(values)
-
-
-def _min(values: Iterable[float]) -> float:
-    values = list(values)
-    return math.nan if any(math.isnan(v) for v in values) else min(values)
-
-
-def _nonfinite(*tensors: torch.Tensor) -> int:
-    """How many elements of the tensors are NaN or +-inf."""
-    return sum(int((~torch.isfinite(t)).sum()) for t in tensors)
-
-
-def variant(model: GPT, **changes) -> GPT:
-    """The same weights run another way, e.g. variant(model, causal=False) for the mask-off control
-    or attn="explicit". A new module: the original is left untouched."""
-    config = dataclasses.replace(model.config, **changes)
-    other = GPT(config).to(model.wte.weight.device).eval()
-    other.load_state_dict(model.state_dict())
-    return other
-
-
-def _autocast(ctx: contextlib.AbstractContextManager | None) -> contextlib.AbstractContextManager:
-    return ctx or contextlib.nullcontext()
-
-
-# ---- test 1: perturbation --------------------------------------------------------------------------
-@dataclass
-class PerturbationResult:
-    """Per tested position t (every t with a future, 0 .. T-2), the largest |change| over trials."""
-    positions: list[int]
-    trials: int
-    logits: list[float]  # at positions <= t: must be 0 with the mask
-    hidden: list[list[float]]  # [t][layer], at positions <= t
-    future_logits: list[float]  # at positions > t: the perturbation's own effect
-    # NaN or inf elements in the logits / hidden states of the original and perturbed rows.
-    nonfinite_logits: int = 0
-    nonfinite_hidden: int = 0
-
-    @property
-    def max_logits(self) -> float:
-        return _max(self.logits)
-
-    @property
-    def max_hidden_per_layer(self) -> list[float]:
-        return [_max(col) for col in zip(*self.hidden, strict=True)]
-
-    @property
-    def max_past(self) -> float:
-        """The headline number: the largest change anywhere at or before the perturbed position."""
-        return _max([self.max_logits, *self.max_hidden_per_layer])
-
-    @property
-    def min_future(self) -> float:
-        """The smallest effect the perturbation had on later positions (over all t)."""
-        return _min(self.future_logits)
-
-    @property
-    def finite(self) -> bool:
-        return self.nonfinite_logits == 0 and self.nonfinite_hidden == 0
-
-
-def perturb_future(idx: torch.Tensor, positions: torch.Tensor, vocab_size: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Rows of idx (1, T) where, for row r, every token after positions[r] is replaced by a random
-    token different from the original. Returns (R, T)."""
-    R, T = positions.shape[0], idx.shape[1]
-    rows = idx.expand(R, T).clone()  # (R, T)
-    future = torch.arange(T, device=idx.device)[None, :] > positions[:, None]  # (R, T)
-    # Adding 1..V-1 modulo V changes every future token: no trial can leave one as it was.
-    shift = torch.randint(1, vocab_size, (R, T), generator=generator, device="cpu").to(idx.device)
-    rows[future] = (rows[future] + shift[future]) % vocab_size
-    return rows
-
-
-@torch.no_grad()
-def perturbation_test(model: GPT, idx: torch.Tensor, *, trials: int = 3, seed: int = 0,
-                      autocast: contextlib.AbstractContextManager | None = None) -> PerturbationResult:
-    """Run the perturbation test on one prompt idx (1, T), T >= 2."""
-    if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] < 2:
-        raise ValueError(f"the perturbation test needs one prompt of at least 2 tokens, got shape {tuple(idx.shape)}")
-    if trials < 1:
-        raise ValueError(f"leakage.trials must be >= 1, got {trials}")
-    model.eval()
-    T, V, cfg = idx.shape[1], model.config.vocab_size, model.config
-    generator = torch.Generator().manual_seed(seed)
-    positions = torch.arange(T - 1, device=idx.device).repeat_interleave(trials)  # (R,): t of each row
-    chunk = max(1, _CHUNK_ELEMENTS // (T * (V + cfg.n_embd * cfg.n_layer)))
-
-    past_logits, future_logits, past_hidden = [], [], []
-    bad_logits = bad_hidden = 0
-    base_by_rows: dict[int, Trace] = {}
-    for start in range(0, positions.shape[0], chunk):
-        pos = positions[start:start + chunk]  # (R,)
-        R = pos.shape[0]
-        rows = perturb_future(idx, pos, V, generator)  # (R, T)
-        with _autocast(autocast):
-            if R not in base_by_rows:  # the original, in the same batch shape (see the top of this file)
-                base_by_rows[R] = base = model.trace(idx.expand(R, T).contiguous())
-                bad_logits, bad_hidden = bad_logits + _nonfinite(base.logits), bad_hidden + _nonfinite(*base.hidden)
-            base = base_by_rows[R]
-            pert = model.trace(rows)
-        bad_logits, bad_hidden = bad_logits + _nonfinite(pert.logits), bad_hidden + _nonfinite(*pert.hidden)
-        past = torch.arange(T, device=idx.device)[None, :] <= pos[:, None]  # (R, T)
-        d_logits = (pert.logits.float() - base.logits.float()).abs().amax(dim=-1)  # (R, T)
-        past_logits.append(d_logits.masked_fill(~past, 0).amax(dim=1))  # (R,)
-        future_logits.append(d_logits.masked_fill(past, float("inf")).amin(dim=1))  # (R,): smallest effect
-        layers = [(p.float() - b.float()).abs().amax(dim=-1).masked_fill(~past, 0).amax(dim=1)  # (R,)
-                  for p, b in zip(pert.hidden, base.hidden, strict=True)]
-        past_hidden.append(torch.stack(layers, dim=1))  # (R, n_layer)
-
-    # Largest change over the trials of each t (smallest, for the future effect).
-    p_logits = torch.cat(past_logits).view(T - 1, trials).amax(dim=1)  # (T-1,)
-    f_logits = torch.cat(future_logits).view(T - 1, trials).amin(dim=1)  # (T-1,)
-    p_hidden = torch.cat(past_hidden).view(T - 1, trials, cfg.n_layer).amax(dim=1)  # (T-1, n_layer)
-    return PerturbationResult(list(range(T - 1)), trials, p_logits.tolist(), p_hidden.tolist(), f_logits.tolist(),
-                              bad_logits, bad_hidden)
-
-
-# ---- test 2: influence ---------------------------------------------------------------------------
-def influence_matrix(model: GPT, idx: torch.Tensor, *, probes: int | None = 8, seed: int = 0,
-                     autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
-    """I[t, s] = ||d h_t / d x_s||_F for the prompt idx (1, T); returns (T, T), float32, on CPU.
-
-    probes: random probe vectors per position (an unbiased estimate of the squared norm), or None
-    for the exact value from all C basis vectors (C times the work). Many (t, probe) pairs share one
-    backward pass: row r of the batch is the same prompt, seeded at its own t with its own v.
-    A row t whose output h_t is not finite is NaN throughout, whatever its gradients came out as."""
-    if idx.dim() != 2 or idx.shape[0] != 1:
-        raise ValueError(f"the influence map takes one prompt of shape (1, T), got {tuple(idx.shape)}")
-    if probes is not None and probes < 1:
-        raise ValueError(f"leakage.probes must be >= 1 (or null for the exact norm), got {probes}")
-    model.eval()
-    T, C = idx.shape[1], model.config.n_embd
-    device = idx.device
-    with torch.no_grad():
-        x0 = model.embed(idx)  # (1, T, C)
-    n_probes = C if probes is None else probes
-    t_of_row = torch.arange(T).repeat_interleave(n_probes)  # (T * n_probes,)
-    if probes is None:
-        vectors = torch.eye(C).repeat(T, 1)  # (T * C, C): every basis vector at every t
-    else:
-        vectors = torch.randn(T * n_probes, C, generator=torch.Generator().manual_seed(seed))  # (T * probes, C)
-
-    squared = torch.zeros(T, T)  # accumulates sum over probes of ||v^T J_ts||^2
-    broken = torch.zeros(T, dtype=torch.bool)  # rows t where h_t is NaN or inf
-    for start in range(0, t_of_row.shape[0], _ROWS_PER_PASS):
-        ts = t_of_row[start:start + _ROWS_PER_PASS]
-        R = ts.shape[0]
-        x = x0.expand(R, T, C).clone().requires_grad_(True)  # (R, T, C)
-        with torch.enable_grad(), _autocast(autocast):
-            h = model.trace(embeds=x).hidden[-1]  # (R, T, C)
-        seed_grad = torch.zeros(R, T, C, device=device, dtype=h.dtype)
-        seed_grad[torch.arange(R), ts.to(device)] = vectors[start:start + R].to(device, h.dtype)
-        (grad,) = torch.autograd.grad(h, x, grad_outputs=seed_grad)  # (R, T, C): row r = v_r^T dh_t/dx
-        broken[ts[~torch.isfinite(h[torch.arange(R), ts.to(device)]).all(dim=-1).cpu()]] = True  # h[r, t_r]: (R, C)
-        squared.index_add_(0, ts, grad.float().pow(2).sum(dim=-1).cpu())  # (R, T) summed into rows t
-    if probes is not None:
-        squared /= probes
-    squared[broken] = math.nan
-    return squared.sqrt()
-
-
-# ---- test 3: generation, KV cache vs recomputation -----------------------------------------------
-def logit_tolerance(logits: Iterable[torch.Tensor], n_embd: int, logit_eps: float = 2.0,
-                    dtype: torch.dtype = torch.float32) -> float:
-    """How far two float32 computations of the same logits may drift apart by rounding alone:
-    logit_eps x eps(dtype) x sqrt(n_embd) x max(1, max |logit|).
-
-    Why this form: every logit ends a chain of C-long dot products, and two summation orders of a
-    C-long sum differ by a random walk of rounding errors, about sqrt(C) units of eps relative to the
-    result; max |logit| (at least 1: LayerNorm keeps the hidden states O(1) even when the logits are
-    small) sets the magnitude. Measured on CPU, fp32, KV cache vs recomputation, in these units: healthy
-    models 16 to 768 wide, 2 to 12 layers, random init and trained, reach at most 0.6; a mask that reads
-    one token ahead gives 3.5 (the random-init `small` preset, whose near-uniform attention barely moves
-    anything), 14 (a 16-wide model with 3x-scaled weights: 6.5e-6 against 1.8e-7 healthy) and 3e4 (a
-    char model after 100 steps). logit_eps = 2 leaves a factor of three above rounding and still flags
-    the weakest of those; at |logit| ~ 1 and C = 32 it allows 1.35e-6, between 4.8e-7 (rounding) and
-    5.7e-6 (a look-ahead). A look-ahead too weak to clear rounding here is still caught by the
-    perturbation test, which needs exactly 0.0."""
-    finite = [t[torch.isfinite(t)] for t in logits]
-    scale = max([1.0, *(t.abs().max().item() for t in finite if t.numel())])
-    return logit_eps * torch.finfo(dtype).eps * math.sqrt(n_embd) * scale
-
-
-@dataclass
-class ConsistencyResult:
-    prompt_len: int
-    cached: list[int]  # greedy new tokens, KV cache
-    recomputed: list[int]  # greedy new tokens, full recomputation
-    max_logit_diff: float  # over the N steps, on the cached tokens' prefixes (NaN if any logit is)
-    flip_logit_diff: float | None = None  # at the first mismatch: max |difference| of the paths' logits
-    flip_gap: float | None = None  # at the first mismatch: how far apart the two tokens' logits were
-    tie_margin: float = 1e-3
-    logit_tolerance: float = math.inf  # float32 rounding allowed between the paths' logits
-    nonfinite_logits: int = 0  # NaN or inf next-token logits, both paths together
-
-    @property
-    def first_mismatch(self) -> int | None:
-        return next((i for i, (a, b) in enumerate(zip(self.cached, self.recomputed, strict=True)) if a != b), None)
-
-    @property
-    def equal(self) -> bool:
-        return self.cached == self.recomputed
-
-    @property
-    def logits_agree(self) -> bool:
-        """The paths' logits differ by no more than float32 rounding (False when any is NaN)."""
-        return self.max_logit_diff <= self.logit_tolerance
-
-    @property
-    def finite(self) -> bool:
-        return self.nonfinite_logits == 0
-
-    @property
-    def near_tie(self) -> bool:
-        """The tokens differ only where two tokens were tied within tie_margin and both paths agreed
-        within tie_margin: rounding, not information from the future."""
-        return (not self.equal and self.flip_logit_diff is not None and self.flip_gap is not None
-                and self.flip_logit_diff <= self.tie_margin and self.flip_gap <= self.tie_margin)
-
-
-@contextlib.contextmanager
-def _float32(device: torch.device) -> Iterator[None]:
-    """True float32 whatever the caller set up: autocast off, and no TF32 matmuls on CUDA."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.autocast(device_type=device.type, enabled=False):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
-@torch.no_grad()
-def cache_consistency(model: GPT, idx: torch.Tensor, max_new_tokens: int, *,
-                      tie_margin: float = 1e-3, logit_eps: float = 2.0) -> ConsistencyResult:
-    """Greedy-decode max_new_tokens after idx (1, T) both ways, in float32, and compare the tokens and
-    the logits they were picked from. T + max_new_tokens must fit in the context, so that both paths
-    see exactly the same positions."""
-    model.eval()
-    T = idx.shape[1]
-    if T + max_new_tokens > model.config.block_size:
-        raise ValueError(f"cache consistency: {T} prompt + {max_new_tokens} new tokens exceed the context "
-                         f"of {model.config.block_size}; use a shorter prompt or fewer tokens")
-    with _float32(idx.device):
-        # The cached path as generation runs it (prefill, then one decode step per token), with the
-        # logits each token was picked from: a slip in how generation feeds the cache shows here.
-        steps = list(generate_tokens(model, idx, max_new_tokens, temperature=0.0, use_cache=True, with_logits=True))
-        cached = torch.cat([idx, *(tok for tok, _ in steps)], dim=1)  # (1, T + N)
-        step_logits = [logits[0].float() for _, logits in steps]  # N x (V,)
-        recomputed = model.generate(idx, max_new_tokens, temperature=0.0, use_cache=False)  # (1, T + N)
-        # Recomputed next-token logits on the same (cached) prefixes: up to the first mismatch these are
-        # exactly the logits the recomputing path picked its token from.
-        full_logits = [model(cached[:, :i])[0][0, -1].float() for i in range(T, T + max_new_tokens)]  # N x (V,)
-    diffs = [(a - b).abs().max().item() for a, b in zip(step_logits, full_logits, strict=True)]
-    result = ConsistencyResult(T, cached[0, T:].tolist(), recomputed[0, T:].tolist(), _max(diffs),
-                               tie_margin=tie_margin,
-                               logit_tolerance=logit_tolerance(step_logits + full_logits, model.config.n_embd,
-                                                               logit_eps),
-                               nonfinite_logits=_nonfinite(*step_logits, *full_logits))
-    if (i := result.first_mismatch) is not None:
-        a, b = result.cached[i], result.recomputed[i]
-        on_cache, on_full = step_logits[i], full_logits[i]
-        result.flip_logit_diff = diffs[i]
-        result.flip_gap = _max([(on_cache[a] - on_cache[b]).item(), (on_full[b] - on_full[a]).item()])
-    return result
-
-
-# ---- the three tests, both models, the verdict ---------------------------------------------------
 @dataclass
 class ModelChecks:
     """The three tests on one model."""
@@ -377,30 +84,26 @@ class ModelChecks:
         return self.influence[torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)]
 
     @property
-    def max_past_change(self) -> float:
-        """Largest change at past positions over the perturbation tests of both attention paths."""
-        return _max(p.max_past for _, p in self.perturbations)
+    def perturbations(self) -> list[tuple[str, PerturbationResult]]:
+        """(what ran, result) for each attention path the perturbation test ran through."""
+        other = [] if self.other_impl is None else [(f"perturbation through attn={self.other_impl[0]}",
+                                                     self.other_impl[1])]
+        return [("perturbation", self.perturbation), *other]
 
     @property
-    def perturbations(self) -> list[tuple[str, PerturbationResult]]:
-        """(what ran, result) for the perturbation test through each attention path that ran it."""
-        runs = [("perturbation", self.perturbation)]
-        if self.other_impl is not None:
-            runs.append((f"perturbation through attn={self.other_impl[0]}", self.other_impl[1]))
-        return runs
+    def max_past_change(self) -> float:
+        """Largest change at past positions over the perturbation tests of both attention paths."""
+        return nan_or(max, (p.max_past for _, p in self.perturbations))
 
     @property
     def nonfinite(self) -> list[str]:
         """Each test that met a NaN or inf, and how many (empty: every number was finite)."""
-        found = []
-        for name, p in self.perturbations:
-            if not p.finite:
-                found.append(f"{name}: non-finite logits ({p.nonfinite_logits}) and hidden states "
-                             f"({p.nonfinite_hidden}), NaN or inf")
-        if bad := int((~torch.isfinite(self.influence)).sum()):
+        found = [f"{name}: non-finite logits ({p.nonfinite_logits}) and hidden states ({p.nonfinite_hidden}), NaN or inf"
+                 for name, p in self.perturbations if p.nonfinite_logits or p.nonfinite_hidden]
+        if bad := count_nonfinite(self.influence):
             found.append(f"influence: {bad}/{self.influence.numel()} entries non-finite (the output h_t is NaN or inf)")
-        if not self.consistency.finite:
-            found.append(f"generation: non-finite logits ({self.consistency.nonfinite_logits}), NaN or inf")
+        if bad := self.consistency.nonfinite_logits:
+            found.append(f"generation: non-finite logits ({bad}), NaN or inf")
         return found
 
 
@@ -428,13 +131,12 @@ class LeakageReport:
     @property
     def leaks(self) -> list[str]:
         """What found leakage in the model as configured (empty: none)."""
-        found, tol = [], self.settings.tolerance
+        found, tol, c = [], self.settings.tolerance, self.masked.consistency
         if self.masked.max_past_change > tol:
             found.append(f"perturbation: past positions changed by {self.masked.max_past_change:.3g}")
         upper = self.masked.influence_above_diagonal
         if upper.numel() and upper.max().item() > tol:
             found.append(f"influence: d h_t / d x_s reaches {upper.max().item():.3g} for s > t")
-        c = self.masked.consistency
         if not c.equal and not c.near_tie:
             found.append(f"generation: cached and recomputed tokens differ from step {c.first_mismatch}")
         if c.max_logit_diff > c.logit_tolerance:
@@ -466,8 +168,7 @@ class LeakageReport:
 
     @property
     def verdict(self) -> str:
-        """FAIL (a non-finite value anywhere) before LEAK before INCONCLUSIVE; PASS only when the tests
-        found nothing, on finite numbers, and could have found something."""
+        """PASS only when the tests found nothing, on finite numbers, and could have found something."""
         if self.failures:
             return "FAIL"
         if self.leaks:
@@ -486,8 +187,7 @@ def _checks(label: str, model: GPT, idx: torch.Tensor, s: LeakageConfig, seed: i
     other = None
     if other_impl:  # the same test through the other attention implementation (same weights)
         impl = "explicit" if model.config.attn == "sdpa" else "sdpa"
-        other = (impl, perturbation_test(variant(model, attn=impl), idx, trials=s.trials, seed=seed,
-                                         autocast=autocast))
+        other = (impl, perturbation_test(variant(model, attn=impl), idx, trials=s.trials, seed=seed, autocast=autocast))
     n = min(s.influence_len, idx.shape[1])
     log.info("%s: influence map over %d positions", label, n)
     infl = influence_matrix(model, idx[:, :n], probes=s.probes, seed=seed, autocast=autocast)
@@ -503,10 +203,8 @@ def run_leakage_check(model: GPT, idx: torch.Tensor, settings: LeakageConfig | N
     """Run the three tests on model and on its mask-off copy, for the prompt idx (1, T), T >= 2.
     autocast: the precision of the perturbation and influence tests (generation runs in float32)."""
     s = settings or LeakageConfig()
-    if idx.shape[1] < 2:
-        raise ValueError("the leakage check needs a prompt of at least 2 tokens (seq_len >= 2, or a longer prompt)")
     masked = _checks("mask on" if model.config.causal else "as configured (causal=False)", model, idx, s, seed,
                      autocast, other_impl=True)
     unmasked = _checks("mask removed", variant(model, causal=False), idx, s, seed, autocast, other_impl=False)
-    bad = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if _nonfinite(t.detach())]
+    bad = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if count_nonfinite(t.detach())]
     return LeakageReport(masked, unmasked, s, idx.shape[1], model.config.causal, model.config.attn, seed, bad)

@@ -25,7 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from .leakage import LeakageReport, ModelChecks
+from .leakage import LeakageReport, ModelChecks, PerturbationResult
+from .leakage_tests import nan_or
 
 
 def fmt(x: float) -> str:
@@ -53,10 +54,10 @@ def _perturbation_table(r: LeakageReport) -> list[str]:
         "       t | logits<=t  hidden<=t  logits>t* | logits<=t  hidden<=t",
     ]
     for i in _rows(len(on.positions)):
-        lines.append(f"    {on.positions[i]:>4} | {fmt(on.logits[i]):>9}  {fmt(max(on.hidden[i])):>9}  "
-                     f"{fmt(on.future_logits[i]):>9} | {fmt(off.logits[i]):>9}  {fmt(max(off.hidden[i])):>9}")
-    lines.append(f"   all t | {fmt(on.max_logits):>9}  {fmt(max(on.max_hidden_per_layer)):>9}  "
-                 f"{fmt(on.min_future):>9} | {fmt(off.max_logits):>9}  {fmt(max(off.max_hidden_per_layer)):>9}")
+        lines.append(f"    {on.positions[i]:>4} | {fmt(on.logits[i]):>9}  {fmt(nan_or(max, on.hidden[i])):>9}  "
+                     f"{fmt(on.future_logits[i]):>9} | {fmt(off.logits[i]):>9}  {fmt(nan_or(max, off.hidden[i])):>9}")
+    lines.append(f"   all t | {fmt(on.max_logits):>9}  {fmt(nan_or(max, on.max_hidden_per_layer)):>9}  "
+                 f"{fmt(on.min_future):>9} | {fmt(off.max_logits):>9}  {fmt(nan_or(max, off.max_hidden_per_layer)):>9}")
     lines.append("    * the smallest change at positions after t: evidence the perturbation reached the model")
     lines.append("    hidden states by layer (max over t):")
     for label, res in (("mask on", on), ("mask removed", off)):
@@ -109,9 +110,8 @@ def _consistency_lines(r: LeakageReport) -> list[str]:
 
 def format_report(r: LeakageReport, header: str, dtype: torch.dtype = torch.float32) -> str:
     """The printed report: the three tests side by side with the control, then the verdict."""
-    lines = [header, ""] + _perturbation_table(r) + [""] + _influence_lines(r) + [""] + _consistency_lines(r)
-    lines += ["", verdict_line(r, dtype)]
-    return "\n".join(lines)
+    sections = [[header], _perturbation_table(r), _influence_lines(r), _consistency_lines(r), [verdict_line(r, dtype)]]
+    return "\n\n".join("\n".join(lines) for lines in sections)
 
 
 def verdict_line(r: LeakageReport, dtype: torch.dtype = torch.float32) -> str:
@@ -143,35 +143,32 @@ def verdict_line(r: LeakageReport, dtype: torch.dtype = torch.float32) -> str:
                     + "; use a longer prompt (seq_len) or more trials (leakage.trials)")
 
 
+def _perturbation_summary(p: PerturbationResult) -> dict[str, Any]:
+    return {"max_past_change": p.max_past, "max_logits_change": p.max_logits, "nonfinite_logits": p.nonfinite_logits,
+            "nonfinite_hidden": p.nonfinite_hidden, "max_hidden_change_per_layer": p.max_hidden_per_layer,
+            "min_future_logits_change": p.min_future, "positions": p.positions, "logits_change": p.logits,
+            "hidden_change": p.hidden, "future_logits_change": p.future_logits, "trials": p.trials}
+
+
+# ConsistencyResult's fields and properties that go into the summary as they are.
+_CONSISTENCY = ("equal", "first_mismatch", "max_logit_diff", "prompt_len", "cached", "recomputed", "near_tie",
+                "flip_logit_diff", "flip_gap", "logit_tolerance", "logits_agree", "nonfinite_logits")
+
+
 def _checks_summary(c: ModelChecks) -> dict[str, Any]:
     upper = c.influence_above_diagonal
-    p = c.perturbation
     out: dict[str, Any] = {
         "label": c.label,
-        "perturbation": {"max_past_change": p.max_past, "max_logits_change": p.max_logits,
-                         "nonfinite_logits": p.nonfinite_logits, "nonfinite_hidden": p.nonfinite_hidden,
-                         "max_hidden_change_per_layer": p.max_hidden_per_layer,
-                         "min_future_logits_change": p.min_future, "positions": p.positions,
-                         "logits_change": p.logits, "hidden_change": p.hidden,
-                         "future_logits_change": p.future_logits, "trials": p.trials},
+        "perturbation": _perturbation_summary(c.perturbation),
         "influence": {"max_above_diagonal": upper.max().item() if upper.numel() else 0.0,
                       "zeros_above_diagonal": int((upper == 0).sum()), "entries_above_diagonal": upper.numel(),
                       "nonfinite_entries": int((~torch.isfinite(c.influence)).sum()),
                       "matrix": c.influence.tolist()},
-        "consistency": {"equal": c.consistency.equal, "first_mismatch": c.consistency.first_mismatch,
-                        "max_logit_diff": c.consistency.max_logit_diff, "prompt_len": c.consistency.prompt_len,
-                        "cached": c.consistency.cached, "recomputed": c.consistency.recomputed,
-                        "near_tie": c.consistency.near_tie, "flip_logit_diff": c.consistency.flip_logit_diff,
-                        "flip_gap": c.consistency.flip_gap, "precision": "fp32",
-                        "logit_tolerance": c.consistency.logit_tolerance, "logits_agree": c.consistency.logits_agree,
-                        "nonfinite_logits": c.consistency.nonfinite_logits},
+        "consistency": {**{k: getattr(c.consistency, k) for k in _CONSISTENCY}, "precision": "fp32"},
         "nonfinite": c.nonfinite,
     }
     if c.other_impl is not None:
-        o = c.other_impl[1]
-        out["other_attention_impl"] = {"attn": c.other_impl[0], "max_past_change": o.max_past,
-                                       "min_future_logits_change": o.min_future,
-                                       "nonfinite_logits": o.nonfinite_logits, "nonfinite_hidden": o.nonfinite_hidden}
+        out["other_attention_impl"] = {"attn": c.other_impl[0], **_perturbation_summary(c.other_impl[1])}
     return out
 
 
@@ -202,24 +199,22 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _label_axes(ax, labels: list[str] | None, n: int, xlabel: str, ylabel: str) -> None:
-    step = max(1, math.ceil(n / MAX_TICKS))
-    ticks = list(range(0, n, step))
-    ax.set_xticks(ticks)
-    ax.set_yticks(ticks)
+    ticks = list(range(0, n, max(1, math.ceil(n / MAX_TICKS))))
     if labels is None:
-        ax.set_xticklabels([str(i) for i in ticks], fontsize=7)
-        ax.set_yticklabels([str(i) for i in ticks], fontsize=7)
+        ax.set_xticks(ticks, [str(i) for i in ticks], fontsize=7)
+        ax.set_yticks(ticks, [str(i) for i in ticks], fontsize=7)
     else:
         shown = [labels[i].replace("$", r"\$") for i in ticks]  # a pair of $ would start matplotlib's mathtext
-        ax.set_xticklabels(shown, rotation=90, fontsize=7)
-        ax.set_yticklabels([f"{text} {i}" for text, i in zip(shown, ticks, strict=True)], fontsize=7)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+        ax.set_xticks(ticks, shown, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, [f"{text} {i}" for text, i in zip(shown, ticks, strict=True)], fontsize=7)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
 
 
-def _masked_zeros(m: torch.Tensor) -> np.ma.MaskedArray:
+def _show(ax, m: torch.Tensor, **kw):
+    """imshow with the exact zeros masked out, so that they show the white background."""
     a = m.detach().float().cpu().numpy()
-    return np.ma.masked_where(a == 0.0, a)
+    ax.set_facecolor("white")
+    return ax.imshow(np.ma.masked_where(a == 0.0, a), cmap="viridis", interpolation="nearest", **kw)
 
 
 def plot_influence(masked: torch.Tensor, unmasked: torch.Tensor, path: str | Path,
@@ -239,8 +234,7 @@ def plot_influence(masked: torch.Tensor, unmasked: torch.Tensor, path: str | Pat
     axes = fig.subplots(1, 2)
     for ax, m, name in ((axes[0], masked, "mask on"), (axes[1], unmasked, "mask removed (causal=False)")):
         zeros = int((m[upper] == 0).sum())
-        image = ax.imshow(_masked_zeros(m), norm=norm, cmap="viridis", interpolation="nearest")
-        ax.set_facecolor("white")  # masked (exactly zero) cells show the background
+        image = _show(ax, m, norm=norm)
         ax.set_title(f"{name}\nabove the diagonal: {zeros}/{int(upper.sum())} exactly 0 (white)", fontsize=10)
         _label_axes(ax, labels, n, "input position s", "output position t")
     fig.colorbar(image, ax=axes, label="||d h_t / d x_s||  (log scale; the diagonal saturates)", shrink=0.8,
@@ -255,9 +249,7 @@ def plot_attention(weights: torch.Tensor, path: str | Path, labels: list[str] | 
     side = heatmap_inches(n)
     fig = Figure(figsize=(side + 1.2, side + 0.6), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(_masked_zeros(weights), cmap="viridis", vmin=0.0, vmax=float(weights.max()),
-                      interpolation="nearest")
-    ax.set_facecolor("white")
+    image = _show(ax, weights, vmin=0.0, vmax=float(weights.max()))
     ax.set_title(title, fontsize=10)
     _label_axes(ax, labels, n, "key (attended-to token)", "query (attending token)")
     fig.colorbar(image, ax=ax, label="attention weight", shrink=0.8)
@@ -278,10 +270,8 @@ def plot_attention_grid(weights: torch.Tensor, path: str | Path, title: str) -> 
     for layer in range(n_layer):
         for head in range(n_head):
             ax = axes[layer, head]
-            ax.imshow(_masked_zeros(weights[layer, head]), cmap="viridis", vmin=0.0, interpolation="nearest")
-            ax.set_facecolor("white")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _show(ax, weights[layer, head], vmin=0.0)
+            ax.set(xticks=[], yticks=[])
             if layer == 0:
                 ax.set_title(f"head {head + 1}", fontsize=8)
             if head == 0:

@@ -1,21 +1,18 @@
 """Sampling: the model under study, its prompt, and text streamed to the terminal as it is made.
 
-- the runtime: device and precision resolved by engine/runtime.py, so `device=auto` and
-  `precision=auto` mean the same in train.py and sample.py; inference adds no process group;
-- the model: a checkpoint file, a run directory, the newest run under the outputs directory, our
-  export, a Hugging Face GPT-2 directory, or a random-init preset (the leakage and attention modes
-  need no training). A checkpoint carries its tokenizer as JSON, so sampling needs no data directory;
-- the prompt: text, a file or standard input -> token ids, with the checks a user needs (vocabulary,
-  length, empty); ids back to short labels for plot axes. Problems are one-line DataError or
-  ValueError; the recoverable ones (an empty prompt, one longer than the context) are warnings;
-- streaming: each completed piece of text is written as soon as its token exists, through
-  Tokenizer.decode_stream (tokenizers' DecodeStream for BPE), so a BPE token holding half of a UTF-8
-  character is held back until the character is whole; the pieces joined equal decode(all new
-  ids). Timed, for tokens/s. `vocab_limit` keeps a padded vocabulary's extra ids out of it.
+- the runtime: device and precision chosen by engine/runtime.py's rules, as in train.py;
+- the model: a checkpoint file or run directory (the newest run by default), our export, a Hugging
+  Face GPT-2 directory, or a random-init preset (the leakage and attention modes need no training).
+  A checkpoint carries its tokenizer as JSON, so sampling needs no data directory;
+- the prompt: text, a file or standard input -> token ids, with the checks a user needs. Problems are
+  one-line DataError or ValueError; the recoverable ones (empty, longer than the context) are warnings;
+- streaming: each completed piece of text is written as soon as its token exists (Tokenizer.decode_stream
+  holds back a BPE token holding half of a UTF-8 character), timed for tokens/s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -28,7 +25,7 @@ from typing import TextIO
 import torch
 
 from data.config import DataError
-from data.tokenizer import Tokenizer, tokenizer_from_json
+from data.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_json
 from engine.checkpoint import CHECKPOINT_GLOBS, CheckpointError, check_fits_data, model_from_checkpoint
 from engine.formats.pretrained import load_pretrained
 from engine.runtime import Runtime, pick_device, pick_precision
@@ -44,9 +41,8 @@ DEFAULT_RANDOM_VOCAB = 65
 
 # ---- runtime -------------------------------------------------------------------------------------
 def inference_runtime(device: str = "auto", precision: str = "auto", compile: bool = False) -> Runtime:
-    """engine.runtime's Runtime for one process, device and precision chosen exactly as the trainer
-    chooses them (auto -> cuda, else mps, else cpu; bf16 on CUDA that supports it, fp16 on older
-    CUDA, fp32 elsewhere). No process group, and no thread or allocator tuning: the caller sets threads."""
+    """engine.runtime's Runtime for one process, device and precision chosen as the trainer chooses
+    them. No process group, and no thread or allocator tuning: the caller sets threads."""
     dev = pick_device(device)
     return Runtime(rank=0, local_rank=0, world_size=1, device=dev, precision=pick_precision(precision, dev),
                    compile=compile)
@@ -68,7 +64,6 @@ class Loaded:
     tokenizer: Tokenizer | None  # None for a random-init preset (or a checkpoint saved without one)
     source: str  # for reports: the checkpoint path, or "random-init <preset>"
     run_dir: Path | None  # the training run the checkpoint belongs to (None for random init)
-    step: int | None = None  # the training step of the checkpoint
 
 
 def find_latest_run(root: str | os.PathLike) -> Path:
@@ -82,8 +77,7 @@ def find_latest_run(root: str | os.PathLike) -> Path:
             f"no checkpoint given and none found under {' or '.join(f'{r}/' for r in roots)}; train one first with `python train.py`, then "
             f"`python sample.py`, or pass ckpt=<file or run dir> (mode=leakage and mode=attention also "
             f"work untrained: model=tiny)")
-    newest = max(found, key=lambda p: p.stat().st_mtime)
-    return newest.parent
+    return max(found, key=lambda p: p.stat().st_mtime).parent
 
 
 def load_from_checkpoint(ckpt: str | os.PathLike | None, outputs_dir: str | os.PathLike,
@@ -99,7 +93,7 @@ def load_from_checkpoint(ckpt: str | os.PathLike | None, outputs_dir: str | os.P
         check_fits_data(payload, path, None, tokenizer.vocab_size, use="sample")
     model = model_from_checkpoint(payload, device=device).eval()
     log.info("loaded %s (%s, step %s)", path, payload["source"], payload.get("step"))
-    return Loaded(model, tokenizer, str(path), path.parent if is_checkpoint else None, payload.get("step"))
+    return Loaded(model, tokenizer, str(path), path.parent if is_checkpoint else None)
 
 
 def random_init(config: ModelConfig, seed: int, device: torch.device) -> Loaded:
@@ -138,27 +132,13 @@ def start_token(tokenizer: Tokenizer, fallback: int | None = None) -> int:
     else a DataError asking for a prompt."""
     if tokenizer.eot_id is not None:
         return tokenizer.eot_id
-    try:
-        ids = tokenizer.encode("\n")
-    except DataError:  # a char vocabulary without "\n"
-        ids = []
-    if len(ids) == 1:
-        return ids[0]
+    with contextlib.suppress(DataError):  # a char vocabulary without "\n"
+        if len(ids := tokenizer.encode("\n")) == 1:
+            return ids[0]
     if fallback is not None:
         return fallback
     raise DataError("the prompt is empty and this tokenizer has neither an end-of-text nor a newline token "
                     "to start from; give a prompt")
-
-
-def unknown_characters(tokenizer: Tokenizer, text: str) -> list[str]:
-    """The distinct characters of text that the tokenizer cannot encode, in sorted order."""
-    unknown = []
-    for ch in sorted(set(text)):
-        try:
-            tokenizer.encode(ch)
-        except DataError:
-            unknown.append(ch)
-    return unknown
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, block_size: int) -> list[int]:
@@ -172,10 +152,8 @@ def encode_prompt(tokenizer: Tokenizer, text: str, block_size: int) -> list[int]
         return [tok]
     try:
         ids = tokenizer.encode(text)
-    except DataError as e:
-        if tokenizer.kind != "char":
-            raise
-        bad = unknown_characters(tokenizer, text)
+    except DataError as e:  # a char vocabulary: name every character it lacks, not just the first
+        bad = sorted(set(text) - set(tokenizer.chars)) if isinstance(tokenizer, CharTokenizer) else []
         if not bad:
             raise
         names = ", ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in bad)
@@ -219,8 +197,8 @@ def vocab_limit(tokenizer: Tokenizer, model: GPT) -> int | None:
 
 
 def label(tokenizer: Tokenizer | None, token_id: int, max_len: int = 10) -> str:
-    """A short, visible label for one token: whitespace shown (space as a middle dot, newline as \\n),
-    long tokens cut; the id itself when there is no tokenizer."""
+    """A short, visible label for one token (plot axes, warnings): whitespace shown, long tokens cut;
+    the id itself when there is no tokenizer."""
     if tokenizer is None:
         return str(token_id)
     text = tokenizer.decode([token_id])
@@ -236,7 +214,6 @@ def labels(tokenizer: Tokenizer | None, ids: list[int]) -> list[str]:
 @dataclass
 class Sample:
     """One generated continuation."""
-    prompt_ids: list[int]
     new_ids: list[int]
     text: str  # tokenizer.decode(new_ids)
     streamed: str  # the pieces written while generating, joined (equals text)
@@ -248,9 +225,9 @@ def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, ma
                   use_cache: bool = True, generator: torch.Generator | None = None,
                   write: Callable[[str], None] = lambda s: None, vocab_limit: int | None = None,
                   stop_id: int | None = None) -> Sample:
-    """Generate one continuation of prompt_ids, calling write(piece) with each newly completed
-    piece of text as soon as its token is made. Mixed precision is the caller's (Runtime.autocast()).
-    vocab_limit: draw only ids below it (a model whose vocabulary is padded past the tokenizer's).
+    """Generate one continuation of prompt_ids, calling write(piece) with each newly completed piece
+    of text as soon as its token is made; the pieces joined equal decode(new ids). Mixed precision is
+    the caller's (Runtime.autocast()). vocab_limit: draw only ids below it (see vocab_limit()).
     stop_id: end at that token (the end-of-text token), which is neither written nor kept."""
     device = model.wte.weight.device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
@@ -271,4 +248,4 @@ def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, ma
         write(piece)
     synchronize(device)
     seconds = time.perf_counter() - start
-    return Sample(list(prompt_ids), new_ids, tokenizer.decode(new_ids), "".join(pieces), seconds)
+    return Sample(new_ids, tokenizer.decode(new_ids), "".join(pieces), seconds)

@@ -59,16 +59,12 @@ def _claim_stamp(base: str | None) -> str:
     now = time.strftime("%Y-%m-%d/%H-%M-%S")
     if base is None:
         return now
+    (Path(base) / now).parent.mkdir(parents=True, exist_ok=True)
     for n in itertools.count(1):
         stamp = now if n == 1 else f"{now}-{n}"
-        path = Path(base) / stamp
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            path.mkdir()
+        with contextlib.suppress(FileExistsError):
+            (Path(base) / stamp).mkdir()  # fails when another launch holds it: try the next suffix
             return stamp
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
 
 
 _FRESH: list[Path] = []  # the run directory of this launch when it found it empty (remove_if_unstarted)
@@ -194,10 +190,8 @@ def _resuming(resume: str | None, out_dir: Path) -> bool:
 
 def _check_run_dir(out_dir: Path, resume: str | None, overwrite: bool) -> None:
     auto = str(resume).lower() == "auto"
-    if overwrite and _resuming(resume, out_dir) and not auto:
+    if overwrite and (auto or _resuming(resume, out_dir)):
         raise ValueError(f"resume={resume} continues a run and overwrite=true starts over: give one of them")
-    if overwrite and auto:
-        raise ValueError("resume=auto continues the run in out_dir and overwrite=true starts over: give one of them")
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     found += sorted(p.name for p in out_dir.glob(STEP_CHECKPOINTS))
     if not found or _resuming(resume, out_dir):
@@ -226,21 +220,18 @@ def name_wandb_run(cfg: Any) -> None:
     from hydra.types import RunMode
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
-    choices = hc.runtime.choices
-    experiment = choices.get("experiment") or None
-    preset = cfg.model.preset or choices.get("model")
+    experiment = hc.runtime.choices.get("experiment") or None
+    preset = cfg.model.preset or hc.runtime.choices.get("model")
     lg = cfg.logger
+    base = str(hc.sweep.dir if sweep else hc.run.dir).rstrip("/\\")
+    m = _STAMP_RE.search(base)  # <date>/<time> of outputs/ or multirun/, wherever it lies
     if lg.run_name is None and not os.environ.get("WANDB_NAME") and not _resuming(cfg.resume, Path(cfg.out_dir)):
-        base = str(hc.sweep.dir if sweep else hc.run.dir)
-        m = _STAMP_RE.search(base.rstrip("/\\"))
-        stamp = f"{m[1]}_{m[2]}" if m else Path(base).name
-        lg.run_name = f"{experiment or preset or 'custom'}-{stamp}"
+        lg.run_name = f"{experiment or preset or 'custom'}-{f'{m[1]}_{m[2]}' if m else Path(base).name}"
         if sweep:
-            swept = _swept_keys(Path(str(hc.sweep.dir)))
+            swept = _swept_keys(Path(base))
             lg.run_name += " " + (_shown_overrides(hc.overrides.task, swept) or f"#{hc.job.num}")
     if lg.group is None and sweep and not os.environ.get("WANDB_RUN_GROUP"):
-        m = _STAMP_RE.search(str(hc.sweep.dir).rstrip("/\\"))  # multirun/<date>/<time>, wherever it lies
-        lg.group = (f"multirun/{m[1]}/{m[2]}" if m else Path(str(hc.sweep.dir)).name)[-128:]  # W&B's limit
+        lg.group = (f"multirun/{m[1]}/{m[2]}" if m else Path(base).name)[-128:]  # W&B's limit
     auto = [f"exp:{experiment}" if experiment else None, f"model:{preset}" if preset else None,
             f"data:{cfg.data.source}", f"tok:{cfg.data.tokenizer}"]
     lg.tags = list(dict.fromkeys([*lg.tags, *(t for t in auto if t)]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-# ---- the plain key=value scripts (scripts/export.py, scripts/export_hf.py) ---------------------------
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
@@ -31,7 +30,6 @@ def parse_args(argv: list[str], defaults: dict[str, str | bool | None], usage: s
             args[key] = value.lower() in TRUE
         else:
             args[key] = value
-    missing = [k for k, v in args.items() if v is None or v == ""]
-    if missing:
+    if missing := [k for k, v in args.items() if v is None or v == ""]:
         fail(f"missing {', '.join(f'{k}=...' for k in missing)}; usage: {usage}")
     return args
