@@ -8,9 +8,8 @@ Muon (torch.optim.Muon, torch >= 2.9) orthogonalises each update of a weight mat
 which suits the hidden linear maps of the blocks and nothing else, so the parameters are split as
 nanochat and modded-nanogpt split them:
 - Muon: the 2-D weights inside the blocks (`h.*`): attention c_attn and c_proj, MLP c_fc and c_proj.
-  c_attn (3C x C) stacks three maps, W_q, W_k and W_v; they are orthogonalised as the three C x C
-  matrices they are (`Muon`'s split), as nanochat's and modded-nanogpt's separate q, k, v weights
-  are, not as one 3C x C matrix, whose orthogonalisation would mix the three;
+  c_attn (3C x C) stacks W_q, W_k and W_v, orthogonalised as the three C x C matrices they are
+  (`Muon`'s split; nanochat's q, k, v weights are separate), not as one matrix, which would mix them;
 - AdamW: the token embedding wte (and lm_head, tied to it or not), the position table wpe, every
   LayerNorm weight and bias and every bias. An embedding is a lookup table (one-hot inputs: a row
   should move with its own token's gradient only) and the head maps onto logits; both train better
@@ -29,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import ChainMap
 from collections.abc import Callable
 
 import torch
@@ -45,10 +43,8 @@ MUON_MIN_TORCH = "2.9"  # the first release with torch.optim.Muon
 def param_groups(model: nn.Module, weight_decay: float,
                  params: list[tuple[str, nn.Parameter]] | None = None) -> list[dict]:
     """Two AdamW groups: decayed 2-D+ weights and undecayed 1-D parameters, of `params` (name,
-    parameter) or else of the whole model. Tied parameters (wte / lm_head) appear once, since
-    named_parameters() skips duplicates."""
-    named = params if params is not None else list(model.named_parameters())
-    trainable = [p for _, p in named if p.requires_grad]
+    parameter) or else of the whole model (a tied wte / lm_head once: named_parameters() skips duplicates)."""
+    trainable = [p for _, p in (params if params is not None else model.named_parameters()) if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     log.info("AdamW: %d decayed tensors (%d params), %d undecayed (%d params)", len(decay),
@@ -57,9 +53,7 @@ def param_groups(model: nn.Module, weight_decay: float,
 
 
 def muon_split(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
-    """(muon, adamw): (name, parameter) pairs, each trainable parameter in exactly one list. Muon gets
-    the 2-D weights of the blocks (h.<i>.attn.c_attn / c_proj, h.<i>.mlp.c_fc / c_proj); AdamW gets
-    the embeddings, the head, the norms and the biases."""
+    """(muon, adamw): (name, parameter) pairs, each trainable parameter in exactly one list."""
     muon, adamw = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -130,7 +124,7 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
 class MuonAdamW:
     """Muon and AdamW behind one optimizer's interface, so the loop, the GradScaler (unscale_ walks
     param_groups; step calls step() when the gradients are finite) and set_lr drive both at once.
-    `parts` names the two optimizers: checkpoints hold one name-keyed state per part."""
+    `parts` names the two optimizers: checkpoints save and load one name-keyed state per part."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer, muon_lr_scale: float) -> None:
         self.parts: dict[str, torch.optim.Optimizer] = {"muon": muon, "adamw": adamw}
@@ -139,10 +133,6 @@ class MuonAdamW:
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.parts.values() for g in opt.param_groups]
-
-    @property
-    def state(self) -> ChainMap:
-        return ChainMap(*(opt.state for opt in self.parts.values()))
 
     def set_lr(self, lr: float) -> None:
         for name, opt in self.parts.items():
@@ -162,19 +152,18 @@ class MuonAdamW:
     def state_dict(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.parts.items()}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        for name, opt in self.parts.items():
-            opt.load_state_dict(state_dict[name])
-
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer | MuonAdamW:
     """AdamW over param_groups(model) (optim.name=adamw), or MuonAdamW over muon_split(model)
     (optim.name=muon). fused=None picks AdamW's fused kernel: one kernel for all parameters on CUDA;
     on CPU it measured the same as foreach (BENCHMARKS.md) and is used too."""
     fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+
+    def adamw(params: list[tuple[str, nn.Parameter]] | None = None) -> torch.optim.AdamW:
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay, params), lr=cfg.lr, betas=tuple(cfg.betas),
                                  eps=cfg.eps, fused=fused)
+    if cfg.name == "adamw":
+        return adamw()
     if not hasattr(torch.optim, "Muon"):
         raise ValueError(f"optim=muon needs torch.optim.Muon (torch >= {MUON_MIN_TORCH}); the installed torch "
                          f"{torch.__version__} lacks it: upgrade torch, or use optim=adamw")
@@ -183,9 +172,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     qkv = {id(p): 3 for name, p in hidden if name.endswith("attn.c_attn.weight")}  # (3C, C): W_q, W_k, W_v
     muon = Muon([p for _, p in hidden], split=qkv, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
                 momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
-    adamw = torch.optim.AdamW(param_groups(model, cfg.weight_decay, rest), lr=cfg.lr, betas=tuple(cfg.betas),
-                              eps=cfg.eps, fused=fused)
-    return MuonAdamW(muon, adamw, cfg.muon_lr / cfg.lr)
+    return MuonAdamW(muon, adamw(rest), cfg.muon_lr / cfg.lr)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
@@ -221,7 +208,6 @@ def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:
     """Set the scheduled lr: on every AdamW group, and scaled by muon_lr / lr on Muon's."""
     if isinstance(optimizer, MuonAdamW):
-        optimizer.set_lr(lr)
-        return
+        return optimizer.set_lr(lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
