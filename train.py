@@ -34,7 +34,7 @@ from data.progress import Progress
 from data.tokenizer import Tokenizer, load_tokenizer
 from engine.checkpoint import check_fits_data, remove_leftovers
 from engine.config import TrainConfig
-from engine.evaluate import estimate_loss, fixed_batches, generate_sample, perplexity, token_byte_table
+from engine.evaluate import estimate_loss, fixed_batches, generate_sample, perplexity
 from engine.formats.pretrained import load_pretrained
 from engine.metrics import Phases, RunLogger, StepMeter
 from engine.optim import build_optimizer, lr_at
@@ -247,7 +247,7 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None, phas
     return Run(out_dir, prepared, tokenizer, state, train_model, eval_model, eval_sets, logger,
                [start_token(tokenizer, fallback=0)], tokens_per_step,
                lockstep=rt.distributed and cfg.distributed == "fsdp", peak_flops=rt.peak_flops(cfg.peak_flops),
-               token_bytes=token_byte_table(tokenizer, rt), keep_last=cfg.keep_last, phases=phases)
+               token_bytes=torch.as_tensor(tokenizer.token_bytes(), device=rt.device), keep_last=cfg.keep_last, phases=phases)
 
 
 # ---- the pieces the loop calls -----------------------------------------------------------------------
