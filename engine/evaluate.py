@@ -75,11 +75,7 @@ def estimate_loss(model: nn.Module, batches: Batches, rt: Runtime, lockstep: boo
     model.eval()
     # (nats of all targets, targets, nats of the targets with bytes, their bytes)
     sums = torch.zeros(4, device=rt.device, dtype=torch.float64)
-    n_passes = len(batches)
-    if lockstep and rt.distributed:
-        n = torch.tensor([len(batches)], device=rt.device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        n_passes = int(n.item())
+    n_passes = int(rt.max_over_ranks(len(batches))) if lockstep else len(batches)
     dummy = torch.zeros((1, 1), dtype=torch.long, device=rt.device)  # (B, T) for a rank with no batch
     progress = Progress(f"eval {desc}", n_passes, unit="batches", enabled=desc is not None and rt.is_main,
                         every_s=PROGRESS_EVERY_S, logger=log)

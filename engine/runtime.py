@@ -92,14 +92,14 @@ class Runtime:
             return peak_flops_for(torch.cuda.get_device_name(self.device))
         return None
 
-    def any_flag(self, *flags: bool) -> list[bool]:
-        """Per flag, whether it is set on any rank (one small all-reduce; free in one process).
-        Used so that every rank stops, or skips a step, together."""
+    def max_over_ranks(self, value: float) -> float:
+        """The largest of every rank's value (one small all-reduce; free in one process), so that all
+        ranks stop together, or run as many forwards as the rank with the most batches."""
         if not self.distributed:
-            return list(flags)
-        t = torch.tensor([float(f) for f in flags], device=self.device)
+            return value
+        t = torch.tensor([float(value)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
+        return t.item()
 
     def close(self, failed: bool = False) -> None:
         """Leave the process group. After a failure NCCL's is aborted instead: destroying it would
@@ -176,14 +176,10 @@ def cpu_flags() -> set[str]:
 
 
 def _keep_freed_memory() -> None:
-    """Make glibc's malloc keep freed blocks instead of returning them to the kernel.
-
-    A training step frees and re-allocates the same activation buffers (MBs each) every step. By
-    default glibc serves blocks above its mmap threshold with fresh mmaps and trims the heap after
-    large frees, so each step page-faults its activations in again: about 2,000 faults a step for
-    the tiny model, gone with this (BENCHMARKS.md, training). Freed memory then stays with the
-    process until it exits, which a training process does not mind.
-    """
+    """Make glibc's malloc keep freed blocks. A step frees and re-allocates the same activation
+    buffers (MBs each); by default glibc serves them with fresh mmaps and trims the heap after large
+    frees, so every step page-faulted them in again (~2,000 faults a step for the tiny model:
+    BENCHMARKS.md, training). Freed memory then stays with the process, which a trainer does not mind."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): nothing to tune
