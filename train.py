@@ -293,8 +293,7 @@ def finish(run: Run, cfg: TrainConfig, rt: Runtime, signum: int | None) -> dict:
                "corpus": run.state.static["config"]["corpus"], "signal": signum,
                "checkpoint": str(out_dir / ("best.pt" if (out_dir / "best.pt").exists() else "last.pt"))}
     if cfg.final_eval_iters and not stopping:
-        T = run.model.config.block_size
-        final = fixed_batches(run.prepared, "val", cfg.batch_size, T, cfg.final_eval_iters, rt)
+        final = fixed_batches(run.prepared, "val", cfg.batch_size, run.model.config.block_size, cfg.final_eval_iters, rt)
         log.info("final eval: %s", "the whole val split" if cfg.final_eval_iters < 0 else f"{cfg.final_eval_iters} val batches")
         result = estimate_loss(run.eval_model, final, rt, lockstep=True, desc="final val", token_bytes=run.token_bytes)
         summary["final_val"], summary["final_bpb"] = result.loss, result.bpb

@@ -247,27 +247,24 @@ def load_pretrained(name_or_path: str, revision: str | None = None) -> HFTokeniz
     if path.is_file():
         if revision is not None:
             raise DataError(f"data.tokenizer_revision pins hub tokenizers, but {path} is a local file; unset it")
-        try:
-            return HFTokenizer(_RustTokenizer.from_file(str(path)), "pretrained")
-        except Exception as e:  # the Rust binding raises plain Exception for any parse error
-            raise DataError(f"{path} is not a valid tokenizer.json ({e}); point data.tokenizer_path at one") from e
+        file, commit, what, fix = path, None, str(path), "point data.tokenizer_path at one"
     # Hub names look like "gpt2" or "org/name"; anything else that does not exist is a wrong path.
-    if path.suffix == ".json" or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    elif path.suffix == ".json" or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise DataError(f"data.tokenizer_path={name_or_path!r}: no such file; give the path of a tokenizer.json")
-    try:
-        file, commit = download_tokenizer(name_or_path, revision)
-    except HubUnreachable as e:
-        where = f"{name_or_path!r}" + (f" at revision {revision!r}" if revision else "")
-        error = DataError if revision is not None else TokenizerUnavailable
-        raise error(
-            f"could not fetch tokenizer {where} from the hub ({e}); "
-            "give data.tokenizer_path=/path/to/tokenizer.json"
-        ) from e
+    else:
+        try:
+            file, commit = download_tokenizer(name_or_path, revision)
+        except HubUnreachable as e:
+            where = f"{name_or_path!r}" + (f" at revision {revision!r}" if revision else "")
+            error = DataError if revision is not None else TokenizerUnavailable
+            raise error(f"could not fetch tokenizer {where} from the hub ({e}); "
+                        "give data.tokenizer_path=/path/to/tokenizer.json") from e
+        what = f"{file} (tokenizer {name_or_path!r} from the hub)"
+        fix = "delete it from the Hugging Face cache and run again"
     try:
         return HFTokenizer(_RustTokenizer.from_file(str(file)), "pretrained", revision=commit)
     except Exception as e:  # the Rust binding raises plain Exception for any parse error
-        raise DataError(f"{file} (tokenizer {name_or_path!r} from the hub) is not a valid tokenizer.json ({e}); "
-                        f"delete it from the Hugging Face cache and run again") from e
+        raise DataError(f"{what} is not a valid tokenizer.json ({e}); {fix}") from e
 
 
 def tokenizer_from_json(s: str, kind: str | None = None) -> Tokenizer:

@@ -88,10 +88,9 @@ class Muon(_MuonBase):
             for param, grad, buf in zip(params, grads, bufs, strict=True):
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                k = self.split.get(id(param), 1)
-                blocks = update.chunk(k, dim=0) if k > 1 else (update,)  # k x (rows / k, cols): c_attn's q, k, v
-                ortho = [newton_schulz(b, group["ns_coefficients"], group["ns_steps"], group["eps"]) for b in blocks]
-                update = torch.cat(ortho) if k > 1 else ortho[0]  # (rows, cols)
+                blocks = update.chunk(self.split.get(id(param), 1))  # k x (rows / k, cols): c_attn's q, k, v
+                update = torch.cat([newton_schulz(b, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                                    for b in blocks])  # (rows, cols)
                 param.mul_(1 - lr * group["weight_decay"])
                 param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], blocks[0].shape))
         return loss
