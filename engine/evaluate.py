@@ -108,8 +108,7 @@ def _batch_sums(logits: torch.Tensor, loss: torch.Tensor | None, y: torch.Tensor
 
 
 def bits_per_byte(nats: float, n_bytes: float) -> float:
-    """bpb = nats / (ln 2 * bytes): the bits the model needs per byte of the text it scored, whatever
-    its tokenizer (nats summed over the targets that stand for text). nan when there are no bytes."""
+    """bpb = nats / (ln 2 * bytes), the nats summed over the targets that stand for text; nan without bytes."""
     return nats / (math.log(2) * n_bytes) if n_bytes > 0 else float("nan")
 
 

@@ -169,12 +169,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 class StepMeter:
-    """Tokens/s and ms per step over the steps since the last log line, warm-up steps left out.
-
-    The first steps of a run (compilation, first allocations) are not what the run will sustain, so
-    they are not counted. The step itself does not wait for the device; the log step's read of the
-    loss does, and `synced()` adds that wait, so on a GPU the figures cover the device's work too.
-    """
+    """Tokens/s and ms per step since the last log line, without the warm-up steps (compilation, first
+    allocations), which are not what the run sustains. The step does not wait for the device; the log
+    step's read of the loss does, and `synced()` adds that wait, so the figures cover the device's work."""
 
     def __init__(self, tokens_per_step: int, warmup_steps: int = 1) -> None:
         self.tokens_per_step = tokens_per_step

@@ -112,8 +112,7 @@ def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], ste
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    """torch.optim.Muon's per-matrix lr: original lr * sqrt(max(1, rows / cols)), match_rms_adamw
-    lr * 0.2 * sqrt(max(rows, cols))."""
+    """torch.optim.Muon's per-matrix lr (optim.muon_adjust_lr)."""
     rows, cols = shape[:2]
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
@@ -153,9 +152,7 @@ class MuonAdamW:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer | MuonAdamW:
-    """AdamW over param_groups(model) (optim.name=adamw), or MuonAdamW over muon_split(model)
-    (optim.name=muon). fused=None picks AdamW's fused kernel: one kernel for all parameters on CUDA;
-    on CPU it measured the same as foreach (BENCHMARKS.md) and is used too."""
+    """AdamW over param_groups(model) (optim.name=adamw), or MuonAdamW over muon_split(model) (muon)."""
     fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
 
     def adamw(params: list[tuple[str, nn.Parameter]] | None = None) -> torch.optim.AdamW:
