@@ -1,25 +1,22 @@
 """The optimizers and the learning-rate schedules: AdamW (optim=adamw), or Muon for the hidden
 matrices with AdamW for the rest (optim=muon), driven by the loop as one optimizer.
 
-AdamW: weight decay applies to tensors with two or more dimensions (matmul weights and embeddings);
-biases and LayerNorm gains are left alone, as in GPT-2/nanoGPT.
+AdamW decays tensors of two or more dimensions only (matmul weights, embeddings), as GPT-2/nanoGPT.
 
 Muon (torch.optim.Muon, torch >= 2.9) orthogonalises each update of a weight matrix (Newton-Schulz),
-which suits the hidden linear maps of the blocks and nothing else, so the parameters are split as
-nanochat and modded-nanogpt split them:
+which suits the hidden linear maps of the blocks and nothing else; the split is nanochat's and
+modded-nanogpt's:
 - Muon: the 2-D weights inside the blocks (`h.*`): attention c_attn and c_proj, MLP c_fc and c_proj.
   c_attn (3C x C) stacks W_q, W_k and W_v, orthogonalised as the three C x C matrices they are
   (`Muon`'s split; nanochat's q, k, v weights are separate), not as one matrix, which would mix them;
-- AdamW: the token embedding wte (and lm_head, tied to it or not), the position table wpe, every
-  LayerNorm weight and bias and every bias. An embedding is a lookup table (one-hot inputs: a row
-  should move with its own token's gradient only) and the head maps onto logits; both train better
-  with AdamW in those repositories' experiments, and 1-D tensors have no matrix to orthogonalise.
-Muon follows the same schedule as AdamW, scaled by optim.muon_lr / optim.lr (`set_lr`).
+- AdamW: the embeddings wte and wpe, lm_head, every norm and bias. An embedding is a lookup table (a
+  row should move with its own token's gradient only) and the head maps onto logits; both train
+  better with AdamW in those repositories' experiments, and 1-D tensors have no matrix to orthogonalise.
+Muon follows AdamW's schedule, scaled by optim.muon_lr / optim.lr (`set_lr`).
 
 Under DDP, Muon sees the all-reduced full gradients: the same step as one process. Under FSDP2 its
-parameters and gradients are DTensor shards, and its Newton-Schulz matmuls run as DTensor ops on the
-whole matrices (DTensor gathers what each product needs), not shard by shard: the same update as one
-process up to bf16 rounding, at the cost of that communication in every optimizer step.
+Newton-Schulz matmuls run as DTensor ops on the whole matrices (DTensor gathers what each product
+needs): the same update as one process up to bf16 rounding, at that communication's cost each step.
 
 The schedule is a pure function of the step, so a resumed run needs only the step to be back on the curve.
 """
