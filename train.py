@@ -34,7 +34,7 @@ from data.progress import Progress
 from data.tokenizer import Tokenizer, load_tokenizer
 from engine.checkpoint import check_fits_data, remove_leftovers
 from engine.config import TrainConfig
-from engine.evaluate import estimate_loss, fixed_batches, generate_sample, perplexity, token_byte_table
+from engine.evaluate import estimate_loss, fixed_batches, generate_sample, perplexity
 from engine.formats.pretrained import load_pretrained
 from engine.metrics import Phases, RunLogger, StepMeter
 from engine.optim import build_optimizer, lr_at
@@ -137,7 +137,7 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
         if not rt.distributed:
             stopping = stop.requested
         elif loop.step % cfg.log_interval == 0:
-            (stopping,) = rt.any_flag(stop.requested)
+            stopping = bool(rt.max_over_ranks(stop.requested))
     bar.close()
     with phases("eval"):
         summary = finish(run, cfg, rt, stop.signum if stopping else None)
@@ -220,8 +220,6 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None, phas
     n_streams = rt.world_size * accum
     streams = [BatchLoader(prepared, "train", cfg.batch_size, T, device=rt.device, seed=cfg.seed,
                            rank=rt.rank * accum + m, world_size=n_streams) for m in range(accum)]
-    for loader in streams:
-        loader.load_state_dict({"step": 0, "seed": cfg.seed})
     eval_sets = {s: fixed_batches(prepared, s, cfg.batch_size, T, cfg.eval_iters, rt) for s in ("train", "val")}
 
     corpus = _name_corpus(cfg, meta)  # what it really trains on: W&B tags and name, the done: line, plots
@@ -247,7 +245,7 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None, phas
     return Run(out_dir, prepared, tokenizer, state, train_model, eval_model, eval_sets, logger,
                [start_token(tokenizer, fallback=0)], tokens_per_step,
                lockstep=rt.distributed and cfg.distributed == "fsdp", peak_flops=rt.peak_flops(cfg.peak_flops),
-               token_bytes=token_byte_table(tokenizer, rt), keep_last=cfg.keep_last, phases=phases)
+               token_bytes=torch.as_tensor(tokenizer.token_bytes(), device=rt.device), keep_last=cfg.keep_last, phases=phases)
 
 
 # ---- the pieces the loop calls -----------------------------------------------------------------------
@@ -292,12 +290,10 @@ def finish(run: Run, cfg: TrainConfig, rt: Runtime, signum: int | None) -> dict:
     out_dir = run.out_dir
     stopping = signum is not None or run.state.step < cfg.max_iters  # signum None: another rank's signal
     summary = {"run_dir": str(out_dir), "step": run.state.step, "best_val": run.state.best_val, "stopped": stopping,
-               "corpus": run.state.static["config"]["corpus"],
-               "signal": signum,
+               "corpus": run.state.static["config"]["corpus"], "signal": signum,
                "checkpoint": str(out_dir / ("best.pt" if (out_dir / "best.pt").exists() else "last.pt"))}
     if cfg.final_eval_iters and not stopping:
-        T = run.model.config.block_size
-        final = fixed_batches(run.prepared, "val", cfg.batch_size, T, cfg.final_eval_iters, rt)
+        final = fixed_batches(run.prepared, "val", cfg.batch_size, run.model.config.block_size, cfg.final_eval_iters, rt)
         log.info("final eval: %s", "the whole val split" if cfg.final_eval_iters < 0 else f"{cfg.final_eval_iters} val batches")
         result = estimate_loss(run.eval_model, final, rt, lockstep=True, desc="final val", token_bytes=run.token_bytes)
         summary["final_val"], summary["final_bpb"] = result.loss, result.bpb
@@ -333,12 +329,6 @@ def _name_corpus(cfg: TrainConfig, meta: dict) -> str:
     return corpus
 
 
-def _explicit_settings(overrides: list[str]) -> set[str]:
-    """The settings a command line gives: ["data.path=x", "+model=small", "~data.revision"] ->
-    {"data.path", "model", "data.revision"}."""
-    return {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-
-
 cli.register_configs()
 
 
@@ -360,8 +350,10 @@ def main(dcfg: DictConfig) -> float | None:
         cfg: TrainConfig = OmegaConf.to_object(dcfg)  # the one conversion: plain dataclasses from here on
         cfg.out_dir = cfg.out_dir or str(run_dir)
         cli.name_wandb_run(cfg)  # W&B name, group and tags that say what ran (unless set)
+        # The settings the command line gives: ["data.path=x", "+model=small"] -> {"data.path", "model"}.
+        explicit = {o.lstrip("+~").split("=", 1)[0] for o in hc.overrides.task}
         with logging_redirect_tqdm():
-            result = train(cfg, _explicit_settings(hc.overrides.task),
+            result = train(cfg, explicit,
                            on_start=lambda out: started.append(cli.start_run_files(out, dcfg) or out))
     except BaseException:
         if rank0 and not started and hc.mode == RunMode.MULTIRUN:  # a sweep's job keeps why it failed

@@ -1,19 +1,14 @@
 """Tokenizers behind one interface: character-level (as nanoGPT) and byte-level BPE (`tokenizers`).
 
-- `CharTokenizer`: the vocabulary is the sorted set of characters of the whole text, exactly as
-  nanoGPT's shakespeare_char builds it, so ids match nanoGPT's; encoding is a numpy lookup table
-  over code points, not a Python loop per character.
-- `HFTokenizer`: a `tokenizers.Tokenizer`, either a byte-level BPE trained here on the training
-  split (`train_bpe`, kind "bpe") or any tokenizer.json loaded by path or hub name ("pretrained"),
-  a hub name pinned to a revision when one is given (data.tokenizer_revision).
+- `CharTokenizer`: the sorted set of characters of the whole text, exactly as nanoGPT's
+  shakespeare_char builds it, so ids match nanoGPT's; encoding is a numpy lookup over code points.
+- `HFTokenizer`: a `tokenizers.Tokenizer`, a byte-level BPE trained here on the training split
+  (`train_bpe`, kind "bpe") or any tokenizer.json by path or hub name ("pretrained", pinned to
+  data.tokenizer_revision when given).
 
-`token_bytes()` gives the UTF-8 bytes of text each token id stands for (0 for special tokens such as
-<|endoftext|>): the denominator of bits per byte, counted per target token (engine/evaluate.py).
-
-`to_json()` / `tokenizer_from_json()` let the trainer store the tokenizer inside each checkpoint so
-that sampling needs no data directory. `decode_stream(ids)` turns generated ids into text one token
-at a time without ever emitting half of a multi-byte UTF-8 character (`tokenizers.decoders.DecodeStream`
-for BPE and pretrained tokenizers).
+`token_bytes()` is the denominator of bits per byte (engine/evaluate.py). `to_json()` lets each
+checkpoint carry its tokenizer, so sampling needs no data directory. `decode_stream(ids)` turns
+generated ids into text one token at a time, never emitting half of a multi-byte UTF-8 character.
 """
 
 from __future__ import annotations
@@ -68,8 +63,7 @@ class Tokenizer:
 
     def token_bytes(self) -> np.ndarray:
         """(vocab_size,) int64: the UTF-8 bytes of text each id stands for, 0 for special tokens
-        (<|endoftext|>, <unk>), which stand for no text. Summed over the targets of a text, it gives
-        that text's UTF-8 length, also where a window's edge cuts a character in two."""
+        (<|endoftext|>, <unk>); summed over a text's targets, its UTF-8 length, however cut."""
         raise NotImplementedError
 
     def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
@@ -106,6 +100,7 @@ class CharTokenizer(Tokenizer):
         self.chars = chars
         self.unk = unk
         self.unk_id = len(chars) if unk else None
+        self._pieces = [*chars, UNK] if unk else list(chars)  # id -> its text
         self.vocab_size = len(chars) + int(unk)
         self.eot_id = None  # nanoGPT's char vocabulary has no separator token; documents are concatenated
         codepoints = np.frombuffer(chars.encode("utf-32-le"), dtype="<u4")
@@ -143,14 +138,10 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         out = []
-        for i in ids:
-            i = int(i)
-            if 0 <= i < len(self.chars):
-                out.append(self.chars[i])
-            elif i == self.unk_id:
-                out.append(UNK)
-            else:
+        for i in map(int, ids):
+            if not 0 <= i < self.vocab_size:
                 raise DataError(f"token id {i} is outside the char vocabulary of size {self.vocab_size}")
+            out.append(self._pieces[i])
         return "".join(out)
 
     def token_bytes(self) -> np.ndarray:
@@ -256,27 +247,24 @@ def load_pretrained(name_or_path: str, revision: str | None = None) -> HFTokeniz
     if path.is_file():
         if revision is not None:
             raise DataError(f"data.tokenizer_revision pins hub tokenizers, but {path} is a local file; unset it")
-        try:
-            return HFTokenizer(_RustTokenizer.from_file(str(path)), "pretrained")
-        except Exception as e:  # the Rust binding raises plain Exception for any parse error
-            raise DataError(f"{path} is not a valid tokenizer.json ({e}); point data.tokenizer_path at one") from e
+        file, commit, what, fix = path, None, str(path), "point data.tokenizer_path at one"
     # Hub names look like "gpt2" or "org/name"; anything else that does not exist is a wrong path.
-    if path.suffix == ".json" or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    elif path.suffix == ".json" or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise DataError(f"data.tokenizer_path={name_or_path!r}: no such file; give the path of a tokenizer.json")
-    try:
-        file, commit = download_tokenizer(name_or_path, revision)
-    except HubUnreachable as e:
-        where = f"{name_or_path!r}" + (f" at revision {revision!r}" if revision else "")
-        error = DataError if revision is not None else TokenizerUnavailable
-        raise error(
-            f"could not fetch tokenizer {where} from the hub ({e}); "
-            "give data.tokenizer_path=/path/to/tokenizer.json"
-        ) from e
+    else:
+        try:
+            file, commit = download_tokenizer(name_or_path, revision)
+        except HubUnreachable as e:
+            where = f"{name_or_path!r}" + (f" at revision {revision!r}" if revision else "")
+            error = DataError if revision is not None else TokenizerUnavailable
+            raise error(f"could not fetch tokenizer {where} from the hub ({e}); "
+                        "give data.tokenizer_path=/path/to/tokenizer.json") from e
+        what = f"{file} (tokenizer {name_or_path!r} from the hub)"
+        fix = "delete it from the Hugging Face cache and run again"
     try:
         return HFTokenizer(_RustTokenizer.from_file(str(file)), "pretrained", revision=commit)
     except Exception as e:  # the Rust binding raises plain Exception for any parse error
-        raise DataError(f"{file} (tokenizer {name_or_path!r} from the hub) is not a valid tokenizer.json ({e}); "
-                        f"delete it from the Hugging Face cache and run again") from e
+        raise DataError(f"{what} is not a valid tokenizer.json ({e}); {fix}") from e
 
 
 def tokenizer_from_json(s: str, kind: str | None = None) -> Tokenizer:

@@ -1,15 +1,13 @@
-"""Schemas of the training configs: the root `TrainConfig` (configs/train.yaml) and the `optim/`
-and `logger/` groups (`OptimConfig`, `LoggerConfig`).
-
-Each field is documented where it is declared; the YAML files only choose values. cli.py registers
-these dataclasses with Hydra's ConfigStore, so a typo (`optim.lrr=1`) or a wrong type
-(`optim.lr=fast`) is refused by Hydra before anything runs. train.py converts the composed config
-into these objects once (`OmegaConf.to_object`), which also runs the `__post_init__` checks below.
-No Hydra import here: engine code takes plain dataclasses.
+"""Schemas of the training configs: `TrainConfig` (configs/train.yaml), `OptimConfig` (optim/) and
+`LoggerConfig` (logger/). Each field is documented where it is declared; the YAML files only choose
+values. cli.py registers these with Hydra's ConfigStore, so a typo (`optim.lrr=1`) or a wrong type
+(`optim.lr=fast`) is refused before anything runs; train.py's one `OmegaConf.to_object` runs the
+`__post_init__` checks. No Hydra import here: engine code takes plain dataclasses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from data.config import DataConfig
@@ -19,23 +17,19 @@ from model import ModelConfig
 # out so that nothing below the entry points imports Hydra or OmegaConf).
 MISSING = "???"
 
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "wsd", "constant")
-MUON_ADJUST_LR = ("original", "match_rms_adamw")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-SWITCHES = ("auto", "true", "false")
-DISTRIBUTED = ("ddp", "fsdp")
-LOGGERS = ("wandb", "none")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    """Lower-cased value if it is one of choices, else a ValueError naming the valid ones."""
-    v = str(value).lower()
-    if v not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
-    return v
+def _validate(cfg: object, prefix: str, choices: dict[str, tuple[str, ...]],
+              errors: Sequence[tuple[bool, str]] = ()) -> None:
+    """Lower-case each choice field, refusing a value not among its choices with a ValueError naming
+    the valid ones; then raise the message of the first (failed, message) error that failed."""
+    for name, valid in choices.items():
+        value = str(getattr(cfg, name)).lower()
+        if value not in valid:
+            raise ValueError(f"{prefix}{name}={getattr(cfg, name)!r} is not valid; choose one of {list(valid)}")
+        setattr(cfg, name, value)
+    for failed, message in errors:
+        if failed:
+            raise ValueError(message)
 
 
 @dataclass
@@ -76,23 +70,20 @@ class OptimConfig:
     muon_adjust_lr: str = "original"
 
     def __post_init__(self) -> None:
-        self.name = _choice("optim.name", self.name, OPTIMIZERS)
-        self.schedule = _choice("optim.schedule", self.schedule, SCHEDULES)
-        self.muon_adjust_lr = _choice("optim.muon_adjust_lr", self.muon_adjust_lr, MUON_ADJUST_LR)
-        if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
-            raise ValueError(f"optim.muon_lr={self.muon_lr}, optim.muon_momentum={self.muon_momentum} and "
-                             f"optim.muon_weight_decay={self.muon_weight_decay} need lr > 0, 0 <= momentum < 1, "
-                             "decay >= 0")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"optim.lr={self.lr} and optim.min_lr={self.min_lr} need 0 <= min_lr <= lr, lr > 0")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-        if self.warmup_iters < 0 or self.weight_decay < 0 or self.eps <= 0:
-            raise ValueError("optim.warmup_iters and optim.weight_decay must be >= 0 and optim.eps > 0")
-        if self.decay_iters is not None and self.decay_iters <= 0:
-            raise ValueError(f"optim.decay_iters={self.decay_iters} must be positive, or null for max_iters")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise ValueError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        _validate(self, "optim.", {"name": ("adamw", "muon"), "schedule": ("cosine", "wsd", "constant"),
+                                   "muon_adjust_lr": ("original", "match_rms_adamw")}, [
+            (self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0,
+             f"optim.muon_lr={self.muon_lr}, optim.muon_momentum={self.muon_momentum} and optim.muon_weight_decay="
+             f"{self.muon_weight_decay} need lr > 0, 0 <= momentum < 1, decay >= 0"),
+            (self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr,
+             f"optim.lr={self.lr} and optim.min_lr={self.min_lr} need 0 <= min_lr <= lr, lr > 0"),
+            (len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas),
+             f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]"),
+            (self.warmup_iters < 0 or self.weight_decay < 0 or self.eps <= 0,
+             "optim.warmup_iters and optim.weight_decay must be >= 0 and optim.eps > 0"),
+            (self.decay_iters is not None and self.decay_iters <= 0,
+             f"optim.decay_iters={self.decay_iters} must be positive, or null for max_iters"),
+            (not 0.0 < self.decay_fraction <= 1.0, f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")])
 
 
 @dataclass
@@ -120,8 +111,7 @@ class LoggerConfig:
     log_checkpoints: bool = False
 
     def __post_init__(self) -> None:
-        self.name = _choice("logger.name", self.name, LOGGERS)
-        self.mode = _choice("logger.mode", self.mode, WANDB_MODES)
+        _validate(self, "logger.", {"name": ("wandb", "none"), "mode": ("auto", "online", "offline", "disabled")})
 
 
 @dataclass
@@ -197,24 +187,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.ckpt_interval is None:
             self.ckpt_interval = self.eval_interval
-        self.device = _choice("device", self.device, DEVICES)
-        self.precision = _choice("precision", self.precision, PRECISIONS)
-        self.compile = _choice("compile", self.compile, SWITCHES)
-        self.distributed = _choice("distributed", self.distributed, DISTRIBUTED)
-        for name in ("eval_interval", "batch_size", "gradient_accumulation_steps", "log_interval"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
-        for name in ("max_iters", "eval_iters", "ckpt_interval", "sample_tokens", "max_bad_steps",
-                     "threads", "keep_last"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        positive = ("eval_interval", "batch_size", "gradient_accumulation_steps", "log_interval")
+        counts = ("max_iters", "eval_iters", "ckpt_interval", "sample_tokens", "max_bad_steps", "threads", "keep_last")
+        _validate(self, "", {"device": ("auto", "cpu", "cuda", "mps"), "precision": ("auto", "bf16", "fp16", "fp32"),
+                             "compile": ("auto", "true", "false"), "distributed": ("ddp", "fsdp")}, [
+            *((getattr(self, n) <= 0, f"{n}={getattr(self, n)} must be a positive integer") for n in positive),
+            *((getattr(self, n) < 0, f"{n}={getattr(self, n)} must be >= 0") for n in counts),
+            (self.eval_only and not self.init_from,
+             "eval_only=true evaluates a trained model: give init_from=<run dir or checkpoint>"),
+            (self.final_eval_iters < -1,
+             f"final_eval_iters={self.final_eval_iters}: use N batches, 0 (off) or -1 (whole val split)"),
+            (self.dist_timeout_s <= 0, f"dist_timeout_s={self.dist_timeout_s} must be a positive number of seconds"),
+            (self.grad_clip < 0, f"grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")])
         if self.eval_only:
-            if not self.init_from:
-                raise ValueError("eval_only=true evaluates a trained model: give init_from=<run dir or checkpoint>")
             self.max_iters = 0
-        if self.final_eval_iters < -1:
-            raise ValueError(f"final_eval_iters={self.final_eval_iters}: use N batches, 0 (off) or -1 (whole val split)")
-        if self.dist_timeout_s <= 0:
-            raise ValueError(f"dist_timeout_s={self.dist_timeout_s} must be a positive number of seconds")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")

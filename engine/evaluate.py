@@ -16,10 +16,6 @@ surprise of the targets that stand for text, divided by the UTF-8 bytes of that 
 each target's bytes read from the tokenizer's per-token table (`Tokenizer.token_bytes`): a special
 token such as <|endoftext|> has 0 bytes and its loss is left out, and a token holding part of a
 UTF-8 character counts its own bytes only, wherever a window's edge falls. Perplexity is exp(loss).
-
-Progress: on a terminal an eval shows a bar; elsewhere an eval that takes longer than
-PROGRESS_EVERY_S logs a line every PROGRESS_EVERY_S seconds (batches done, seconds left) and one
-when it ends, so a long whole-split eval in a batch job is not mistaken for a hang.
 """
 
 from __future__ import annotations
@@ -36,14 +32,15 @@ from torch import nn
 
 from data.loader import val_batches
 from data.progress import Progress
-from data.tokenizer import Tokenizer
 
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 EVAL_SEED = 1234  # the fixed batches' seed, independent of the training seed
-PROGRESS_EVERY_S = 30.0  # log-line progress of a long eval outside a terminal
+# Off a terminal (no bar), a long eval logs its progress this often, and once when it ends, so that
+# a whole-split eval in a batch job is not mistaken for a hang.
+PROGRESS_EVERY_S = 30.0
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -78,11 +75,7 @@ def estimate_loss(model: nn.Module, batches: Batches, rt: Runtime, lockstep: boo
     model.eval()
     # (nats of all targets, targets, nats of the targets with bytes, their bytes)
     sums = torch.zeros(4, device=rt.device, dtype=torch.float64)
-    n_passes = len(batches)
-    if lockstep and rt.distributed:
-        n = torch.tensor([len(batches)], device=rt.device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        n_passes = int(n.item())
+    n_passes = int(rt.max_over_ranks(len(batches))) if lockstep else len(batches)
     dummy = torch.zeros((1, 1), dtype=torch.long, device=rt.device)  # (B, T) for a rank with no batch
     progress = Progress(f"eval {desc}", n_passes, unit="batches", enabled=desc is not None and rt.is_main,
                         every_s=PROGRESS_EVERY_S, logger=log)
@@ -99,9 +92,7 @@ def estimate_loss(model: nn.Module, batches: Batches, rt: Runtime, lockstep: boo
     model.train(was_training)
     total, tokens, counted, n_bytes = sums.tolist()
     loss = total / tokens if tokens > 0 else float("nan")
-    if token_bytes is None:
-        return EvalResult(loss, None)
-    return EvalResult(loss, bits_per_byte(counted, n_bytes))
+    return EvalResult(loss, None if token_bytes is None else bits_per_byte(counted, n_bytes))
 
 
 def _batch_sums(logits: torch.Tensor, loss: torch.Tensor | None, y: torch.Tensor,
@@ -117,15 +108,8 @@ def _batch_sums(logits: torch.Tensor, loss: torch.Tensor | None, y: torch.Tensor
 
 
 def bits_per_byte(nats: float, n_bytes: float) -> float:
-    """bpb = nats / (ln 2 * bytes): the bits the model needs per byte of the text it scored, whatever
-    its tokenizer (nats summed over the targets that stand for text). nan when there are no bytes."""
+    """bpb = nats / (ln 2 * bytes), the nats summed over the targets that stand for text; nan without bytes."""
     return nats / (math.log(2) * n_bytes) if n_bytes > 0 else float("nan")
-
-
-def token_byte_table(tokenizer: Tokenizer, rt: Runtime) -> torch.Tensor:
-    """The tokenizer's per-token UTF-8 byte counts as a (vocab,) tensor on the device: estimate_loss's
-    token_bytes, built once per run."""
-    return torch.as_tensor(tokenizer.token_bytes(), dtype=torch.long, device=rt.device)
 
 
 def perplexity(loss: float) -> float:

@@ -61,8 +61,10 @@ class RunLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            self._truncate_after(resume_step)
+        if resume_step is not None and self.path.exists():
+            # Records after the checkpoint's step came from the part of a killed run replayed now.
+            keep = [r for r in read_metrics(self.path) if (r.get("step") or 0) <= resume_step]
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         mode = wandb_mode(cfg)
         if mode == "disabled":
             return
@@ -79,14 +81,6 @@ class RunLogger:
     @property
     def wandb_id(self) -> str | None:
         return self.wandb.id if self.wandb is not None else None
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop records after `step`: they came from the part of a killed run that is replayed now
-        (and a torn last line, with a warning). The file is replaced atomically."""
-        if not self.path.exists():
-            return
-        keep = [r for r in read_metrics(self.path) if (r.get("step") or 0) <= step]
-        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict) -> None:
         """Write one record; it must hold "step". Non-finite floats become null (valid JSON)."""
@@ -175,12 +169,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 class StepMeter:
-    """Tokens/s and ms per step over the steps since the last log line, warm-up steps left out.
-
-    The first steps of a run (compilation, first allocations) are not what the run will sustain, so
-    they are not counted. The step itself does not wait for the device; the log step's read of the
-    loss does, and `synced()` adds that wait, so on a GPU the figures cover the device's work too.
-    """
+    """Tokens/s and ms per step since the last log line, without the warm-up steps (compilation, first
+    allocations), which are not what the run sustains. The step does not wait for the device; the log
+    step's read of the loss does, and `synced()` adds that wait, so the figures cover the device's work."""
 
     def __init__(self, tokens_per_step: int, warmup_steps: int = 1) -> None:
         self.tokens_per_step = tokens_per_step
@@ -215,13 +206,7 @@ class StepMeter:
 
 
 class Phases:
-    """Where a run's wall time goes (set-up, data, compile, train, eval, save), for its closing line.
-
-        phases = Phases()
-        with phases("eval"):
-            ...
-        log.info("%s", phases.line())   # time: start-up 1.9 s, set-up 0.2 s, data 0.1 s, train 3.1 s, ...
-    """
+    """Where a run's wall time goes, for its closing line: `with phases("eval"): ...` adds to "eval"."""
 
     ORDER = ("start-up", "set-up", "data", "compile", "train", "eval", "save")
 

@@ -1,26 +1,22 @@
 """The optimizers and the learning-rate schedules: AdamW (optim=adamw), or Muon for the hidden
 matrices with AdamW for the rest (optim=muon), driven by the loop as one optimizer.
 
-AdamW: weight decay applies to tensors with two or more dimensions (matmul weights and embeddings);
-biases and LayerNorm gains are left alone, as in GPT-2/nanoGPT.
+AdamW decays tensors of two or more dimensions only (matmul weights, embeddings), as GPT-2/nanoGPT.
 
 Muon (torch.optim.Muon, torch >= 2.9) orthogonalises each update of a weight matrix (Newton-Schulz),
-which suits the hidden linear maps of the blocks and nothing else, so the parameters are split as
-nanochat and modded-nanogpt split them:
+which suits the hidden linear maps of the blocks and nothing else; the split is nanochat's and
+modded-nanogpt's:
 - Muon: the 2-D weights inside the blocks (`h.*`): attention c_attn and c_proj, MLP c_fc and c_proj.
-  c_attn (3C x C) stacks three maps, W_q, W_k and W_v; they are orthogonalised as the three C x C
-  matrices they are (`Muon`'s split), as nanochat's and modded-nanogpt's separate q, k, v weights
-  are, not as one 3C x C matrix, whose orthogonalisation would mix the three;
-- AdamW: the token embedding wte (and lm_head, tied to it or not), the position table wpe, every
-  LayerNorm weight and bias and every bias. An embedding is a lookup table (one-hot inputs: a row
-  should move with its own token's gradient only) and the head maps onto logits; both train better
-  with AdamW in those repositories' experiments, and 1-D tensors have no matrix to orthogonalise.
-Muon follows the same schedule as AdamW, scaled by optim.muon_lr / optim.lr (`set_lr`).
+  c_attn (3C x C) stacks W_q, W_k and W_v, orthogonalised as the three C x C matrices they are
+  (`Muon`'s split; nanochat's q, k, v weights are separate), not as one matrix, which would mix them;
+- AdamW: the embeddings wte and wpe, lm_head, every norm and bias. An embedding is a lookup table (a
+  row should move with its own token's gradient only) and the head maps onto logits; both train
+  better with AdamW in those repositories' experiments, and 1-D tensors have no matrix to orthogonalise.
+Muon follows AdamW's schedule, scaled by optim.muon_lr / optim.lr (`set_lr`).
 
 Under DDP, Muon sees the all-reduced full gradients: the same step as one process. Under FSDP2 its
-parameters and gradients are DTensor shards, and its Newton-Schulz matmuls run as DTensor ops on the
-whole matrices (DTensor gathers what each product needs), not shard by shard: the same update as one
-process up to bf16 rounding, at the cost of that communication in every optimizer step.
+Newton-Schulz matmuls run as DTensor ops on the whole matrices (DTensor gathers what each product
+needs): the same update as one process up to bf16 rounding, at that communication's cost each step.
 
 The schedule is a pure function of the step, so a resumed run needs only the step to be back on the curve.
 """
@@ -29,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import ChainMap
 from collections.abc import Callable
 
 import torch
@@ -45,10 +40,8 @@ MUON_MIN_TORCH = "2.9"  # the first release with torch.optim.Muon
 def param_groups(model: nn.Module, weight_decay: float,
                  params: list[tuple[str, nn.Parameter]] | None = None) -> list[dict]:
     """Two AdamW groups: decayed 2-D+ weights and undecayed 1-D parameters, of `params` (name,
-    parameter) or else of the whole model. Tied parameters (wte / lm_head) appear once, since
-    named_parameters() skips duplicates."""
-    named = params if params is not None else list(model.named_parameters())
-    trainable = [p for _, p in named if p.requires_grad]
+    parameter) or else of the whole model (a tied wte / lm_head once: named_parameters() skips duplicates)."""
+    trainable = [p for _, p in (params if params is not None else model.named_parameters()) if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     log.info("AdamW: %d decayed tensors (%d params), %d undecayed (%d params)", len(decay),
@@ -57,9 +50,7 @@ def param_groups(model: nn.Module, weight_decay: float,
 
 
 def muon_split(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
-    """(muon, adamw): (name, parameter) pairs, each trainable parameter in exactly one list. Muon gets
-    the 2-D weights of the blocks (h.<i>.attn.c_attn / c_proj, h.<i>.mlp.c_fc / c_proj); AdamW gets
-    the embeddings, the head, the norms and the biases."""
+    """(muon, adamw): (name, parameter) pairs, each trainable parameter in exactly one list."""
     muon, adamw = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -94,10 +85,9 @@ class Muon(_MuonBase):
             for param, grad, buf in zip(params, grads, bufs, strict=True):
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                k = self.split.get(id(param), 1)
-                blocks = update.chunk(k, dim=0) if k > 1 else (update,)  # k x (rows / k, cols): c_attn's q, k, v
-                ortho = [newton_schulz(b, group["ns_coefficients"], group["ns_steps"], group["eps"]) for b in blocks]
-                update = torch.cat(ortho) if k > 1 else ortho[0]  # (rows, cols)
+                blocks = update.chunk(self.split.get(id(param), 1))  # k x (rows / k, cols): c_attn's q, k, v
+                update = torch.cat([newton_schulz(b, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                                    for b in blocks])  # (rows, cols)
                 param.mul_(1 - lr * group["weight_decay"])
                 param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], blocks[0].shape))
         return loss
@@ -119,8 +109,7 @@ def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], ste
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    """torch.optim.Muon's per-matrix lr: original lr * sqrt(max(1, rows / cols)), match_rms_adamw
-    lr * 0.2 * sqrt(max(rows, cols))."""
+    """torch.optim.Muon's per-matrix lr (optim.muon_adjust_lr)."""
     rows, cols = shape[:2]
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
@@ -130,7 +119,7 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
 class MuonAdamW:
     """Muon and AdamW behind one optimizer's interface, so the loop, the GradScaler (unscale_ walks
     param_groups; step calls step() when the gradients are finite) and set_lr drive both at once.
-    `parts` names the two optimizers: checkpoints hold one name-keyed state per part."""
+    `parts` names the two optimizers: checkpoints save and load one name-keyed state per part."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer, muon_lr_scale: float) -> None:
         self.parts: dict[str, torch.optim.Optimizer] = {"muon": muon, "adamw": adamw}
@@ -139,10 +128,6 @@ class MuonAdamW:
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.parts.values() for g in opt.param_groups]
-
-    @property
-    def state(self) -> ChainMap:
-        return ChainMap(*(opt.state for opt in self.parts.values()))
 
     def set_lr(self, lr: float) -> None:
         for name, opt in self.parts.items():
@@ -162,19 +147,16 @@ class MuonAdamW:
     def state_dict(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.parts.items()}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        for name, opt in self.parts.items():
-            opt.load_state_dict(state_dict[name])
-
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer | MuonAdamW:
-    """AdamW over param_groups(model) (optim.name=adamw), or MuonAdamW over muon_split(model)
-    (optim.name=muon). fused=None picks AdamW's fused kernel: one kernel for all parameters on CUDA;
-    on CPU it measured the same as foreach (BENCHMARKS.md) and is used too."""
+    """AdamW over param_groups(model) (optim.name=adamw), or MuonAdamW over muon_split(model) (muon)."""
     fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+
+    def adamw(params: list[tuple[str, nn.Parameter]] | None = None) -> torch.optim.AdamW:
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay, params), lr=cfg.lr, betas=tuple(cfg.betas),
                                  eps=cfg.eps, fused=fused)
+    if cfg.name == "adamw":
+        return adamw()
     if not hasattr(torch.optim, "Muon"):
         raise ValueError(f"optim=muon needs torch.optim.Muon (torch >= {MUON_MIN_TORCH}); the installed torch "
                          f"{torch.__version__} lacks it: upgrade torch, or use optim=adamw")
@@ -183,9 +165,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     qkv = {id(p): 3 for name, p in hidden if name.endswith("attn.c_attn.weight")}  # (3C, C): W_q, W_k, W_v
     muon = Muon([p for _, p in hidden], split=qkv, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
                 momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
-    adamw = torch.optim.AdamW(param_groups(model, cfg.weight_decay, rest), lr=cfg.lr, betas=tuple(cfg.betas),
-                              eps=cfg.eps, fused=fused)
-    return MuonAdamW(muon, adamw, cfg.muon_lr / cfg.lr)
+    return MuonAdamW(muon, adamw(rest), cfg.muon_lr / cfg.lr)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
@@ -221,7 +201,6 @@ def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:
     """Set the scheduled lr: on every AdamW group, and scaled by muon_lr / lr on Muon's."""
     if isinstance(optimizer, MuonAdamW):
-        optimizer.set_lr(lr)
-        return
+        return optimizer.set_lr(lr)
     for group in optimizer.param_groups:
         group["lr"] = lr

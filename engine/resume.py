@@ -19,8 +19,7 @@ def data_as_trained(ckpt: dict, data: DataConfig, explicit: set[str]) -> DataCon
     if not isinstance(saved, dict) or explicit & {"data", "experiment"}:
         return data
     known = {f.name for f in dataclasses.fields(DataConfig)}
-    mine = {k.removeprefix("data."): getattr(data, k.removeprefix("data.")) for k in explicit
-            if k.startswith("data.") and k.removeprefix("data.") in known}
+    mine = {k: getattr(data, k) for k in {e.removeprefix("data.") for e in explicit if e.startswith("data.")} & known}
     resolved = DataConfig(**{**{k: v for k, v in saved.items() if k in known}, **mine})
     if resolved != data:
         log.info("resuming on the data the checkpoint was trained on (data.source=%s%s)%s", resolved.source,

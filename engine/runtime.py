@@ -1,9 +1,7 @@
-"""The one runtime-setup function: rank, world size, device, precision, autocast, compile.
-
-The same train.py runs on a CPU, one GPU, or under `torchrun --nproc_per_node=N` (one process per
-device). `setup_runtime` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), joins the
-process group (gloo on CPU, nccl on CUDA), picks the device and the mixed-precision dtype, and
-returns everything the loop needs in one `Runtime`. Nothing happens at import time.
+"""The one runtime-setup function, so that the same train.py runs on a CPU, one GPU, or under
+`torchrun --nproc_per_node=N`: `setup_runtime` reads torchrun's environment, joins the process group
+(gloo on CPU, nccl on CUDA), resolves device, precision and compile, and returns them in one
+`Runtime`. Nothing happens at import time.
 """
 
 from __future__ import annotations
@@ -40,10 +38,8 @@ _MEMORY_WORD = re.compile(r"\d+GB|HBM\w*")
 
 
 def peak_flops_for(name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a GPU by the name torch.cuda.get_device_name reports ("NVIDIA H100
-    80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090"), or None
-    for one PEAK_FLOPS does not list. The model is what is left of the name without the vendor,
-    memory and form-factor words, compared whole."""
+    """PEAK_FLOPS of the GPU torch.cuda.get_device_name calls name ("NVIDIA H100 80GB HBM3", "NVIDIA
+    A100-SXM4-80GB"), or None: its model is what is left without vendor, memory and form-factor words."""
     words = [w for w in re.split(r"[\s_-]+", name.upper()) if w and w not in _VENDOR_WORDS]
     form = next((_FORM_WORDS[w] for w in words if w in _FORM_WORDS), "SXM")
     model = " ".join(w for w in words if w not in _FORM_WORDS and not re.fullmatch(r"SXM\d*", w)
@@ -96,14 +92,14 @@ class Runtime:
             return peak_flops_for(torch.cuda.get_device_name(self.device))
         return None
 
-    def any_flag(self, *flags: bool) -> list[bool]:
-        """Per flag, whether it is set on any rank (one small all-reduce; free in one process).
-        Used so that every rank stops, or skips a step, together."""
+    def max_over_ranks(self, value: float) -> float:
+        """The largest of every rank's value (one small all-reduce; free in one process), so that all
+        ranks stop together, or run as many forwards as the rank with the most batches."""
         if not self.distributed:
-            return list(flags)
-        t = torch.tensor([float(f) for f in flags], device=self.device)
+            return value
+        t = torch.tensor([float(value)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
+        return t.item()
 
     def close(self, failed: bool = False) -> None:
         """Leave the process group. After a failure NCCL's is aborted instead: destroying it would
@@ -116,33 +112,23 @@ class Runtime:
 
 
 def pick_device(name: str) -> torch.device:
-    match name:
-        case "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda")
-            if torch.backends.mps.is_available():
-                return torch.device("mps")
-            return torch.device("cpu")
-        case "cuda" | "mps" | "cpu":
-            available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
-                         "cpu": True}[name]
-            if not available:
-                raise ValueError(f"device={name} was asked for but is not available here; use device=auto or cpu")
-            return torch.device(name)
-        case _:
-            raise ValueError(f"device={name!r} is not valid; choose one of ['auto', 'cpu', 'cuda', 'mps']")
+    """auto: cuda, else mps, else cpu; a device named but missing here is refused."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return torch.device(next(d for d, ok in available.items() if ok))
+    if name not in available:
+        raise ValueError(f"device={name!r} is not valid; choose one of ['auto', 'cpu', 'cuda', 'mps']")
+    if not available[name]:
+        raise ValueError(f"device={name} was asked for but is not available here; use device=auto or cpu")
+    return torch.device(name)
 
 
 def pick_precision(name: str, device: torch.device) -> str:
-    match name:
-        case "auto":
-            if device.type == "cuda":
-                return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-            return "fp32"  # CPU autocast to bf16 is slower than fp32 on most CPUs, and mps is patchy
-        case "bf16" | "fp16" | "fp32":
-            return name
-        case _:
-            raise ValueError(f"precision={name!r} is not valid; choose one of ['auto', 'bf16', 'fp16', 'fp32']")
+    if name == "auto":  # CPU autocast to bf16 is slower than fp32 on most CPUs, and mps is patchy
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if name not in DTYPES:
+        raise ValueError(f"precision={name!r} is not valid; choose one of ['auto', 'bf16', 'fp16', 'fp32']")
+    return name
 
 
 def setup_runtime(device: str = "auto", precision: str = "auto", compile: str = "auto",
@@ -168,21 +154,16 @@ def setup_runtime(device: str = "auto", precision: str = "auto", compile: str = 
         _set_cpu_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         _keep_freed_memory()
     resolved = pick_precision(precision, dev)
-    match compile:
-        case "auto":
-            do_compile = dev.type == "cuda"
-        case "true" | "false":
-            do_compile = compile == "true"
-        case _:
-            raise ValueError(f"compile={compile!r} is not valid; choose one of ['auto', 'true', 'false']")
-    if dev.type == "cpu" and resolved == "fp16" and rank == 0 and not cpu_flags() & {"avx512_fp16", "amx_fp16"}:
+    if compile not in ("auto", "true", "false"):
+        raise ValueError(f"compile={compile!r} is not valid; choose one of ['auto', 'true', 'false']")
+    do_compile = dev.type == "cuda" if compile == "auto" else compile == "true"
+    if dev.type == "cpu" and resolved == "fp16" and rank == 0 and not (flags := cpu_flags()) & {"avx512_fp16", "amx_fp16"}:
         log.warning("precision=fp16 on a CPU without fp16 math (no AVX512-FP16 or AMX-FP16): every op converts, "
                     "and a training step runs ~7-16x slower than fp32 (measured on AVX-512 and AVX2 CPUs); "
-                    "use precision=bf16%s or fp32", " (this CPU has AVX512-BF16)" if "avx512_bf16" in cpu_flags() else "")
-    rt = Runtime(rank, local_rank, world_size, dev, resolved, do_compile)
+                    "use precision=bf16%s or fp32", " (this CPU has AVX512-BF16)" if "avx512_bf16" in flags else "")
     log.info("runtime: rank %d/%d, device %s, precision %s, compile %s, %d CPU threads",
              rank, world_size, dev, resolved, do_compile, torch.get_num_threads())
-    return rt
+    return Runtime(rank, local_rank, world_size, dev, resolved, do_compile)
 
 
 def cpu_flags() -> set[str]:
@@ -195,14 +176,10 @@ def cpu_flags() -> set[str]:
 
 
 def _keep_freed_memory() -> None:
-    """Make glibc's malloc keep freed blocks instead of returning them to the kernel.
-
-    A training step frees and re-allocates the same activation buffers (MBs each) every step. By
-    default glibc serves blocks above its mmap threshold with fresh mmaps and trims the heap after
-    large frees, so each step page-faults its activations in again: about 2,000 faults a step for
-    the tiny model, gone with this (BENCHMARKS.md, training). Freed memory then stays with the
-    process until it exits, which a training process does not mind.
-    """
+    """Make glibc's malloc keep freed blocks. A step frees and re-allocates the same activation
+    buffers (MBs each); by default glibc serves them with fresh mmaps and trims the heap after large
+    frees, so every step page-faulted them in again (~2,000 faults a step for the tiny model:
+    BENCHMARKS.md, training). Freed memory then stays with the process, which a trainer does not mind."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): nothing to tune

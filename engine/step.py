@@ -1,29 +1,21 @@
 """The optimisation step, defined once: train.py's loop, scripts/bench_train.py and the GPU tests run it.
 
-`train_step` runs every accumulation micro-batch (forward under autocast, backward of the scaled
-loss, gradient all-reduce on the last micro-batch only), unscales, clips, and applies the update
-guarded against non-finite losses, then counts the step in the TrainState.
-
-The guard, decided on the device:
+`train_step` runs every accumulation micro-batch (forward under autocast, backward of the scaled loss,
+gradient all-reduce on the last micro-batch only), unscales, clips, and applies the update guarded
+against non-finite losses, then counts the step in the TrainState.
 
 A step whose loss is NaN/inf (or, without a GradScaler, whose gradient norm is) must change nothing:
 not the weights, not the optimizer's moments, not its step count. Asking the host "is it finite?"
 every step would stall a GPU on a device-to-host copy per step, so the decision stays a tensor:
-
 - fused AdamW takes a `found_inf` tensor (the hook GradScaler uses): the kernel leaves parameters
-  and moments alone and takes the step count back when it is set. No host sync.
+  and moments alone and takes the step count back when it is set;
 - with a GradScaler (fp16), a non-finite loss poisons the gradients before `unscale_`, so the
-  scaler's own inf check skips the step (and backs its scale off, as for any overflow). No host sync
-  with a fused optimizer.
-- any other optimizer (foreach AdamW, Muon): one host read per step decides, as before.
-
+  scaler's own inf check skips the step (and backs its scale off, as for any overflow);
+- any other optimizer (foreach AdamW, Muon): one host read per step decides.
 Under DDP/FSDP the gradient norm is computed from the synchronised gradients, so it is the same on
-every rank; the loss is per rank, so the flag is all-reduced (an asynchronous collective on NCCL).
-`step_guarded` returns the flag as a float tensor (1.0 = skipped); the loop adds it to a counter on
-the device and reads the counter only when it logs.
-
-The logged train loss is the whole step's: `log_values`, at log steps only, averages the ranks' mean
-losses (one small all-reduce), so under torchrun it is the loss of the global batch, not rank 0's.
+every rank; the loss is per rank, so the flag is all-reduced. The loop adds the flag (1.0 = skipped)
+to a counter on the device and reads the counter only when it logs; `log_values`, at log steps
+only, averages the ranks' losses, so under torchrun the logged loss is the global batch's.
 """
 
 from __future__ import annotations
@@ -71,8 +63,8 @@ def train_step(state: TrainState, train_model: nn.Module, batches: Sequence[tupl
 
 
 def grad_sync(train_model: nn.Module, enabled: bool) -> None:
-    """Gradient all-reduce on this backward or not. Accumulation micro-steps skip it and only the last
-    one synchronises: the sum of local gradients is all-reduced once instead of every micro-step."""
+    """Gradient all-reduce on this backward or not: the sum of the micro-steps' local gradients is
+    all-reduced once, on the last, instead of every micro-step."""
     if isinstance(train_model, nn.parallel.DistributedDataParallel):
         train_model.require_backward_grad_sync = enabled
     elif hasattr(unwrap_model(train_model), "set_requires_gradient_sync"):  # FSDP2 module
@@ -94,8 +86,7 @@ def nonfinite_flag(loss: torch.Tensor, rt: Runtime) -> torch.Tensor:
 
 
 def poison_grads_if(flag: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
-    """Turn every gradient into NaN where flag is set (multiply by NaN or by 1), without a host sync.
-    Used before GradScaler.unscale_, whose inf check then skips the step."""
+    """Turn every gradient into NaN where flag is set (multiply by NaN or by 1), without a host sync."""
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
         torch._foreach_mul_(grads, torch.where(flag > 0, torch.nan, 1.0).to(grads[0].dtype))
@@ -104,9 +95,8 @@ def poison_grads_if(flag: torch.Tensor, params: list[torch.nn.Parameter]) -> Non
 def step_guarded(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss_flag: torch.Tensor,
                  norm: torch.Tensor) -> torch.Tensor:
     """Apply the update unless the step is bad; returns the skip flag (float tensor, 1.0 = skipped).
-
-    loss_flag: nonfinite_flag(loss). With a scaler the gradients were already poisoned by it
-    (poison_grads_if) and the scaler decides; without one a non-finite gradient norm counts too."""
+    With a scaler the gradients were poisoned by loss_flag already and the scaler decides; without
+    one a non-finite gradient norm counts too."""
     if scaler.is_enabled():
         scaler.step(optimizer)
         return loss_flag
@@ -123,10 +113,9 @@ def step_guarded(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
 
 
 def log_values(loss: torch.Tensor, norm: torch.Tensor, rt: Runtime) -> tuple[float, float]:
-    """(train loss, gradient norm) of a step as numbers, for a log line: the host sync of a log step.
-    The loss is the mean over ranks of their mean micro-batch losses (every rank's micro-batches hold
-    as many tokens), so it is the global batch's; the norm is already the same on every rank. Call
-    on every rank, at log steps only: the all-reduce is not worth a collective every step."""
+    """(train loss, gradient norm) of a step as numbers: the host sync of a log step; call on every
+    rank. The mean over ranks of their mean losses is the global batch's (every rank's micro-batches
+    hold as many tokens); the norm is the same on every rank already."""
     loss = loss.detach().float().clone()  # a fresh tensor: the all-reduce writes into it
     if rt.distributed:
         dist.all_reduce(loss)  # a sum (gloo has no AVG), then / world_size

@@ -8,13 +8,7 @@ ValueError that names the field and says how to fix it.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
-NORMS = ("post", "pre")
-POSITIONS = ("learned", "sinusoidal", "rope")
-ATTENTIONS = ("explicit", "sdpa")
-ACTIVATIONS = ("gelu", "gelu_tanh")
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -59,21 +53,20 @@ class ModelConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
-        for key, choices in (("norm", NORMS), ("pos", POSITIONS), ("attn", ATTENTIONS),
-                             ("activation", ACTIVATIONS)):
+        for key, choices in (("norm", ("post", "pre")), ("pos", ("learned", "sinusoidal", "rope")),
+                             ("attn", ("explicit", "sdpa")), ("activation", ("gelu", "gelu_tanh"))):
             if getattr(self, key) not in choices:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} is not valid; choose one of {list(choices)}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}; "
-                f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
-        if self.pos == "rope" and self.head_size % 2 != 0:
-            raise ValueError(f"model.pos=rope needs an even head size, but n_embd/n_head = {self.head_size}; "
-                             "change model.n_embd or model.n_head")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"model.rope_theta must be positive, got {self.rope_theta}")
+        for failed, message in (
+            (self.n_embd % self.n_head != 0, f"model.n_embd={self.n_embd} must be divisible by model.n_head="
+             f"{self.n_head}; try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"),
+            (self.pos == "rope" and self.head_size % 2 != 0, "model.pos=rope needs an even head size, but "
+             f"n_embd/n_head = {self.head_size}; change model.n_embd or model.n_head"),
+            (not 0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}"),
+            (self.rope_theta <= 0, f"model.rope_theta must be positive, got {self.rope_theta}"),
+        ):
+            if failed:
+                raise ValueError(message)
 
     @property
     def head_size(self) -> int:
@@ -81,4 +74,4 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         """Plain-data form stored in checkpoints (loads back with ModelConfig(**d))."""
-        return dataclasses.asdict(self)
+        return asdict(self)

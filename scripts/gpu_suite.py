@@ -4,18 +4,15 @@ under 8 minutes on one CUDA GPU, carried wheels installed first.
     python scripts/gpu_suite.py --wheels .whl --data .carry/tinyshakespeare.txt --out results/
     python scripts/gpu_suite.py --dry-run --out /tmp/gpu_suite     # the same code on CPU, tiny sizes, < 2 min
 
-Parts, in this order, each with a time cap inside a 460 s budget (--budget; unused time passes on),
-each in processes of its own, each reported as pass, fail or skipped with the reason; a failing part
-never stops the ones after it: wheels (pip install --no-index --target <work>/site of --wheels
-DIR/*.whl, put on PYTHONPATH: the Hydra stack a CUDA image lacks), pytest (`pytest -m "gpu and not
-figures" tests`), then one pytest process per test of tests/test_gpu_figures.py: parity (fp32, bf16,
-fp16 loss curves), scale (largest preset plain, checkpointed, FSDP2), time_to_loss (val 1.47 on tiny
-Shakespeare: --data, default .carry/tinyshakespeare.txt), throughput (tokens/s, MFU) and generation
-(KV cache, eager and compiled), each writing its figures as JSON for this runner to gather.
-Writes <out>/gpu_suite.json (rewritten after each part), gpu_suite.md (the table for BENCHMARKS.md,
-printed last) and gpu_suite.log (every command and its output). Exit status 1 when a part failed, 2
-for bad arguments, else 0. --dry-run runs the same code on CPU with tiny sizes, fp32, no compilation,
-on a corpus read from the standard library unless --data is given (tests/test_gpu_suite.py runs it).
+The PARTS run in order, each in processes of its own under a time cap within a 460 s budget
+(--budget; unused time passes on), each reported as pass, fail or skipped with the reason; a failing
+part never stops the ones after it. wheels: pip install --target of --wheels DIR/*.whl, put on
+PYTHONPATH (the Hydra stack a CUDA image lacks); pytest: `pytest -m "gpu and not figures" tests`;
+then parity, scale, time_to_loss, throughput and generation, one pytest process per test of
+tests/test_gpu_figures.py, each writing its figures as JSON.
+Writes <out>/gpu_suite.json (after each part), gpu_suite.md (the table for BENCHMARKS.md, printed
+last) and gpu_suite.log (every command and its output). Exit status 1 when a part failed, 2 for bad
+arguments, else 0. --dry-run: fp32, no compilation, a standard-library corpus unless --data is given.
 """
 
 from __future__ import annotations
