@@ -27,7 +27,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .optim import set_lr
-from .parallel import unwrap_model
 from .runtime import Runtime
 from .state import TrainState
 
@@ -42,7 +41,7 @@ def train_step(state: TrainState, train_model: nn.Module, batches: Sequence[tupl
         set_lr(optimizer, lr)
     loss_sum = torch.zeros((), device=rt.device)
     for micro, (x, y) in enumerate(batches):
-        grad_sync(train_model, micro == len(batches) - 1)  # all-reduce on the last micro-step only
+        grad_sync(train_model, model, micro == len(batches) - 1)  # all-reduce on the last micro-step only
         with rt.autocast():
             _, loss = train_model(x, y)
         loss_sum += loss.detach()
@@ -62,13 +61,14 @@ def train_step(state: TrainState, train_model: nn.Module, batches: Sequence[tupl
     return loss, norm, skipped
 
 
-def grad_sync(train_model: nn.Module, enabled: bool) -> None:
+def grad_sync(train_model: nn.Module, model: nn.Module, enabled: bool) -> None:
     """Gradient all-reduce on this backward or not: the sum of the micro-steps' local gradients is
-    all-reduced once, on the last, instead of every micro-step."""
+    all-reduced once, on the last, instead of every micro-step. model: the GPT itself, which FSDP2's
+    fully_shard turned into an FSDP module in place."""
     if isinstance(train_model, nn.parallel.DistributedDataParallel):
         train_model.require_backward_grad_sync = enabled
-    elif hasattr(unwrap_model(train_model), "set_requires_gradient_sync"):  # FSDP2 module
-        unwrap_model(train_model).set_requires_gradient_sync(enabled)
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
