@@ -331,12 +331,14 @@ def test_generation(part: Part) -> str:
     (result,) = part.run([("generation_eager", base)])
     eager = _last_json(result, "bench_sample.py (eager)")
     r.update(new_tokens=eager["new_tokens"], eager_tokens_per_s=eager["tokens_per_s"])
+    assert r["new_tokens"] > 0 and r["eager_tokens_per_s"] > 0, eager
     if DRY:
         r["compiled_status"] = "skipped: dry run (compiling on CPU costs ~30 s)"
         return f"{r['new_tokens']} new tokens after a 16-token prompt"
     r["compiled_status"] = "fail"
     (result,) = part.run([("generation_compiled", [*base, "--compile"])])
     r.update(compiled_tokens_per_s=_last_json(result, "bench_sample.py --compile")["tokens_per_s"], compiled_status="pass")
+    assert r["compiled_tokens_per_s"] > 0, r
     r["target_met"] = max(r["eager_tokens_per_s"], r["compiled_tokens_per_s"]) >= r["target_tokens_per_s"]
     return f"{r['new_tokens']} new tokens after a 16-token prompt"
 
