@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.generate import compile_isa_safe
+
 from .runtime import Runtime
 
 
@@ -39,7 +41,7 @@ def wrap_model(model: nn.Module, rt: Runtime, distributed: str) -> tuple[nn.Modu
         for block in model.h:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
-    eval_model = torch.compile(model) if rt.compile else model
+    eval_model = compile_isa_safe(model) if rt.compile else model
     train_model = eval_model
     if rt.distributed and distributed == "ddp":
         ids = [rt.local_rank] if rt.device_type == "cuda" else None

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .linear import Linear
 from .positions import apply_rope
 
 
@@ -92,8 +93,8 @@ class MaskedMultiHeadAttention(nn.Module):
         self.n_head, self.head_size = config.n_head, config.head_size
         self.impl, self.causal = config.attn, config.causal
         # The query, key and value projections stacked in one matrix: one matmul instead of three.
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # output projection
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)  # output projection
         self.dropout = config.dropout
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)

@@ -21,6 +21,7 @@ Shapes: B batch, T time, V vocab.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -95,6 +96,19 @@ class CompiledSteps:
         self.in_use.discard(key)
 
 
+def compile_isa_safe(fn: Callable, **kwargs) -> Callable:
+    """torch.compile, without Inductor's on-disk graph caches when ATEN_CPU_CAPABILITY is set: their
+    key leaves out the vector ISA that variable makes Inductor generate for (torch 2.13), and a graph
+    cached under another ISA then runs and returns garbage (a 6-layer model's greedy margins of 1e16)."""
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
+
+        inductor_config.fx_graph_cache = False
+        functorch_config.enable_autograd_cache = False
+    return torch.compile(fn, **kwargs)
+
+
 def compile_for_generation(model: nn.Module, cudagraphs: bool | None = None) -> nn.Module:
     """Compile what generation runs and install it as `model.compiled_steps`: generate_tokens (and
     so GPT.generate) then uses it, in eval mode; the weights are shared, nothing is copied, and
@@ -108,8 +122,8 @@ def compile_for_generation(model: nn.Module, cudagraphs: bool | None = None) -> 
     # (A CUDA graph replay bypasses the wrapper anyway.)
     options = {"triton.cudagraphs": True} if cudagraphs else {"cpp_wrapper": True}
     model.compiled_steps = CompiledSteps(
-        prefill=torch.compile(model.step, dynamic=True),
-        decode=torch.compile(model.decode, fullgraph=True, dynamic=False, options=options),
+        prefill=compile_isa_safe(model.step, dynamic=True),
+        decode=compile_isa_safe(model.decode, fullgraph=True, dynamic=False, options=options),
         cudagraphs=cudagraphs,
     )
     return model

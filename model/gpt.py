@@ -23,6 +23,7 @@ from .attention import KVCache
 from .block import TransformerBlock
 from .config import ModelConfig
 from .generate import generate_tokens
+from .linear import Linear
 from .positions import rope_table, sinusoidal_table
 
 
@@ -51,7 +52,7 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         # Post-LN blocks already end in a LayerNorm; pre-LN needs one before the head.
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm == "pre" else nn.Identity()
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.init_weights()
