@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "wheels":
             r["site"] = str(work / "site")
         if name == "pytest":  # after the wheels: what the suite's processes can import, and the device
-            # (versions, CUDA, whether Hydra imports), from the env worker of tests/test_gpu_figures.py
-            rc, out = run([sys.executable, "tests/test_gpu_figures.py", "env", "{}"], env, 120, log)
+            # (versions, CUDA, whether Hydra imports), from the env worker of tests/gpu_workers.py
+            rc, out = run([sys.executable, "tests/gpu_workers.py", "env", "{}"], env, 120, log)
             lines = [line for line in out.splitlines() if line.startswith("{")]
             info = json.loads(lines[-1]) if rc == 0 and lines else {"error": tail(out)}
             empty.update(info.pop("figures", {}))
