@@ -363,8 +363,9 @@ def main(dcfg: DictConfig) -> float | None:
         raise
     if rank0:
         final = f", final val {result['final_val']:.4f}" if "final_val" in result else ""
+        best = f"best val {result['best_val']:.4f}" if math.isfinite(result["best_val"]) else "no sampled eval"
         lines = [f"{'stopped early' if result['stopped'] else 'done'}: step {result['step']}, "
-                 f"best val {result['best_val']:.4f}{final}, on {result['corpus']}",
+                 f"{best}{final}, on {result['corpus']}",
                  f"checkpoint: {result['checkpoint']}"]
         if result["stopped"]:  # the same overrides, pointed at this run's directory
             keep = [o for o in hc.overrides.task if not o.startswith(("resume=", "out_dir="))]

@@ -175,3 +175,12 @@ def test_step_checkpoints_count_as_a_run_and_overwrite_deletes_them(tmp_path):
     (run / "best.pt").write_bytes(b"x")
     with cli.hold_run_dir(run, None, True):
         assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
+def test_a_run_without_sampled_evals_says_so_instead_of_best_val_inf(tiny_overrides, tmp_path):
+    overrides = [o for o in tiny_overrides if not o.startswith(("out_dir=", "final_eval_iters="))]
+    r = run_script(["train.py", *overrides, "max_iters=2", "eval_iters=0", "final_eval_iters=1",
+                    f"out_dir={tmp_path / 'run'}"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [done] = [line for line in r.stdout.splitlines() if line.startswith("done: ")]
+    assert "no sampled eval, final val " in done and "inf" not in done, done
