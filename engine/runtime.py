@@ -102,12 +102,18 @@ class Runtime:
         return t.item()
 
     def close(self, failed: bool = False) -> None:
-        """Leave the process group. After a failure NCCL's is aborted instead: destroying it would
-        wait for collectives that the other ranks will never join."""
+        """Leave the process group, all ranks at once. After a failure NCCL's is aborted instead:
+        destroying it would wait for collectives that the other ranks will never join."""
         if dist.is_available() and dist.is_initialized():
             if failed and dist.get_backend() == "nccl":
                 dist.distributed_c10d._abort_process_group()
             else:
+                # Together: a rank tearing down its gloo pairs while another still has work in flight
+                # with it (FSDP's last collectives) aborted that one at exit (terminate called...).
+                try:
+                    dist.barrier()
+                except RuntimeError:  # a peer is gone already: nothing left to wait for
+                    pass
                 dist.destroy_process_group()
 
 
