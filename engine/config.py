@@ -1,8 +1,6 @@
 """Schemas of the training configs: `TrainConfig` (configs/train.yaml), `OptimConfig` (optim/) and
-`LoggerConfig` (logger/). Each field is documented where it is declared; the YAML files only choose
-values. cli.py registers these with Hydra's ConfigStore, so a typo (`optim.lrr=1`) or a wrong type
-(`optim.lr=fast`) is refused before anything runs; train.py's one `OmegaConf.to_object` runs the
-`__post_init__` checks. No Hydra import here: engine code takes plain dataclasses.
+`LoggerConfig` (logger/), each field documented where declared. cli.py registers them with Hydra's
+ConfigStore, so a typo or a wrong type is refused before anything runs; `__post_init__` checks values.
 """
 
 from __future__ import annotations
@@ -13,15 +11,12 @@ from dataclasses import dataclass, field
 from data.config import DataConfig
 from model import ModelConfig
 
-# OmegaConf's marker for a value the config must supply (omegaconf.MISSING is this string; spelled
-# out so that nothing below the entry points imports Hydra or OmegaConf).
-MISSING = "???"
+MISSING = "???"  # omegaconf.MISSING, spelled out: nothing below the entry points imports OmegaConf
 
 
 def _validate(cfg: object, prefix: str, choices: dict[str, tuple[str, ...]],
               errors: Sequence[tuple[bool, str]] = ()) -> None:
-    """Lower-case each choice field, refusing a value not among its choices with a ValueError naming
-    the valid ones; then raise the message of the first (failed, message) error that failed."""
+    """Lower-case each choice field (refusing one not among its choices), then raise the first failed error."""
     for name, valid in choices.items():
         value = str(getattr(cfg, name)).lower()
         if value not in valid:
@@ -34,39 +29,25 @@ def _validate(cfg: object, prefix: str, choices: dict[str, tuple[str, ...]],
 
 @dataclass
 class OptimConfig:
-    # adamw: AdamW for every parameter; muon: torch.optim.Muon (torch >= 2.9) for the 2-D weights
-    # inside the blocks, AdamW (the fields lr..eps below) for embeddings, head, norms and biases.
+    # adamw: AdamW everywhere; muon: torch.optim.Muon for the blocks' 2-D weights, AdamW (lr..eps) for the rest.
     name: str = "adamw"
-    # Peak learning rate, reached at the end of warmup (with name=muon: of the AdamW parameters).
-    lr: float = 1e-3
-    # Learning rate at the end of the decay (nanoGPT's min_lr, usually lr / 10).
-    min_lr: float = 1e-4
-    # AdamW weight decay; applied to 2-D weights (matmuls, embeddings) only, never biases or norms.
-    weight_decay: float = 0.1
-    # AdamW (beta1, beta2).
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    # AdamW epsilon.
-    eps: float = 1e-8
-    # Linear warmup from ~0 to lr over this many steps.
-    warmup_iters: int = 100
-    # cosine: warmup, then cosine decay to min_lr on step decay_iters - 1; wsd: warmup, constant lr,
-    # then a linear decay to min_lr over the last decay_fraction of the run, min_lr on its last step
-    # (max_iters - 1); constant: warmup then lr.
+    lr: float = 1e-3  # peak lr, reached at the end of warmup (muon: the AdamW parameters')
+    min_lr: float = 1e-4  # lr at the end of the decay (nanoGPT's min_lr, usually lr / 10)
+    weight_decay: float = 0.1  # AdamW's, on 2-D weights only, never biases or norms
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_iters: int = 100  # linear warmup from ~0 to lr over this many steps
+    # cosine: cosine decay to min_lr on step decay_iters - 1; wsd: constant, then a linear decay over the
+    # last decay_fraction of the run to min_lr on its last step; constant: lr. All after the warmup.
     schedule: str = "cosine"
-    # The run length cosine's decay is planned for (nanoGPT's lr_decay_iters): min_lr on step
-    # decay_iters - 1 and after it; null means max_iters, so the last step runs at min_lr.
-    decay_iters: int | None = None
-    # wsd only: the fraction of max_iters spent in the final decay.
-    decay_fraction: float = 0.2
-    # Fused AdamW kernel; null = fused on CUDA and CPU (on CPU no faster than foreach: BENCHMARKS.md).
-    fused: bool | None = None
-    # name=muon only. Muon's peak lr: its schedule is the one above, scaled by muon_lr / lr.
-    muon_lr: float = 0.02
-    # Muon's momentum (Nesterov) and decoupled weight decay (the matrices shrink by lr * decay a step).
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
-    # Per-matrix lr adjustment: original (Keller Jordan's, lr * sqrt(max(1, rows / cols))) or
-    # match_rms_adamw (Moonshot's, lr * 0.2 * sqrt(max(rows, cols)): takes AdamW-sized lrs).
+    decay_iters: int | None = None  # cosine's planned length (nanoGPT's lr_decay_iters); null: max_iters
+    decay_fraction: float = 0.2  # wsd only: the fraction of max_iters spent in the final decay
+    fused: bool | None = None  # fused AdamW kernel; null: on CUDA and CPU
+    muon_lr: float = 0.02  # muon only: Muon's peak lr (its schedule is the one above, scaled by muon_lr / lr)
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+    muon_weight_decay: float = 0.0  # Muon's decoupled decay: the matrices shrink by lr * decay a step
+    # Per-matrix lr: original (Keller Jordan's, lr * sqrt(max(1, rows / cols))) or match_rms_adamw
+    # (Moonshot's, lr * 0.2 * sqrt(max(rows, cols)): takes AdamW-sized lrs).
     muon_adjust_lr: str = "original"
 
     def __post_init__(self) -> None:
@@ -88,27 +69,19 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
-    # wandb (Weights & Biases, plus metrics.jsonl) or none (metrics.jsonl and the console only).
-    name: str = "wandb"
-    # W&B project and entity (team or user). A value set here wins; null: the WANDB_PROJECT and
-    # WANDB_ENTITY environment variables as W&B documents them, else project causalgpt and your
-    # default entity.
+    name: str = "wandb"  # wandb (W&B plus metrics.jsonl) or none (metrics.jsonl and the console)
+    # W&B project, entity (team or user), run name and group; null: WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME,
+    # WANDB_RUN_GROUP, else project causalgpt, your default entity, `<experiment or preset>-<stamp>` (plus
+    # a sweep's overrides: cli.name_wandb_run; a resumed run keeps its name) and a sweep's directory.
     project: str | None = None
     entity: str | None = None
-    # W&B run name; null: WANDB_NAME, else `<experiment or preset>-<run stamp>`, plus the swept
-    # overrides in a sweep (cli.name_wandb_run). A resumed run keeps its name.
     run_name: str | None = None
-    # W&B group; null: WANDB_RUN_GROUP, else the sweep directory for the jobs of a sweep (-m).
     group: str | None = None
-    # auto: online when logged in (WANDB_API_KEY or ~/.netrc), offline otherwise (`wandb sync`
-    # later); the WANDB_MODE environment variable, when set, wins over auto.
+    # auto: online when logged in (WANDB_API_KEY or ~/.netrc), else offline; WANDB_MODE, when set, wins.
     mode: str = "auto"
-    # W&B tags, besides those added to every run (exp:<experiment>, model:<preset>, data:<source>,
-    # tok:<tokenizer>) and those in WANDB_TAGS (comma-separated).
+    # W&B tags besides exp:, model:, data:, tok: (added to every run) and WANDB_TAGS (comma-separated).
     tags: list[str] = field(default_factory=list)
-    # Upload best.pt (else last.pt) as a W&B model artifact when the run ends. Off: checkpoints can be
-    # large, and they stay in the run directory either way.
-    log_checkpoints: bool = False
+    log_checkpoints: bool = False  # upload best.pt (else last.pt) as a W&B model artifact at the end
 
     def __post_init__(self) -> None:
         _validate(self, "logger.", {"name": ("wandb", "none"), "mode": ("auto", "online", "offline", "disabled")})
@@ -116,72 +89,51 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
-    # The config groups: these typed fields check every file of configs/model/, configs/data/, ...
-    model: ModelConfig = MISSING  # filled by the defaults list (model/, data/ groups)
+    # The config groups, filled by the defaults list: these typed fields check every file of them.
+    model: ModelConfig = MISSING
     data: DataConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     # ---- where ------------------------------------------------------------------------------------
-    # Run directory (checkpoints, metrics.jsonl, wandb/); null = Hydra's output directory.
-    out_dir: str | None = None
-    # null: start fresh; auto: continue from out_dir's last.pt when there is one; or a path to a
-    # checkpoint file or run directory (its last.pt) to continue from, writing into out_dir.
+    out_dir: str | None = None  # run directory (checkpoints, metrics.jsonl, wandb/); null: Hydra's
+    # null: start fresh; auto: out_dir's last.pt when there is one; or a checkpoint file or run directory
+    # (its last.pt) to continue from, writing into out_dir.
     resume: str | None = None
-    # A fresh run (no resume) refuses an out_dir that holds another run's last.pt, best.pt or
-    # metrics.jsonl; overwrite=true deletes them and starts over there.
+    # A fresh run refuses an out_dir holding another run's last.pt, best.pt or metrics.jsonl; true deletes them.
     overwrite: bool = False
-    # Start from the weights of a checkpoint (file or run dir), with a fresh optimizer and step 0:
-    # fine-tuning. Ignored when resuming.
+    # Fine-tune: the weights of a checkpoint (file or run dir), a fresh optimizer, step 0. Ignored when resuming.
     init_from: str | None = None
 
     # ---- the loop (nanoGPT's names) ---------------------------------------------------------------
-    # Optimisation steps (0: only evaluate, e.g. with init_from); each sees batch_size * gradient_accumulation_steps * world_size sequences.
+    # Optimisation steps (0: only evaluate); each sees batch_size * gradient_accumulation_steps * world_size sequences.
     max_iters: int = 2000
-    # nanoGPT's name for evaluating a trained model: needs init_from, sets max_iters=0 (the eval at
-    # step 0 and the final eval; the run directory records them with the weights evaluated).
-    eval_only: bool = False
-    # Sequences per micro-batch per process. The context length is model.block_size.
-    batch_size: int = 16
+    eval_only: bool = False  # evaluate init_from's model: max_iters=0 (the step-0 eval and the final eval)
+    batch_size: int = 16  # sequences per micro-batch per process (of model.block_size tokens)
     gradient_accumulation_steps: int = 1
-    # Clip the gradient norm to this (0 = no clipping; the norm is logged either way).
-    grad_clip: float = 1.0
-    # Evaluate train and val loss every eval_interval steps (and at the end) on eval_iters fixed batches.
-    eval_interval: int = 250
-    eval_iters: int = 20
-    # At the end, also report val loss on this many fixed batches (a larger, steadier number than
-    # eval_iters gives); -1 = the whole val split in order; 0 = off.
+    grad_clip: float = 1.0  # clip the gradient norm to this (0: no clipping; the norm is logged either way)
+    eval_interval: int = 250  # train and val loss every eval_interval steps (and at the end) ...
+    eval_iters: int = 20  # ... on this many fixed batches
+    # At the end, val loss on this many fixed batches (steadier than eval_iters); -1: the whole split; 0: off.
     final_eval_iters: int = 100
-    # Console/metrics.jsonl/W&B line every log_interval steps.
-    log_interval: int = 10
-    # Write last.pt every ckpt_interval steps (0 = only at the end and on SIGTERM/Ctrl-C); null =
-    # every eval_interval steps.
-    ckpt_interval: int | None = None
-    # Keep this many step-numbered checkpoints (ckpt-000250.pt, ...) beside last.pt, the newest
-    # being a hard link to last.pt (no extra disk); resume=auto falls back to them, newest first,
-    # when last.pt does not load. 0 = last.pt only.
+    log_interval: int = 10  # a console/metrics.jsonl/W&B line every log_interval steps
+    ckpt_interval: int | None = None  # last.pt every N steps (0: at the end and on a signal only); null: eval_interval
+    # Step-numbered checkpoints (ckpt-000250.pt, ...) kept beside last.pt, the newest a hard link to it;
+    # resume=auto falls back to them, newest first, when last.pt does not load. 0: last.pt only.
     keep_last: int = 2
-    # Generate this many tokens at each eval (logged to W&B and metrics.jsonl); 0 = no samples.
-    sample_tokens: int = 200
-    # Stop with an error after this many steps with a NaN/inf loss or gradient (each is skipped).
-    max_bad_steps: int = 5
+    sample_tokens: int = 200  # tokens generated at each eval (W&B and metrics.jsonl); 0: no samples
+    max_bad_steps: int = 5  # fail after this many steps with a NaN/inf loss or gradient (each is skipped)
     seed: int = 1337
 
     # ---- the runtime ------------------------------------------------------------------------------
-    # auto picks cuda > mps > cpu.
-    device: str = "auto"
-    # auto: bf16 on CUDA that supports it, fp16 (with a GradScaler) on older CUDA, fp32 elsewhere.
-    precision: str = "auto"
-    # torch.compile the model: auto = on CUDA only (on CPU its compile time rarely pays off).
-    compile: str = "auto"
-    # Under torchrun: ddp (replicate, all-reduce gradients) or fsdp (FSDP2 fully_shard).
-    distributed: str = "ddp"
-    # CPU threads for torch (0 = the cores available to this process, divided among local ranks).
-    threads: int = 0
-    # Peak FLOP/s of the device for MFU; null = looked up by GPU name (none on CPU: no MFU logged).
-    peak_flops: float | None = None
-    # Under torchrun: seconds a collective waits for the other ranks before the run fails. It must
-    # exceed the longest stretch one rank works alone (rank 0 preparing data or saving a checkpoint).
+    device: str = "auto"  # auto: cuda > mps > cpu
+    precision: str = "auto"  # auto: bf16 on CUDA that has it, else fp16 (GradScaler) on CUDA, fp32 elsewhere
+    compile: str = "auto"  # torch.compile the model; auto: on CUDA only (on CPU it rarely pays off)
+    distributed: str = "ddp"  # under torchrun: ddp (replicate, all-reduce gradients) or fsdp (FSDP2 fully_shard)
+    threads: int = 0  # CPU threads for torch; 0: the cores this process may use, divided among local ranks
+    peak_flops: float | None = None  # the device's peak FLOP/s for MFU; null: by GPU name (no MFU on CPU)
+    # Under torchrun: how long a collective waits for the other ranks before the run fails; longer than
+    # the longest time one rank works alone (rank 0 preparing data or saving a checkpoint).
     dist_timeout_s: float = 1800
 
     def __post_init__(self) -> None:
