@@ -2,21 +2,13 @@
 matrices with AdamW for the rest (optim=muon), driven by the loop as one optimizer.
 
 AdamW decays tensors of two or more dimensions only (matmul weights, embeddings), as GPT-2/nanoGPT.
-
-Muon (torch.optim.Muon, torch >= 2.9) orthogonalises each update of a weight matrix (Newton-Schulz),
-which suits the hidden linear maps of the blocks and nothing else; the split is nanochat's and
-modded-nanogpt's:
-- Muon: the 2-D weights inside the blocks (`h.*`): attention c_attn and c_proj, MLP c_fc and c_proj.
-  c_attn (3C x C) stacks W_q, W_k and W_v, orthogonalised as the three C x C matrices they are
-  (`Muon`'s split; nanochat's q, k, v weights are separate), not as one matrix, which would mix them;
-- AdamW: the embeddings wte and wpe, lm_head, every norm and bias. An embedding is a lookup table (a
-  row should move with its own token's gradient only) and the head maps onto logits; both train
-  better with AdamW in those repositories' experiments, and 1-D tensors have no matrix to orthogonalise.
-Muon follows AdamW's schedule, scaled by optim.muon_lr / optim.lr (`set_lr`).
-
-Under DDP, Muon sees the all-reduced full gradients: the same step as one process. Under FSDP2 its
-Newton-Schulz matmuls run as DTensor ops on the whole matrices (DTensor gathers what each product
-needs): the same update as one process up to bf16 rounding, at that communication's cost each step.
+Muon (torch.optim.Muon) orthogonalises each update of a weight matrix (Newton-Schulz), which suits the
+blocks' hidden linear maps; the split is nanochat's and modded-nanogpt's. Muon: the 2-D weights inside
+the blocks (`h.*`), c_attn (3C x C) as the three C x C matrices W_q, W_k, W_v it stacks (as one matrix
+they would mix). AdamW: wte, wpe and lm_head (lookup tables and the logit map train better with it in
+those repositories' experiments), norms and biases (no matrix to orthogonalise). Muon follows AdamW's
+schedule scaled by muon_lr / lr. Under DDP Muon sees the all-reduced gradients; under FSDP2 its
+matmuls run as DTensor ops on the whole matrices: one process's update up to bf16 rounding.
 
 The schedule is a pure function of the step, so a resumed run needs only the step to be back on the curve.
 """
@@ -34,13 +26,11 @@ from .config import OptimConfig
 
 log = logging.getLogger(__name__)
 
-MUON_MIN_TORCH = "2.9"  # the first release with torch.optim.Muon
-
 
 def param_groups(model: nn.Module, weight_decay: float,
                  params: list[tuple[str, nn.Parameter]] | None = None) -> list[dict]:
-    """Two AdamW groups: decayed 2-D+ weights and undecayed 1-D parameters, of `params` (name,
-    parameter) or else of the whole model (a tied wte / lm_head once: named_parameters() skips duplicates)."""
+    """Two AdamW groups, decayed 2-D+ weights and undecayed 1-D parameters, of `params` (name, parameter)
+    or else of the whole model (a tied wte / lm_head once: named_parameters() skips duplicates)."""
     trainable = [p for _, p in (params if params is not None else model.named_parameters()) if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -63,10 +53,9 @@ _MuonBase = getattr(torch.optim, "Muon", torch.optim.Optimizer)
 
 
 class Muon(_MuonBase):
-    """torch.optim.Muon, where a parameter may be a stack of k matrices by rows (split: {id(param): k}):
-    its update is then orthogonalised block by block, each block with the lr adjustment of its own
-    shape. Parameters not in split get torch's update exactly (tests/test_numbers.py compares the two).
-    The state (one momentum buffer a parameter) and the state dict are torch.optim.Muon's."""
+    """torch.optim.Muon, where a parameter may be a stack of k matrices by rows (split: {id(param): k}),
+    its update orthogonalised block by block with each block's own lr adjustment; the others get torch's
+    update exactly (tests/test_numbers.py compares). State and state dict are torch.optim.Muon's."""
 
     def __init__(self, params, split: dict[int, int] | None = None, **kwargs) -> None:
         super().__init__(params, **kwargs)
@@ -74,6 +63,7 @@ class Muon(_MuonBase):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch's own update, per block
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -86,34 +76,11 @@ class Muon(_MuonBase):
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
                 blocks = update.chunk(self.split.get(id(param), 1))  # k x (rows / k, cols): c_attn's q, k, v
-                update = torch.cat([newton_schulz(b, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                                    for b in blocks])  # (rows, cols)
+                update = torch.cat([_zeropower_via_newtonschulz(b, group["ns_coefficients"], group["ns_steps"],
+                                                                group["eps"]) for b in blocks])  # (rows, cols)
                 param.mul_(1 - lr * group["weight_decay"])
-                param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], blocks[0].shape))
+                param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], blocks[0].shape))
         return loss
-
-
-def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
-    """The quintic Newton-Schulz iteration of torch.optim.Muon (Keller Jordan's), in bf16: g (m, n) ->
-    an approximately orthogonal matrix of the same shape, U S' V^T with S' near 1."""
-    a, b, c = coefficients
-    x = g.bfloat16()
-    tall = g.size(0) > g.size(1)
-    if tall:
-        x = x.T  # (n, m): the Gram matrix below is the smaller one
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
-
-
-def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    """torch.optim.Muon's per-matrix lr (optim.muon_adjust_lr)."""
-    rows, cols = shape[:2]
-    if adjust_lr_fn == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(rows, cols))
-    return lr * math.sqrt(max(1, rows / cols))
 
 
 class MuonAdamW:
@@ -128,11 +95,6 @@ class MuonAdamW:
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.parts.values() for g in opt.param_groups]
-
-    def set_lr(self, lr: float) -> None:
-        for name, opt in self.parts.items():
-            for group in opt.param_groups:
-                group["lr"] = lr * (self.muon_lr_scale if name == "muon" else 1.0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.parts.values():
@@ -158,7 +120,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     if cfg.name == "adamw":
         return adamw()
     if not hasattr(torch.optim, "Muon"):
-        raise ValueError(f"optim=muon needs torch.optim.Muon (torch >= {MUON_MIN_TORCH}); the installed torch "
+        raise ValueError(f"optim=muon needs torch.optim.Muon (torch >= 2.9); the installed torch "
                          f"{torch.__version__} lacks it: upgrade torch, or use optim=adamw")
     hidden, rest = muon_split(model)
     log.info("Muon: %d matrices (%d params)", len(hidden), sum(p.numel() for _, p in hidden))
@@ -169,12 +131,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
 
 
 def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
-    """The learning rate of optimisation step `step` (0-based): AdamW's; Muon's is it times muon_lr / lr.
-
-    The steps that run are 0 .. max_iters - 1, so a decay ends on the last of them: wsd gives min_lr
-    on step max_iters - 1, cosine on step decay_iters - 1 (decay_iters: null means max_iters) and on
-    every step after it, unless the warm-up lasts that long. The first step after the warm-up runs
-    at the peak lr."""
+    """The learning rate of step `step` (0-based; the last is max_iters - 1): AdamW's, Muon's is it times
+    muon_lr / lr. wsd reaches min_lr on the last step, cosine on step decay_iters - 1 and after it
+    (unless the warmup lasts that long); the first step after the warmup runs at the peak lr."""
     if step < cfg.warmup_iters:  # linear warmup; never exactly 0, so step 0 still learns
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     match cfg.schedule:
@@ -200,7 +159,7 @@ def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:
     """Set the scheduled lr: on every AdamW group, and scaled by muon_lr / lr on Muon's."""
-    if isinstance(optimizer, MuonAdamW):
-        return optimizer.set_lr(lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    parts = optimizer.parts if isinstance(optimizer, MuonAdamW) else {"adamw": optimizer}
+    for name, opt in parts.items():
+        for group in opt.param_groups:
+            group["lr"] = lr * (optimizer.muon_lr_scale if name == "muon" else 1.0)

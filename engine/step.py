@@ -1,21 +1,12 @@
 """The optimisation step, defined once: train.py's loop, scripts/bench_train.py and the GPU tests run it.
 
-`train_step` runs every accumulation micro-batch (forward under autocast, backward of the scaled loss,
-gradient all-reduce on the last micro-batch only), unscales, clips, and applies the update guarded
-against non-finite losses, then counts the step in the TrainState.
-
-A step whose loss is NaN/inf (or, without a GradScaler, whose gradient norm is) must change nothing:
-not the weights, not the optimizer's moments, not its step count. Asking the host "is it finite?"
-every step would stall a GPU on a device-to-host copy per step, so the decision stays a tensor:
-- fused AdamW takes a `found_inf` tensor (the hook GradScaler uses): the kernel leaves parameters
-  and moments alone and takes the step count back when it is set;
-- with a GradScaler (fp16), a non-finite loss poisons the gradients before `unscale_`, so the
-  scaler's own inf check skips the step (and backs its scale off, as for any overflow);
-- any other optimizer (foreach AdamW, Muon): one host read per step decides.
-Under DDP/FSDP the gradient norm is computed from the synchronised gradients, so it is the same on
-every rank; the loss is per rank, so the flag is all-reduced. The loop adds the flag (1.0 = skipped)
-to a counter on the device and reads the counter only when it logs; `log_values`, at log steps
-only, averages the ranks' losses, so under torchrun the logged loss is the global batch's.
+A step whose loss is NaN/inf (or, without a GradScaler, whose gradient norm is) changes nothing: not
+the weights, the optimizer's moments nor its step count. Asking the host every step would stall a GPU,
+so the decision stays a tensor: fused AdamW takes it as `found_inf` (GradScaler's hook); with a
+GradScaler (fp16) a bad loss poisons the gradients, so the scaler's inf check skips the step; any
+other optimizer (foreach AdamW, Muon) reads it on the host. The norm comes from the synchronised
+gradients, the same on every rank; the loss flag is all-reduced. The loop counts skips on the device
+and reads the count only when it logs, as `log_values` reads the loss averaged over the ranks.
 """
 
 from __future__ import annotations
@@ -47,7 +38,9 @@ def train_step(state: TrainState, train_model: nn.Module, batches: Sequence[tupl
         loss_sum += loss.detach()
         scaler.scale(loss / len(batches)).backward()
     loss = loss_sum / len(batches)
-    loss_flag = nonfinite_flag(loss, rt)
+    loss_flag = (~torch.isfinite(loss)).float()  # 1.0: NaN/inf on any rank
+    if rt.distributed:
+        dist.all_reduce(loss_flag, op=dist.ReduceOp.MAX)
     if scaler.is_enabled():
         poison_grads_if(loss_flag, list(model.parameters()))  # the scaler's inf check then skips
     scaler.unscale_(optimizer)  # so the norm and clipping see true gradients (fp16)
@@ -62,9 +55,8 @@ def train_step(state: TrainState, train_model: nn.Module, batches: Sequence[tupl
 
 
 def grad_sync(train_model: nn.Module, model: nn.Module, enabled: bool) -> None:
-    """Gradient all-reduce on this backward or not: the sum of the micro-steps' local gradients is
-    all-reduced once, on the last, instead of every micro-step. model: the GPT itself, which FSDP2's
-    fully_shard turned into an FSDP module in place."""
+    """Gradient all-reduce on this backward or not (once, on the last micro-step). model: the GPT itself,
+    which FSDP2's fully_shard turned into an FSDP module in place."""
     if isinstance(train_model, nn.parallel.DistributedDataParallel):
         train_model.require_backward_grad_sync = enabled
     elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
@@ -77,14 +69,6 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
-def nonfinite_flag(loss: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """1.0 where the mean loss is NaN/inf on any rank, else 0.0 (a 0-dim float32 tensor)."""
-    flag = (~torch.isfinite(loss)).float()
-    if rt.distributed:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag
-
-
 def poison_grads_if(flag: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
     """Turn every gradient into NaN where flag is set (multiply by NaN or by 1), without a host sync."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -94,9 +78,8 @@ def poison_grads_if(flag: torch.Tensor, params: list[torch.nn.Parameter]) -> Non
 
 def step_guarded(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss_flag: torch.Tensor,
                  norm: torch.Tensor) -> torch.Tensor:
-    """Apply the update unless the step is bad; returns the skip flag (float tensor, 1.0 = skipped).
-    With a scaler the gradients were poisoned by loss_flag already and the scaler decides; without
-    one a non-finite gradient norm counts too."""
+    """Apply the update unless the step is bad; returns the skip flag (1.0 = skipped). With a scaler the
+    gradients were poisoned already and it decides; without one a non-finite gradient norm counts too."""
     if scaler.is_enabled():
         scaler.step(optimizer)
         return loss_flag
@@ -113,9 +96,8 @@ def step_guarded(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
 
 
 def log_values(loss: torch.Tensor, norm: torch.Tensor, rt: Runtime) -> tuple[float, float]:
-    """(train loss, gradient norm) of a step as numbers: the host sync of a log step; call on every
-    rank. The mean over ranks of their mean losses is the global batch's (every rank's micro-batches
-    hold as many tokens); the norm is the same on every rank already."""
+    """(train loss, gradient norm) as numbers: a log step's host sync; call on every rank. The mean of the
+    ranks' mean losses is the global batch's (each rank's micro-batches hold as many tokens)."""
     loss = loss.detach().float().clone()  # a fresh tensor: the all-reduce writes into it
     if rt.distributed:
         dist.all_reduce(loss)  # a sum (gloo has no AVG), then / world_size
