@@ -1,21 +1,11 @@
-"""Evaluation: the loss over fixed batches, the tokenizer-independent bits per byte, and a short
-generated sample.
+"""Evaluation: the loss over fixed batches, the tokenizer-independent bits per byte, and a short sample.
 
-The batches are drawn once, before training, with a fixed seed, so every eval of a run (and of a
-resumed run) scores the same tokens: the curve moves because the model changes, not the data.
-Under torchrun each rank scores its share of the batches and the sums are all-reduced, which gives
-the number one process would get. Evaluation touches no training RNG, so it cannot change what a
-run learns (exact resume relies on that).
-
-Loss is in nats per token, the mean over every target token, so it depends on the tokenizer: a char
-model and a BPE model cannot be compared by it. Bits per byte can (nanochat reports it): the
-surprise of the targets that stand for text, divided by the UTF-8 bytes of that text,
-
-    bpb = (sum of nats over the targets with bytes) / (ln 2 * sum of their bytes),
-
-each target's bytes read from the tokenizer's per-token table (`Tokenizer.token_bytes`): a special
-token such as <|endoftext|> has 0 bytes and its loss is left out, and a token holding part of a
-UTF-8 character counts its own bytes only, wherever a window's edge falls. Perplexity is exp(loss).
+The batches are drawn once, with a fixed seed, so every eval of a run (resumed or not) scores the same
+tokens; under torchrun each rank scores its share and the sums are all-reduced: one process's number.
+Evaluation touches no training RNG (exact resume relies on that). Loss is in nats per target token, so
+it depends on the tokenizer; bits per byte (nanochat's) does not: the nats of the targets that stand for
+text over ln 2 times their UTF-8 bytes, read from `Tokenizer.token_bytes` (a special token has 0 bytes
+and is left out; a token holding part of a character counts its own bytes). Perplexity is exp(loss).
 """
 
 from __future__ import annotations
@@ -38,16 +28,15 @@ from .runtime import Runtime
 log = logging.getLogger(__name__)
 
 EVAL_SEED = 1234  # the fixed batches' seed, independent of the training seed
-# Off a terminal (no bar), a long eval logs its progress this often, and once when it ends, so that
-# a whole-split eval in a batch job is not mistaken for a hang.
+# Off a terminal, a long eval logs its progress this often (and at its end): a batch job's eval is no "hang".
 PROGRESS_EVERY_S = 30.0
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def fixed_batches(prepared_dir: Path, split: str, batch_size: int, block_size: int, n_batches: int,
                   rt: Runtime) -> Batches:
-    """This rank's share of the fixed eval batches, each (x, y) of shape (B, T): n_batches random
-    windows batches (the same for any world size), or with n_batches=-1 the whole split in order."""
+    """This rank's share of the fixed eval batches, each (x, y) (B, T): n_batches of random windows (the
+    same for any world size), or with n_batches=-1 the whole split in order."""
     if n_batches == 0:
         return []
     if n_batches < 0:
@@ -67,10 +56,10 @@ class EvalResult:
 @torch.no_grad()
 def estimate_loss(model: nn.Module, batches: Batches, rt: Runtime, lockstep: bool = False,
                   desc: str | None = None, token_bytes: torch.Tensor | None = None) -> EvalResult:
-    """Mean per-token loss over every rank's batches, and with token_bytes (the (vocab,) table of
-    Tokenizer.token_bytes on rt.device) bits per byte; call on every rank. lockstep: every rank must
-    run the same number of forward passes (FSDP all-gathers weights in each), so ranks with fewer
-    batches run extra ones whose loss is discarded. desc: show progress under that name (rank 0)."""
+    """Mean per-token loss over every rank's batches, and with token_bytes (Tokenizer.token_bytes as a
+    (vocab,) tensor on rt.device) bits per byte; call on every rank. lockstep: every rank runs as many
+    forwards (FSDP all-gathers weights in each), a rank short of batches discarding the extra ones'
+    loss. desc: show progress under that name (rank 0)."""
     was_training = model.training
     model.eval()
     # (nats of all targets, targets, nats of the targets with bytes, their bytes)
@@ -97,8 +86,7 @@ def estimate_loss(model: nn.Module, batches: Batches, rt: Runtime, lockstep: boo
 
 def _batch_sums(logits: torch.Tensor, loss: torch.Tensor | None, y: torch.Tensor,
                 token_bytes: torch.Tensor | None) -> torch.Tensor:
-    """estimate_loss's four sums for one batch, float64: from the model's mean loss without a byte
-    table, else from the loss of each target."""
+    """estimate_loss's four float64 sums for one batch: from the model's mean loss, or with a byte table each target's."""
     n = torch.tensor(float(y.numel()), device=y.device, dtype=torch.float64)
     if token_bytes is None:
         return torch.stack([loss.double() * n, n, n.new_zeros(()), n.new_zeros(())])
@@ -121,9 +109,8 @@ def perplexity(loss: float) -> float:
 def generate_sample(model: nn.Module, prompt: list[int], n_tokens: int, rt: Runtime, seed: int,
                     vocab_limit: int | None = None, stop_id: int | None = None) -> list[int]:
     """Token ids continuing prompt, drawn with a generator of its own (the global RNG stays untouched).
-    vocab_limit: draw only ids below it, the tokenizer's size when model.vocab_size is padded past it.
-    stop_id: the sample ends before the first such id (the end-of-text token). All n_tokens are drawn
-    even so: under FSDP every rank must run the same forwards, whatever its sample draws."""
+    vocab_limit: draw only ids below it (the tokenizer's size, under a padded vocabulary). stop_id: the
+    sample ends before the first one, though all n_tokens are drawn: under FSDP every rank runs the same forwards."""
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=rt.device).manual_seed(seed)

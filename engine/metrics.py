@@ -1,13 +1,10 @@
-"""Where the numbers go: metrics.jsonl in the run directory, and Weights & Biases when asked for.
+"""Where the numbers go: metrics.jsonl in the run directory, and Weights & Biases when asked for; and
+the run's timings (tokens/s, where the wall time went).
 
-One `RunLogger` per run, active on rank 0 only. W&B is imported lazily, only for logger=wandb, so
-a run with logger=none or WANDB_MODE=disabled needs neither the package nor a network. Online when
-the user is logged in, offline otherwise (`wandb sync <run_dir>/wandb/offline-run-*` later). A
-resumed run passes the W&B run id stored in its checkpoint and continues the same W&B run.
-
-metrics.jsonl survives a kill at any moment: each record is appended by one write of a complete line
-(an O_APPEND file descriptor, no buffer left to flush), and a reader (`read_metrics`) drops a line
-that a kill cut short, with a warning naming the file, so neither `resume=auto` nor a plot stops on it.
+One `RunLogger` per run, active on rank 0. W&B is imported only for logger=wandb, so logger=none or
+WANDB_MODE=disabled needs neither the package nor a network; a resumed run continues its W&B run.
+metrics.jsonl survives a kill at any moment: each record is one write of a complete line (O_APPEND),
+and `read_metrics` drops, with a warning, a line that a kill cut short.
 """
 
 from __future__ import annotations
@@ -32,8 +29,7 @@ DEFAULT_PROJECT = "causalgpt"  # when neither logger.project nor WANDB_PROJECT n
 
 
 def wandb_mode(cfg: LoggerConfig) -> str:
-    """disabled | offline | online, from logger.name/mode and the WANDB_MODE environment variable,
-    without importing wandb when the answer is disabled."""
+    """disabled | offline | online, from logger.name/mode and WANDB_MODE (no wandb import for disabled)."""
     env = os.environ.get("WANDB_MODE", "").lower()
     if cfg.name == "none" or cfg.mode == "disabled" or env == "disabled":
         return "disabled"
@@ -93,8 +89,8 @@ class RunLogger:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)})
 
     def log_samples(self, step: int, texts: list[str]) -> None:
-        """Rows (step, text) of the W&B samples table, logged once when the run ends (a table logged at
-        every eval would be a new artifact version each time); metrics.jsonl gets each via log."""
+        """Rows (step, text) of the W&B samples table, logged once at the end (one logged at every eval
+        would be a new artifact version each time); metrics.jsonl gets each via log."""
         self.samples.extend([step, t] for t in texts)
 
     def summary(self, values: dict) -> None:
@@ -103,8 +99,7 @@ class RunLogger:
 
     def finish(self, exit_code: int = 0, preempted: bool = False, checkpoint: Path | None = None) -> None:
         """End the W&B run: the samples table, the checkpoint as a model artifact when given, then
-        exit_code 0 marks it finished, anything else failed; preempted (stopped by a signal after a
-        clean save) tells W&B so, which a resumed run then continues."""
+        finished (exit_code 0) or failed; preempted (stopped by a signal after a clean save) tells W&B so."""
         if self.wandb is not None:
             import wandb
             if self.samples:
@@ -121,11 +116,9 @@ class RunLogger:
 
 
 def wandb_init_args(cfg: LoggerConfig, run_dir: Path, resuming: bool = False) -> dict:
-    """project, entity, name, group and tags for wandb.init. A value set in the config wins; where it
-    is null, None is passed so that W&B reads WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME and
-    WANDB_RUN_GROUP itself, as it documents; where those are unset too: project causalgpt and the
-    run directory's name (a resumed run keeps the name it has). Tags add up: the config's and
-    WANDB_TAGS (comma-separated), which W&B would otherwise drop when tags are passed."""
+    """project, entity, name, group and tags for wandb.init. Null in the config: None, so that W&B reads
+    WANDB_PROJECT, ... itself; unset there too: project causalgpt, the run directory's name (a resumed run
+    keeps its own). Tags add up: the config's and WANDB_TAGS, which W&B drops when tags are passed."""
     env = os.environ
     name = cfg.run_name or (None if env.get("WANDB_NAME") or resuming else Path(run_dir).name)
     tags = [*cfg.tags, *(t.strip() for t in env.get("WANDB_TAGS", "").split(","))]
@@ -135,8 +128,7 @@ def wandb_init_args(cfg: LoggerConfig, run_dir: Path, resuming: bool = False) ->
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append line + newline to path as one write(2) on an O_APPEND descriptor: in the file, complete,
-    once this returns; a kill can only cut the very write in progress, which read_metrics drops."""
+    """Append line + newline as one write(2) on an O_APPEND descriptor: a kill can cut only that write."""
     data = memoryview((line + "\n").encode("utf-8"))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
@@ -147,20 +139,16 @@ def append_line(path: Path, line: str) -> None:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a metrics.jsonl. A line that is not a complete JSON object (the one a kill cut
-    short mid-write) is dropped with a warning naming the file and the line."""
+    """The records of a metrics.jsonl; a line that is no complete JSON object (cut short by a kill) is
+    dropped with a warning naming the file and the line."""
     path = Path(path)
     records, torn = [], []
     for n, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
+        with contextlib.suppress(json.JSONDecodeError):
+            if isinstance(record := json.loads(line), dict):
+                records.append(record)
+                continue
+        if line.strip():
             torn.append(n)
     if torn:
         log.warning("%s: dropped %d incomplete line(s) (line %s; cut short by a kill mid-write)", path, len(torn),
@@ -170,8 +158,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 class StepMeter:
     """Tokens/s and ms per step since the last log line, without the warm-up steps (compilation, first
-    allocations), which are not what the run sustains. The step does not wait for the device; the log
-    step's read of the loss does, and `synced()` adds that wait, so the figures cover the device's work."""
+    allocations). The step does not wait for the device; `synced()` adds the log step's wait for it."""
 
     def __init__(self, tokens_per_step: int, warmup_steps: int = 1) -> None:
         self.tokens_per_step = tokens_per_step

@@ -20,10 +20,9 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-# Dense (no 2:4 sparsity) bf16/fp16 tensor-core peak FLOP/s by GPU model and form factor, from the
-# vendor data sheets, for MFU. Names are matched whole (peak_flops_for): "NVIDIA L40" is not an L4,
-# and an H100 NVL or PCIe is not an SXM; None as form factor: any. A GPU not listed gets no MFU (an
-# honest blank, not a neighbour's figure); `peak_flops=` gives one by hand.
+# Dense bf16/fp16 tensor-core peak FLOP/s (vendor data sheets) by GPU model and form factor (None: any),
+# for MFU. Matched whole (peak_flops_for): an L40 is no L4, an H100 PCIe no SXM. A GPU not listed gets no
+# MFU (an honest blank, not a neighbour's figure); `peak_flops=` gives one by hand.
 PEAK_FLOPS: dict[tuple[str, str | None], float] = {
     ("H100", "SXM"): 989e12, ("H100", "PCIe"): 756e12, ("H100", "NVL"): 835e12,
     ("H200", "SXM"): 989e12, ("H200", "NVL"): 835e12, ("GH200", None): 989e12,
@@ -38,8 +37,8 @@ _MEMORY_WORD = re.compile(r"\d+GB|HBM\w*")
 
 
 def peak_flops_for(name: str) -> float | None:
-    """PEAK_FLOPS of the GPU torch.cuda.get_device_name calls name ("NVIDIA H100 80GB HBM3", "NVIDIA
-    A100-SXM4-80GB"), or None: its model is what is left without vendor, memory and form-factor words."""
+    """PEAK_FLOPS of a torch.cuda.get_device_name ("NVIDIA A100-SXM4-80GB"), or None: its model is the
+    name without vendor, memory and form-factor words."""
     words = [w for w in re.split(r"[\s_-]+", name.upper()) if w and w not in _VENDOR_WORDS]
     form = next((_FORM_WORDS[w] for w in words if w in _FORM_WORDS), "SXM")
     model = " ".join(w for w in words if w not in _FORM_WORDS and not re.fullmatch(r"SXM\d*", w)
@@ -84,8 +83,7 @@ class Runtime:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
     def peak_flops(self, override: float | None = None) -> float | None:
-        """Peak FLOP/s for MFU: the override, else the table above by GPU name, else None (CPU, fp32,
-        a GPU the table does not list)."""
+        """Peak FLOP/s for MFU: the override, else PEAK_FLOPS by GPU name, else None (CPU, fp32, unlisted)."""
         if override:
             return float(override)
         if self.device_type == "cuda" and self.precision != "fp32":  # fp32 peaks differ: no guess
@@ -160,8 +158,6 @@ def setup_runtime(device: str = "auto", precision: str = "auto", compile: str = 
         _set_cpu_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         _keep_freed_memory()
     resolved = pick_precision(precision, dev)
-    if compile not in ("auto", "true", "false"):
-        raise ValueError(f"compile={compile!r} is not valid; choose one of ['auto', 'true', 'false']")
     do_compile = dev.type == "cuda" if compile == "auto" else compile == "true"
     if dev.type == "cpu" and resolved == "fp16" and rank == 0 and not (flags := cpu_flags()) & {"avx512_fp16", "amx_fp16"}:
         log.warning("precision=fp16 on a CPU without fp16 math (no AVX512-FP16 or AMX-FP16): every op converts, "
@@ -182,10 +178,9 @@ def cpu_flags() -> set[str]:
 
 
 def _keep_freed_memory() -> None:
-    """Make glibc's malloc keep freed blocks. A step frees and re-allocates the same activation
-    buffers (MBs each); by default glibc serves them with fresh mmaps and trims the heap after large
-    frees, so every step page-faulted them in again (~2,000 faults a step for the tiny model:
-    BENCHMARKS.md, training). Freed memory then stays with the process, which a trainer does not mind."""
+    """Make glibc's malloc keep freed blocks: a step frees and re-allocates the same activation buffers
+    (MBs each), which glibc served with fresh mmaps, page-faulting them in again (~2,000 faults a step
+    for the tiny model: BENCHMARKS.md, training)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): nothing to tune
@@ -196,9 +191,8 @@ def _keep_freed_memory() -> None:
 
 
 def _set_cpu_threads(threads: int, local_world_size: int) -> None:
-    """threads=N: exactly N. threads=0: an explicit OMP_NUM_THREADS outside torchrun is respected;
-    otherwise the cores this process may use, shared among the ranks on this machine. (torchrun
-    exports OMP_NUM_THREADS=1 to every worker, which would leave cores idle with few ranks.)"""
+    """threads=N: exactly N. 0: an OMP_NUM_THREADS set outside torchrun (whose OMP_NUM_THREADS=1 would idle
+    cores), else the cores this process may use, shared among the ranks on this machine."""
     if threads == 0:
         if os.environ.get("OMP_NUM_THREADS") and "TORCHELASTIC_RUN_ID" not in os.environ:
             return
