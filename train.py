@@ -51,10 +51,9 @@ log = logging.getLogger("train")
 
 def train(cfg: TrainConfig, explicit: set[str] | None = None,
           on_start: Callable[[Path], None] | None = None) -> dict:
-    """Train as cfg says; returns a summary (run_dir, step, best_val, final_val, checkpoint).
-    explicit: the settings given on the command line (e.g. {"data.path", "model"}); a resumed run
-    then takes every other data.* setting from its checkpoint, as it was trained. None: cfg as is.
-    on_start(run dir): called on rank 0 once the run is set up, before the first step."""
+    """Train as cfg says; returns a summary (run_dir, step, best_val, final_val, checkpoint). explicit: the
+    settings the command line gave (e.g. {"data.path", "model"}): a resumed run takes every other data.*
+    setting from its checkpoint (None: cfg as is). on_start(run dir): on rank 0, before the first step."""
     rt = setup_runtime(cfg.device, cfg.precision, cfg.compile, cfg.threads, cfg.dist_timeout_s)
     stop = StopRequest()
     failed = True
@@ -184,7 +183,7 @@ class Run:
 
 def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None, phases: Phases | None = None) -> Run:
     """Data, model (fresh, resumed or fine-tuned), optimizer, loaders, eval batches and logger.
-    explicit: see train(). phases: times the data step and, later, the saves (Run.save)."""
+    explicit: see train(). phases: times the data step and, later, the saves."""
     phases = phases or Phases()
     out_dir = Path(cfg.out_dir)
     if rt.is_main and (leftovers := remove_leftovers(out_dir)):  # before anything writes there
@@ -316,8 +315,8 @@ def _with_vocab(model_cfg: ModelConfig, vocab_size: int) -> ModelConfig:
 
 
 def _name_corpus(cfg: TrainConfig, meta: dict) -> str:
-    """The corpus the prepared data holds, marked when it is a fallback for the one asked for (e.g.
-    offline: "python_stdlib (fallback for shakespeare_char)"); the W&B data tag and name say it too."""
+    """The corpus the prepared data holds, marked when it stands in for the one asked for (offline:
+    "python_stdlib (fallback for shakespeare_char)"); the W&B data tag and name say it too."""
     source, asked = meta.get("source", cfg.data.source), meta.get("requested_source", cfg.data.source)
     if source == asked:
         return source

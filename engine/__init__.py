@@ -10,6 +10,5 @@
 - evaluate.py   loss over fixed batches (DDP/FSDP-aware), a generated sample
 - metrics.py    metrics.jsonl and Weights & Biases (imported lazily)
 - signals.py    SIGTERM / Ctrl-C: save last.pt, then stop cleanly
-- formats/      model files: our safetensors export, Hugging Face GPT-2 directories, and
-                load_pretrained(path), which tells them and checkpoints apart
+- formats/      model files: our safetensors export, Hugging Face GPT-2 dirs; load_pretrained() tells them apart
 """

@@ -100,11 +100,9 @@ class MuonAdamW:
         for opt in self.parts.values():
             opt.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = closure() if closure is not None else None
+    def step(self) -> None:
         for opt in self.parts.values():
             opt.step()
-        return loss
 
     def state_dict(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.parts.items()}
