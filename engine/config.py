@@ -42,7 +42,7 @@ class OptimConfig:
     schedule: str = "cosine"
     decay_iters: int | None = None  # cosine's planned length (nanoGPT's lr_decay_iters); null: max_iters
     decay_fraction: float = 0.2  # wsd only: the fraction of max_iters spent in the final decay
-    fused: bool | None = None  # fused AdamW kernel; null: on CUDA and CPU
+    fused: bool | None = None  # fused AdamW kernel; null: on CUDA and CPU (on CPU no faster than foreach: BENCHMARKS.md)
     muon_lr: float = 0.02  # muon only: Muon's peak lr (its schedule is the one above, scaled by muon_lr / lr)
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
     muon_weight_decay: float = 0.0  # Muon's decoupled decay: the matrices shrink by lr * decay a step

@@ -86,7 +86,7 @@ def estimate_loss(model: nn.Module, batches: Batches, rt: Runtime, lockstep: boo
 
 def _batch_sums(logits: torch.Tensor, loss: torch.Tensor | None, y: torch.Tensor,
                 token_bytes: torch.Tensor | None) -> torch.Tensor:
-    """estimate_loss's four float64 sums for one batch: from the model's mean loss, or with a byte table each target's."""
+    """estimate_loss's four float64 sums for a batch: from the model's mean loss, or each target's (byte table)."""
     n = torch.tensor(float(y.numel()), device=y.device, dtype=torch.float64)
     if token_bytes is None:
         return torch.stack([loss.double() * n, n, n.new_zeros(()), n.new_zeros(())])
