@@ -108,10 +108,8 @@ class Runtime:
             else:
                 # Together: a rank tearing down its gloo pairs while another still has work in flight
                 # with it (FSDP's last collectives) aborted that one at exit (terminate called...).
-                try:
+                with contextlib.suppress(RuntimeError):  # a peer is gone already: nothing left to wait for
                     dist.barrier()
-                except RuntimeError:  # a peer is gone already: nothing left to wait for
-                    pass
                 dist.destroy_process_group()
 
 
