@@ -63,7 +63,6 @@ class Muon(_MuonBase):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch's own update, per block
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -76,11 +75,34 @@ class Muon(_MuonBase):
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
                 blocks = update.chunk(self.split.get(id(param), 1))  # k x (rows / k, cols): c_attn's q, k, v
-                update = torch.cat([_zeropower_via_newtonschulz(b, group["ns_coefficients"], group["ns_steps"],
-                                                                group["eps"]) for b in blocks])  # (rows, cols)
+                update = torch.cat([newton_schulz(b, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                                    for b in blocks])  # (rows, cols)
                 param.mul_(1 - lr * group["weight_decay"])
-                param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], blocks[0].shape))
+                param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], blocks[0].shape))
         return loss
+
+
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz iteration in bf16 (written here: torch keeps it private):
+    g (m, n) -> an approximately orthogonal matrix of the same shape, U S' V^T with S' near 1."""
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T  # (n, m): the Gram matrix below is the smaller one
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's per-matrix lr (optim.muon_adjust_lr)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr * math.sqrt(max(1, rows / cols))
 
 
 class MuonAdamW:
