@@ -120,12 +120,17 @@ def _raise_write_error(path: Path, e: BaseException) -> None:
         cause = cause.__cause__ or cause.__context__
     if cause is None:
         raise e
-    name = errno.errorcode.get(cause.errno or 0, "")
     hint = _DISK_HINTS.get(cause.errno or 0, "check the disk of {dir}, or set out_dir= elsewhere")
     raise CheckpointError(
-        f"cannot write checkpoint {path}: {cause.strerror or cause}{f' ({name})' if name else ''}; "
+        f"cannot write checkpoint {path}: {disk_reason(cause)}; "
         f"the previous {path.name}, if any, is intact and no partial file is left: "
         f"{hint.format(dir=path.parent)}, then run again (resume=auto continues from the last checkpoint)") from e
+
+
+def disk_reason(e: OSError) -> str:
+    """An OSError in a few words: its message and errno name, "No space left on device (ENOSPC)"."""
+    name = errno.errorcode.get(e.errno or 0)
+    return f"{e.strerror or e}{f' ({name})' if name else ''}"
 
 
 def remove_leftovers(run_dir: str | os.PathLike) -> list[Path]:

@@ -192,8 +192,6 @@ def find_resume(resume: str | None, out_dir: Path, rt: Runtime) -> tuple[Path, d
         return open_checkpoint(target, training_state=True)
 
     chosen = together(rt, choose, here=rt.is_main)
-    if not rt.distributed:
-        return chosen
     path = gather_objects(None if chosen is None else str(chosen[0]), rt)[0]
     if path is None:
         return None
