@@ -30,8 +30,6 @@ from ..checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "transformers is not installed; install the optional extra: pip install -e '.[hf]'"
-
 
 # ---- reading an HF GPT-2 directory (no transformers needed) ----------------------------------------
 def load_hf_dir(path: Path, hf_config: dict[str, Any], device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -129,7 +127,7 @@ def require_transformers() -> Any:
     try:
         import transformers
     except ImportError as e:
-        raise ImportError(INSTALL_HINT) from e
+        raise ImportError("transformers is not installed; install the optional extra: pip install -e '.[hf]'") from e
     return transformers
 
 
