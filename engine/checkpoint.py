@@ -1,20 +1,19 @@
 """Checkpoints: the one module that writes, reads and chooses them, for every caller.
 
-A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) that loads with
-`torch.load(weights_only=True)`: format_version, model (the unwrapped, uncompiled GPT's state dict),
-model_config, tokenizer (JSON string or None), config (the resolved run config), and the training
-state of engine/state.py's TrainState (step, optimizer, loader_state, rng, ...).
+A checkpoint is a plain dict that loads with `torch.load(weights_only=True)`: format_version, model
+(the unwrapped, uncompiled GPT's state dict), model_config, tokenizer (JSON string or None), config
+(the resolved run config) and the training state of engine/state.py (step, optimizer, rng, ...).
 
 Writing is atomic (data/atomic.py): a kill leaves the old file or the new one; keep_last > 0 also
-names it ckpt-<step>.pt (a hard link) and prunes older step files; a disk error is one
-CheckpointError naming the path. Choosing (`candidates`): last.pt, the step files newest first,
-best.pt; a file that does not load is skipped with a warning (`open_checkpoint`). Reading: a
-torch.load failure, a bad CRC-32 or weights that do not fit model_config are one CheckpointError;
-`check_fits_data` checks a checkpoint against the data it meets (vocabulary, tokenizer).
+names it ckpt-<step>.pt (a hard link) and prunes older step files. Every reader tries `candidates`
+in one order, last.pt, the step files newest first, best.pt, and skips with a warning a file that
+does not load. Every failure (a disk error, a torch.load error, a bad CRC-32, weights that do not fit
+model_config, data the model cannot read: `check_fits_data`) is one CheckpointError naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -32,20 +31,17 @@ from model.positions import sinusoidal_table
 
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
-# The names of a run directory's checkpoints, in the order they are tried (`candidates`).
-CHECKPOINT_GLOBS = ("last.pt", "ckpt-*.pt", "best.pt")
-
+CHECKPOINT_GLOBS = ("last.pt", "ckpt-*.pt", "best.pt")  # a run directory's checkpoints, in `candidates` order
 STEP_NAME = re.compile(r"^ckpt-(\d+)\.pt$")  # step-numbered checkpoints: ckpt-000250.pt
 # What killed saves leave: `.<name>.tmp-<random>` (data/atomic.py; `.tmp-link` for a step file's
 # hard link), and mkstemp's `.<name>.<random>.tmp` from earlier versions.
 _TEMP = re.compile(r"^\.(last|best|ckpt-\d+)\.pt\.(tmp-[^.]+|[^.]+\.tmp)$")
-# Errors of the disk rather than of the program: the message says what to free or fix.
-_DISK_HINTS = {
+_NOT_WRITABLE = "{dir} is not writable: fix its permissions or set out_dir= elsewhere"
+_DISK_HINTS = {  # errors of the disk rather than of the program: what to free or fix
     errno.ENOSPC: "free space on {dir} (or set out_dir= to a disk with room)",
     errno.EDQUOT: "free space within your quota on {dir} (or set out_dir= elsewhere)",
     errno.EROFS: "{dir} is on a read-only file system: set out_dir= to a writable directory",
-    errno.EACCES: "{dir} is not writable: fix its permissions or set out_dir= elsewhere",
-    errno.EPERM: "{dir} is not writable: fix its permissions or set out_dir= elsewhere",
+    errno.EACCES: _NOT_WRITABLE, errno.EPERM: _NOT_WRITABLE,
     errno.EIO: "the disk of {dir} reports I/O errors: check it, or set out_dir= elsewhere",
 }
 
@@ -54,53 +50,42 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of another format; the message names the file."""
 
 
+# ---- writing ------------------------------------------------------------------------------------------
 def step_name(step: int) -> str:
-    """The file name of the step-numbered checkpoint of a step: ckpt-000250.pt."""
     return f"ckpt-{step:06d}.pt"
 
 
 def step_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """The step-numbered checkpoints of a run directory as (step, path), newest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := STEP_NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("ckpt-*.pt") if (m := STEP_NAME.match(p.name))]
     return sorted(found, reverse=True)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict, keep_last: int = 0) -> Path:
-    """Write payload to path atomically (temporary file, fsync, rename, directory fsync). A crash
-    mid-save leaves the previous checkpoint intact; a disk error is a CheckpointError naming path.
-    keep_last > 0: also keep payload["step"]'s step file and at most keep_last of them (`keep_history`)."""
+    """Write payload to path atomically; keep_last > 0: also as its step's file (`keep_history`)."""
     path = Path(path)
-    payload = {"format_version": FORMAT_VERSION, **payload}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(path, "wb") as f:
-            torch.save(payload, f)
+            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
     except (OSError, RuntimeError) as e:
-        # torch.save reports a failed write of its buffered file as a RuntimeError ("unexpected
-        # pos ...") raised while handling the OSError; look for that OSError down the chain.
-        if (error := _write_error(path, e)) is None:
-            raise
-        raise error from e
+        _raise_write_error(path, e)
     if keep_last:
         keep_history(path, int(payload["step"]), keep_last)
     return path
 
 
 def keep_history(last: Path, step: int, keep_last: int) -> None:
-    """Name the checkpoint just written to `last` also ckpt-<step>.pt (a hard link) and delete the
-    step files beyond the newest keep_last. Those of later steps than this one belong to a run that
-    was resumed from an earlier checkpoint: they are deleted too."""
+    """Name the checkpoint just written to `last` also ckpt-<step>.pt and delete the step files beyond
+    the newest keep_last, and those of later steps (left by a run since resumed at an earlier one)."""
     link_checkpoint(last, last.parent / step_name(step))
-    older = [p for s, p in step_checkpoints(last.parent) if s <= step]  # newest first
-    for p in older[keep_last:]:
-        p.unlink(missing_ok=True)
+    kept = 0
     for s, p in step_checkpoints(last.parent):
         if s > step:
             log.info("removing %s: it is from before this run was resumed at an earlier step", p)
-            p.unlink(missing_ok=True)
+        elif (kept := kept + 1) <= keep_last:
+            continue
+        p.unlink(missing_ok=True)
     fsync_dir(last.parent)
 
 
@@ -117,65 +102,60 @@ def link_checkpoint(src: Path, dst: Path) -> Path:
                 raise
             with open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
                 shutil.copyfileobj(fin, fout, 2**22)
-            return dst
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
+        else:
+            os.replace(tmp, dst)
+            fsync_dir(dst.parent)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        if (error := _write_error(dst, e)) is None:
-            raise
-        raise error from e
+        _raise_write_error(dst, e)
     return dst
+
+
+def _raise_write_error(path: Path, e: BaseException) -> None:
+    """Raise the CheckpointError for a failed write of path, or e itself when it is no disk error.
+    torch.save reports a failed write as a RuntimeError ("unexpected pos ...") raised while handling
+    the OSError: that OSError is looked for down the chain."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        raise e
+    hint = _DISK_HINTS.get(cause.errno or 0, "check the disk of {dir}, or set out_dir= elsewhere")
+    raise CheckpointError(
+        f"cannot write checkpoint {path}: {disk_reason(cause)}; "
+        f"the previous {path.name}, if any, is intact and no partial file is left: "
+        f"{hint.format(dir=path.parent)}, then run again (resume=auto continues from the last checkpoint)") from e
+
+
+def disk_reason(e: OSError) -> str:
+    """An OSError in a few words: its message and errno name, "No space left on device (ENOSPC)"."""
+    name = errno.errorcode.get(e.errno or 0)
+    return f"{e.strerror or e}{f' ({name})' if name else ''}"
 
 
 def remove_leftovers(run_dir: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that killed saves left in run_dir; returns them. Call it where no
     save into run_dir is running (the trainer does at start, on rank 0)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    removed = sorted(p for p in run_dir.iterdir() if _TEMP.match(p.name) and p.is_file())
+    removed = sorted(p for p in Path(run_dir).glob(".*") if _TEMP.match(p.name) and p.is_file())
     for p in removed:
         p.unlink(missing_ok=True)
     return removed
 
 
-def _write_error(path: Path, e: BaseException) -> CheckpointError | None:
-    """The CheckpointError for a failed write of path, or None when e is no disk error."""
-    cause: BaseException | None = e
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is None:
-        return None
-    name = errno.errorcode.get(cause.errno or 0, "")
-    hint = _DISK_HINTS.get(cause.errno or 0, "check the disk of {dir}, or set out_dir= elsewhere")
-    return CheckpointError(
-        f"cannot write checkpoint {path}: {cause.strerror or cause}{f' ({name})' if name else ''}; "
-        f"the previous {path.name}, if any, is intact and no partial file is left: "
-        f"{hint.format(dir=path.parent)}, then run again (resume=auto continues from the last checkpoint)")
-
-
+# ---- choosing and reading -----------------------------------------------------------------------------
 def candidates(run_dir: str | os.PathLike) -> list[Path]:
     """The checkpoints of a run directory in the order every reader tries them: last.pt, the step
-    files newest first, best.pt. A second name for a file already listed (the hard link between
-    last.pt and the newest step file) is left out."""
-    run_dir = Path(run_dir)
-    names = [run_dir / "last.pt", *(p for _, p in step_checkpoints(run_dir)), run_dir / "best.pt"]
-    seen, out = set(), []
-    for path in names:
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            out.append(path)
-    return out
+    files newest first, best.pt; a second name of one file (last.pt's hard link) is left out."""
+    run_dir, files = Path(run_dir), {}
+    for path in [run_dir / "last.pt", *(p for _, p in step_checkpoints(run_dir)), run_dir / "best.pt"]:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            files.setdefault((st.st_dev, st.st_ino), path)
+    return list(files.values())
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file as given, or a run directory's first candidate (existence only: see
-    open_checkpoint for the one that loads)."""
+    """A checkpoint file as given, or a run directory's first candidate (whether it loads or not)."""
     path = Path(path).expanduser()
     if path.is_dir():
         if found := candidates(path):
@@ -196,8 +176,10 @@ def open_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for file in files:
         try:
             ckpt = _load_file(file, map_location)
-            if training_state:
-                _check_resumable(ckpt, file)
+            missing = [k for k in ("step", "optimizer", "loader_state", "rng") if k not in ckpt]
+            if training_state and missing:  # e.g. an exported model: weights only
+                raise CheckpointError(f"checkpoint {file} has no training state ({', '.join(missing)} missing); "
+                                      "use init_from= to start from its weights instead of resume=")
         except CheckpointError as e:
             if len(files) == 1:
                 raise
@@ -217,10 +199,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def _load_file(path: Path, map_location: str | torch.device) -> dict:
-    """Load one checkpoint file safely (weights_only=True) and check its format and that its weights
-    fit its model_config. Every failure is one CheckpointError naming the file."""
+    """One checkpoint file, loaded with weights_only=True, its CRCs, format and weights checked."""
     try:
-        _check_crcs(path)
+        if zipfile.is_zipfile(path):  # not a zip at all: torch.load says what it is
+            # torch.save writes a zip with a CRC-32 per record that torch.load never checks, so a
+            # flipped bit in the weights would load silently. Checking reads the file once (~3 GB/s).
+            with zipfile.ZipFile(path) as archive:
+                if (bad := archive.testzip()) is not None:
+                    raise CheckpointError(f"checkpoint {path} is corrupt: its record {bad} fails its CRC check "
+                                          "(the file changed on disk after it was written); pick another "
+                                          "checkpoint (a run directory keeps ckpt-<step>.pt files)")
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except CheckpointError:
         raise
@@ -235,35 +223,14 @@ def _load_file(path: Path, map_location: str | torch.device) -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
             or not isinstance(ckpt.get("model_config"), dict):
         raise CheckpointError(f"checkpoint {path} has no model weights/config: not a causalgpt checkpoint")
-    version = ckpt.get("format_version")
-    if version != FORMAT_VERSION:
+    if (version := ckpt.get("format_version")) != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {version}, this code reads version "
                               f"{FORMAT_VERSION}; use the causalgpt release that wrote it")
     check_weights(ckpt, path)
     return ckpt
 
 
-def _check_resumable(ckpt: dict, path: Path) -> None:
-    """A file that has weights but no training state (e.g. an exported model) cannot be resumed."""
-    missing = [k for k in ("step", "optimizer", "loader_state", "rng") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} has no training state ({', '.join(missing)} missing); "
-                              "use init_from= to start from its weights instead of resume=")
-
-
-def _check_crcs(path: Path) -> None:
-    """torch.save writes a zip archive with a CRC-32 per record that torch.load never checks, so a
-    flipped bit in the weights would load silently. Checking them reads the file once (~3 GB/s)."""
-    if not zipfile.is_zipfile(path):
-        return  # not a zip at all: torch.load says what it is
-    with zipfile.ZipFile(path) as archive:
-        bad = archive.testzip()
-    if bad is not None:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its record {bad} fails its CRC check (the file "
-                              "changed on disk after it was written); pick another checkpoint (a run directory "
-                              "keeps ckpt-<step>.pt files)")
-
-
+# ---- what a checkpoint's weights fit ------------------------------------------------------------------
 def check_weights(ckpt: dict, path: Path) -> None:
     """The weights must be the tensors model_config builds: same names, same shapes (checked on
     the meta device: no memory, no initialisation)."""
@@ -289,15 +256,14 @@ def check_fits_data(ckpt: dict, path: str | os.PathLike, tokenizer_json: str | N
                     use: str) -> None:
     """The one check that a checkpoint's weights can read this data: its tokenizer maps text to the
     same ids as the data's (when both are known), and the data's ids fit its embedding. use: what the
-    caller does with it ("resume", "init_from", "sample"), named in the fix. A CheckpointError else."""
+    caller does with it ("resume", "init_from", "sample"), named in the fix."""
     model_vocab = int(ckpt["model_config"]["vocab_size"])
     saved = ckpt.get("tokenizer")
-    problem = None
     if saved and tokenizer_json and not same_vocabulary(saved, tokenizer_json):
         problem = f"it was trained with another tokenizer ({_describe(saved)}) than this data's ({_describe(tokenizer_json)})"
     elif vocab_size > model_vocab:
         problem = f"this data has {vocab_size} token ids, its embedding only {model_vocab}"
-    if problem is None:
+    else:
         return
     fix = {"resume": "resume with the data it was trained on (the data.* settings of its run), or start a new "
                      f"run from these weights with init_from={path} on data prepared with its tokenizer",
@@ -312,8 +278,7 @@ def same_vocabulary(a: str, b: str) -> bool:
     if a == b:
         return True
     ja, jb = json.loads(a), json.loads(b)
-    keys = ("model", "added_tokens", "pre_tokenizer", "normalizer")
-    return "model" in ja and all(ja.get(k) == jb.get(k) for k in keys)
+    return "model" in ja and all(ja.get(k) == jb.get(k) for k in ("model", "added_tokens", "pre_tokenizer", "normalizer"))
 
 
 def _describe(tokenizer_json: str) -> str:

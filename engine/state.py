@@ -1,11 +1,12 @@
-"""The training state: one object holding everything a bit-identical resume needs.
+"""The training state: one object holding everything a bit-identical resume needs, saved and chosen
+by the ranks together.
 
 `TrainState` holds the model (sharded in place under FSDP2), the optimizer (AdamW, or Muon + AdamW
-as named parts), the GradScaler, the loop's counters, the data position, every rank's RNG states
-and the W&B run id, and speaks torch.distributed.checkpoint's `Stateful` protocol. Model and
-optimizer go through full, CPU-offloaded state dicts keyed by parameter name, so one process, DDP
-and FSDP2 read each other's checkpoints. A resume onto another precision, device or world size
-puts back what it can and says once what was reset; only one that changes none is bit-identical.
+as named parts), the GradScaler, the loop's counters, the data position, every rank's RNG states and
+the W&B run id, and speaks torch.distributed.checkpoint's `Stateful` protocol. Model and optimizer
+go through full, CPU-offloaded state dicts keyed by parameter name, so one process, DDP and FSDP2
+read each other's checkpoints. A resume onto another precision, device or world size puts back what
+it can and says once what was reset; only one that changes none is bit-identical.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import CheckpointError, candidates, open_checkpoint, save_checkpoint
-from .parallel import gather_objects, together
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -32,14 +35,11 @@ class TrainingError(RuntimeError):
 
 
 def grad_scaler(rt: Runtime) -> torch.amp.GradScaler:
-    """The loss scaler: torch's GradScaler, enabled for fp16 only, under FSDP2 too.
-
-    Under FSDP2 each rank holds only its shards of the gradients (DTensors), yet the inf check is
-    global: DTensor runs GradScaler's check-and-unscale op on the local shard and then all-reduces
-    its inf flag (max), so every rank skips the same steps (tests/test_train_distributed.py injects
-    an inf on one rank). FSDP1's ShardedGradScaler is not used: on FSDP2 it all-reduces that flag a
-    second time, as a sum, and fused AdamW skips a step only when the flag is exactly 1, so an
-    overflow on two ranks was applied and turned the weights into NaN (measured, torch 2.13)."""
+    """The loss scaler: torch's GradScaler, enabled for fp16 only, under FSDP2 too. DTensor runs its
+    inf check on each rank's gradient shards and all-reduces the flag (max), so every rank skips the
+    same steps (tests/test_train_distributed.py). FSDP1's ShardedGradScaler is not used: on FSDP2 it
+    all-reduces the flag again, as a sum, and fused AdamW skips only on exactly 1, so an overflow on
+    two ranks was applied and turned the weights into NaN (measured, torch 2.13)."""
     return torch.amp.GradScaler(rt.device_type, enabled=rt.precision == "fp16")
 
 
@@ -126,13 +126,12 @@ class TrainState:
         payload = self.state_dict()
         together(self.rt, lambda: save_checkpoint(path, payload, keep_last=keep_last), here=self.rt.is_main)
 
-    # ---- putting the state back on another runtime ----------------------------------------------------
     def _restore_runtime(self, ckpt: dict) -> None:
         """The GradScaler and this rank's RNG states, mapped onto this run's precision, device and
         world size; what had to be reset is said once, by rank 0."""
         rt, scaler, notes = self.rt, self.scaler, []
-        was = ckpt.get("precision") or ("fp16" if ckpt.get("scaler") else None)
         saved_scaler = ckpt.get("scaler") or {}
+        was = ckpt.get("precision") or ("fp16" if saved_scaler else None)
         if scaler.is_enabled() and saved_scaler:
             scaler.load_state_dict(saved_scaler)
         elif scaler.is_enabled():
@@ -143,22 +142,24 @@ class TrainState:
                          f"GradScaler state (scale {saved_scaler.get('scale')}) is dropped, none is needed")
         elif was and was != rt.precision:
             notes.append(f"precision changes from {was} to {rt.precision}")
-        device = ckpt.get("device")
-        if device and device != rt.device_type:
+        if (device := ckpt.get("device")) and device != rt.device_type:
             notes.append(f"the checkpoint was written on {device}, this run is on {rt.device_type}"
                          + (": its CUDA RNG states are not used" if device == "cuda" else ""))
 
-        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
-        derived = np.random.SeedSequence([self.seed, self.step, rt.rank])
-        if rt.rank < len(rngs):
-            set_rng_state(rngs[rt.rank])
-        else:
-            _seed_all(int(derived.generate_state(1)[0]))
-        if rt.device_type == "cuda" and (rt.rank >= len(rngs) or len(rngs[rt.rank]["cuda"]) != torch.cuda.device_count()):
+        rngs, derived = ckpt["rng"], np.random.SeedSequence([self.seed, self.step, rt.rank])
+        mine = rngs[rt.rank] if rt.rank < len(rngs) else None
+        if mine is not None:
+            set_rng_state(mine)
+        else:  # a rank the checkpoint has no state of
+            seed = int(derived.generate_state(1)[0])
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+        if rt.device_type == "cuda" and (mine is None or len(mine["cuda"]) != torch.cuda.device_count()):
             torch.cuda.manual_seed_all(int(derived.generate_state(2)[1]))
-            if rt.rank < len(rngs):
-                notes.append(f"the checkpoint holds CUDA RNG states for {len(rngs[rt.rank]['cuda'])} GPU(s), "
-                             f"this machine has {torch.cuda.device_count()}: the CUDA generators are seeded from seed")
+            if mine is not None:
+                notes.append(f"the checkpoint holds CUDA RNG states for {len(mine['cuda'])} GPU(s), this "
+                             f"machine has {torch.cuda.device_count()}: the CUDA generators are seeded from seed")
         if len(rngs) != rt.world_size:
             notes.append(f"the checkpoint was written by {len(rngs)} process(es), this run has {rt.world_size}: "
                          f"ranks beyond {len(rngs) - 1} get RNG states derived from seed and step")
@@ -191,8 +192,6 @@ def find_resume(resume: str | None, out_dir: Path, rt: Runtime) -> tuple[Path, d
         return open_checkpoint(target, training_state=True)
 
     chosen = together(rt, choose, here=rt.is_main)
-    if not rt.distributed:
-        return chosen
     path = gather_objects(None if chosen is None else str(chosen[0]), rt)[0]
     if path is None:
         return None
@@ -229,7 +228,46 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+# ---- failing together ----------------------------------------------------------------------------
+# A rank that raises while the others wait in a collective would leave them waiting until the
+# process-group timeout. Where one rank works alone (rank 0 saving, choosing the checkpoint to
+# resume), the outcome is shared instead of a bare barrier: if any rank failed, every rank raises at
+# once, the failed one its own error, the others RankFailed with its one-line message. Elsewhere a
+# failed rank exits and the others' next collective fails: engine/parallel.py's lost_peer names that.
+class RankFailed(RuntimeError):
+    """Another rank of this job failed; the message is its error, prefixed with its rank."""
+
+
+def gather_objects(obj: object, rt: Runtime) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (just [obj] in one process)."""
+    if not rt.distributed:
+        return [obj]
+    out: list = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def together(rt: Runtime, fn: Callable[[], Any], here: bool = True) -> Any:
+    """fn() on the ranks where `here` holds (None elsewhere), then a collective that every rank calls,
+    in place of a barrier: if fn raised on any rank, every rank raises, its own error where it has
+    one, else RankFailed."""
+    result, error = None, None
+    if here:
+        try:
+            result = fn()
+        except Exception as e:  # raised again below, on this rank and (as RankFailed) on the others
+            error = e
+    messages = gather_objects(None if error is None else one_line(error), rt)
+    if error is not None:
+        raise error
+    for rank, message in enumerate(messages):
+        if message is not None:
+            raise RankFailed(f"rank {rank} failed: {message}")
+    return result
+
+
+def one_line(error: BaseException) -> str:
+    """An error as the one line a user reads: the message of the errors we raise for users, the
+    type and message of anything else."""
+    text = " ".join(str(error).split())
+    return text if isinstance(error, ValueError | RankFailed) else f"{type(error).__name__}: {text}"

@@ -1,10 +1,8 @@
 """Hugging Face GPT-2 directories on disk: read one as a checkpoint-like dict, write one.
 
-The mapping itself is model/gpt2.py (in memory); this file reads config.json + model.safetensors (or
-a weights-only pytorch_model.bin, or their sharded indexes) and the tokenizer (tokenizer.json, else
-GPT-2's vocab.json + merges.txt) without transformers, and writes with transformers' own
-save_pretrained (imported lazily: the extra stays optional). Our char vocabulary is written as a
-WordLevel tokenizer with one token per character.
+Reading (config.json + model.safetensors, a weights-only pytorch_model.bin or their sharded indexes;
+tokenizer.json, else GPT-2's vocab.json + merges.txt) needs no transformers; writing uses its own
+save_pretrained (imported lazily: the extra stays optional). The in-memory mapping is model/gpt2.py.
 """
 
 from __future__ import annotations
@@ -32,8 +30,6 @@ from ..checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "transformers is not installed; install the optional extra: pip install -e '.[hf]'"
-
 
 # ---- reading an HF GPT-2 directory (no transformers needed) ----------------------------------------
 def load_hf_dir(path: Path, hf_config: dict[str, Any], device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -41,9 +37,7 @@ def load_hf_dir(path: Path, hf_config: dict[str, Any], device: str | torch.devic
     model_config, tokenizer, source)."""
     model_config = model_config_from_hf(hf_config, where=str(path / "config.json"))
     files = _weight_files(path)
-    hf_sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        hf_sd.update(read_weights(f, device))
+    hf_sd = {k: v for f in files for k, v in read_weights(f, device).items()}
     try:
         sd = from_hf_state_dict(hf_sd, model_config, where=str(files[0] if len(files) == 1 else path))
     except ValueError as e:  # weights that do not fit the config: a bad file, named in the message
@@ -84,10 +78,8 @@ def read_weights(f: Path, device: str | torch.device) -> dict[str, torch.Tensor]
 
 # ---- tokenizers -----------------------------------------------------------------------------------
 def tokenizer_json_from_hf_dir(path: Path) -> str | None:
-    """The directory's tokenizer.json, else one built from GPT-2's vocab.json + merges.txt, else None.
-
-    Returned in `tokenizers`' canonical form (Tokenizer.to_str), the same string data/ stores for a
-    run prepared with this tokenizer.json, so a fine-tune can check the two match by equality."""
+    """The directory's tokenizer.json, else one built from GPT-2's vocab.json + merges.txt, else None;
+    in `tokenizers`' canonical form (to_str), the string data/ stores for a run prepared with it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     if (path / "tokenizer.json").is_file():
         try:
@@ -105,19 +97,15 @@ def tokenizer_json_from_hf_dir(path: Path) -> str | None:
 
 def hf_tokenizer_files(tokenizer_json: str, model_max_length: int) -> tuple[dict[str, str], int | None]:
     """tokenizer.json and tokenizer_config.json contents that AutoTokenizer loads, and the eot id.
-
-    A `tokenizers` JSON is written as is. Our char vocabulary ({"kind": "char", ...}) becomes a
-    WordLevel model over its characters with a pre-tokenizer that isolates every character
-    ([\\s\\S], since "." skips newlines) and a Fuse decoder (join without spaces): same ids, same text.
-    """
+    Our char vocabulary becomes a WordLevel model over its characters with a pre-tokenizer that
+    isolates each ([\\s\\S]: "." skips newlines) and a Fuse decoder: the same ids, the same text."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     obj = json.loads(tokenizer_json)
     if isinstance(obj, dict) and obj.get("kind") == "char":
         vocab = {c: i for i, c in enumerate(obj["chars"])}
-        unk = "<unk>" if obj.get("unk") else None
-        if unk:
-            vocab[unk] = len(obj["chars"])  # our CharTokenizer puts <unk> last
-        tok = Tokenizer(models.WordLevel(vocab, unk_token=unk or "<unk>"))  # absent unk: encode errors
+        if obj.get("unk"):
+            vocab["<unk>"] = len(obj["chars"])  # our CharTokenizer puts <unk> last
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))  # not in vocab: unknown chars fail to encode
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         tok.decoder = decoders.Fuse()
     else:
@@ -139,20 +127,18 @@ def require_transformers() -> Any:
     try:
         import transformers
     except ImportError as e:
-        raise ImportError(INSTALL_HINT) from e
+        raise ImportError("transformers is not installed; install the optional extra: pip install -e '.[hf]'") from e
     return transformers
 
 
 def save_hf(ckpt: dict[str, Any], out_dir: str | os.PathLike) -> list[str]:
-    """Write ckpt (model, model_config, tokenizer) as an HF GPT-2 directory; returns the file names.
-    A model GPT-2 cannot express is refused (ValueError) before transformers is imported; transformers
-    writes its files itself, so they fit its loader in whatever version is installed."""
+    """Write ckpt (model, model_config, tokenizer) as an HF GPT-2 directory with transformers' own
+    writer, so the files fit its loader in any version; returns the file names. A model GPT-2 cannot
+    express is refused (ValueError) before transformers is imported."""
     cfg = check_gpt2_expressible(ckpt["model_config"])
     transformers = require_transformers()
     out_dir = Path(out_dir)
-    tok_files, eot_id = ({}, None)
-    if ckpt.get("tokenizer"):
-        tok_files, eot_id = hf_tokenizer_files(ckpt["tokenizer"], cfg.block_size)
+    tok_files, eot_id = hf_tokenizer_files(ckpt["tokenizer"], cfg.block_size) if ckpt.get("tokenizer") else ({}, None)
     hf_config = transformers.GPT2Config(**to_hf_config(cfg, eot_id))
     with torch.device("meta"):  # skip a random init that the weights below replace (minutes for gpt2-xl)
         hf_model = transformers.GPT2LMHeadModel(hf_config)

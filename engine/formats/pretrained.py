@@ -2,10 +2,9 @@
 
 `load_pretrained(path)` tells apart, by what is on disk, our checkpoint or run directory (source
 "checkpoint"), our export directory (config.json with "format": "causalgpt"; "export") and a local
-Hugging Face GPT-2 directory (model_type gpt2; "hf"), and returns a checkpoint-like dict {"model",
-"model_config", "tokenizer", "source"} that everything downstream treats alike.
+Hugging Face GPT-2 directory (model_type gpt2; "hf"), and returns one checkpoint-like dict for all.
 
-The export format, recommended for sharing because loading it runs no pickle:
+The export format, for sharing (loading it runs no pickle):
     model.safetensors   the state dict (the tied LM head stored once, as wte.weight)
     config.json         {"format": "causalgpt", "format_version": 1, "model_config": {...}}
     tokenizer.json      the checkpoint's tokenizer JSON as is, absent when it has none
@@ -17,7 +16,6 @@ under a marker file (`.causalgpt-incomplete`) that makes a reader stop with one 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -31,7 +29,7 @@ import torch
 from data.atomic import atomic_write, exclusive_lock, fsync_dir, make_temp_dir, remove_temps, temp_prefix
 from model import GPT, ModelConfig
 
-from ..checkpoint import CheckpointError, check_weights, model_from_checkpoint, open_checkpoint
+from ..checkpoint import CheckpointError, check_weights, disk_reason, model_from_checkpoint, open_checkpoint
 from .hf import load_hf_dir, read_weights
 
 EXPORT_FORMAT = "causalgpt"
@@ -47,14 +45,12 @@ def save_export(ckpt: dict[str, Any], out_dir: str | os.PathLike) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig(**ckpt["model_config"])  # validates before anything is written
     from safetensors.torch import save_file
-    sd = dict(ckpt["model"])
-    if cfg.tie_weights:  # safetensors refuses two names for one tensor; the loader ties it again
-        sd.pop("lm_head.weight", None)
+    # safetensors refuses two names for one tensor: a tied head is stored once, the loader ties it again
+    sd = {k: v.detach().contiguous() for k, v in ckpt["model"].items() if not (cfg.tie_weights and k == "lm_head.weight")}
     weights = out_dir / WEIGHTS_FILE
     tmp = out_dir / f"{temp_prefix(weights)}{secrets.token_hex(4)}"  # save_file takes a path, not a file
     try:
-        save_file({k: v.detach().contiguous() for k, v in sd.items()}, tmp,
-                  metadata={"format": "pt", "causalgpt_format_version": str(EXPORT_VERSION)})
+        save_file(sd, tmp, metadata={"format": "pt", "causalgpt_format_version": str(EXPORT_VERSION)})
         _fsync_file(tmp)
         os.replace(tmp, weights)
     finally:
@@ -143,10 +139,8 @@ _ACCEPTED = ("pass a checkpoint (.pt), a run directory, an export directory (scr
 
 def _read_json(path: Path) -> dict | None:
     """A JSON object file, {} when it is absent, None when it is not a JSON object."""
-    if not path.is_file():
-        return {}
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return None
     return obj if isinstance(obj, dict) else None
@@ -174,9 +168,8 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 
 def write_dir(out: Path, write: Any) -> list[str]:
     """Call write(tmp_dir) on a fresh directory beside out, then put its files into out: a new out
-    appears whole (one rename); an existing one (overwrite) has our files replaced by name, others
-    kept, under the incomplete-marker. Killed writers' temporary directories are removed first (under
-    a lock). A disk error is a CheckpointError naming out, which is unchanged or marked incomplete."""
+    appears whole (one rename); an existing one has our files replaced by name, others kept, under
+    the incomplete-marker. A disk error is a CheckpointError naming out, unchanged or marked incomplete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out.parent / f".{out.name}.lock", waiting_for=f"another export into {out}"):
         remove_temps(out)
@@ -197,9 +190,8 @@ def write_dir(out: Path, write: Any) -> list[str]:
                 marker.unlink()
             fsync_dir(out.parent)
         except OSError as e:
-            reason = f"{e.strerror or e}{f' ({errno.errorcode[e.errno]})' if e.errno in errno.errorcode else ''}"
             state = "is marked incomplete" if (out / INCOMPLETE_MARKER).exists() else "is unchanged"
-            raise CheckpointError(f"cannot write {out}: {reason}; {out} {state}: free space or fix "
+            raise CheckpointError(f"cannot write {out}: {disk_reason(e)}; {out} {state}: free space or fix "
                                   "permissions there, then export again (overwrite=true)") from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -209,8 +201,5 @@ def write_dir(out: Path, write: Any) -> list[str]:
 def _fsync_file(path: Path) -> None:
     """Flush a file written by another library (safetensors, transformers) to disk."""
     if path.is_file():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
