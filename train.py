@@ -38,11 +38,11 @@ from engine.evaluate import estimate_loss, fixed_batches, generate_sample, perpl
 from engine.formats.pretrained import load_pretrained
 from engine.metrics import Phases, RunLogger, StepMeter
 from engine.optim import build_optimizer, lr_at
-from engine.parallel import RankFailed, lost_peer, wrap_model
+from engine.parallel import lost_peer, wrap_model
 from engine.resume import data_as_trained, warn_if_resume_differs
 from engine.runtime import Runtime, peak_memory_mb, setup_runtime
 from engine.signals import StopRequest
-from engine.state import TrainingError, TrainState, find_resume, grad_scaler
+from engine.state import RankFailed, TrainingError, TrainState, find_resume, grad_scaler
 from engine.step import log_values, train_step
 from model import GPT, ModelConfig
 

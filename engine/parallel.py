@@ -14,7 +14,6 @@ from torch import nn
 from model.generate import compile_isa_safe
 
 from .runtime import Runtime
-from .state import RankFailed  # noqa: F401  (re-exported: train.py catches it beside lost_peer)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
