@@ -232,13 +232,7 @@ def run(cfg: SampleConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdou
     idx = study_prompt(loaded, read_prompt(cfg.prompt, cfg.prompt_file, stdin), cfg.seq_len, cfg.seed)  # (1, T)
     base = loaded.run_dir if loaded.run_dir is not None else Path(cfg.outputs_dir)
     out = Path(cfg.out_dir) if cfg.out_dir else base / cfg.mode / time.strftime("%Y-%m-%d_%H-%M-%S")
-    match cfg.mode:
-        case "leakage":
-            return leakage(cfg, loaded, rt, idx, out, stdout)
-        case "attention":
-            return attention(cfg, loaded, rt, idx, out, stdout)
-        case _:
-            raise ValueError(f"mode={cfg.mode!r} is not valid; choose one of {list(MODES)}")
+    return (leakage if cfg.mode == "leakage" else attention)(cfg, loaded, rt, idx, out, stdout)  # mode: checked
 
 
 class _ConsoleFormatter(logging.Formatter):

@@ -1,19 +1,17 @@
-"""The leakage check: the three tests of leakage_tests.py run on the model as configured and on a
-copy with the causal mask removed, and the verdict.
+"""The leakage check: the three tests of leakage_tests.py on the model as configured and on a copy
+with the causal mask removed, and the verdict.
 
-Every number must be finite. A mask that leaves a query row nothing to read (say, one that hides each
-token from itself) makes the explicit softmax 0/0 = NaN, and NaN compared with any tolerance is False:
-such a model would "show no leakage". So any NaN or inf in any test, on either model, or in the
-weights, makes the verdict FAIL. (The weights are checked directly: torch's CPU sdpa returns zeros for
-a query row of NaN scores, so a NaN query weight can leave every output finite.)
+Every number must be finite: a mask that leaves a query row nothing to read (say, one that hides each
+token from itself) makes the explicit softmax 0/0 = NaN, and NaN compared with any tolerance is False,
+so such a model would "show no leakage". Any NaN or inf in any test, on either model, or in the
+weights makes the verdict FAIL (the weights are checked directly: torch's CPU sdpa turns a query row
+of NaN scores into zeros, so a NaN query weight can leave every output finite).
 
 The mask-off copy (same weights, causal=False) is the control: a 0 convinces only if the same test
 shows clear leakage once the mask is gone; if it does not (say, the prompt is too short), the check
-is INCONCLUSIVE, not a pass.
-
-Verdicts and sample.py's exit codes: PASS 0; LEAK 1 (the future reaches the past in the model as
-configured); INCONCLUSIVE 3 (the control showed no leakage either, or the perturbation left a later
-position unchanged); FAIL 4 (a test met a NaN or inf: it proves nothing).
+is INCONCLUSIVE, not a pass. Verdicts, and sample.py's exit codes: PASS 0; LEAK 1 (the future
+reaches the past in the model as configured); INCONCLUSIVE 3 (the control showed no leakage either,
+or the perturbation left a later position unchanged); FAIL 4 (a test met a NaN or inf).
 """
 
 from __future__ import annotations
@@ -77,6 +75,7 @@ class ModelChecks:
 
     @property
     def influence_above_diagonal(self) -> torch.Tensor:
+        """The entries with s > t: what the future contributes to the past."""
         return above_diagonal(self.influence)
 
     @property
@@ -88,10 +87,9 @@ class ModelChecks:
     @property
     def perturbations(self) -> list[tuple[str, PerturbationResult]]:
         """(what ran, result) for each attention path the perturbation test ran through."""
-        if self.other_impl is None:
-            return [("perturbation", self.perturbation)]
-        return [("perturbation", self.perturbation), (f"perturbation through attn={self.other_impl[0]}",
-                                                      self.other_impl[1])]
+        other = [] if self.other_impl is None else [(f"perturbation through attn={self.other_impl[0]}",
+                                                     self.other_impl[1])]
+        return [("perturbation", self.perturbation), *other]
 
     @property
     def max_past_change(self) -> float:

@@ -1,22 +1,18 @@
-"""The three tests of the leakage check, each on one model and one prompt; leakage.py runs them on the
-model and its mask-off copy and gives the verdict. Each counts the NaN and inf it meets, which would
-otherwise compare as "no change".
+"""The three tests of the leakage check, each on one model and one prompt (leakage.py runs them on
+the model and its mask-off copy). Each counts the NaN and inf it meets, which compare as "no change".
 
 1. Perturbation: replacing every token after t must leave the logits and every layer's hidden states
-   at positions <= t unchanged. The original runs in the same batch shape as the perturbed rows, so
-   both go through identical kernels in identical order: a change at the past is information from
-   the future, not rounding (with the mask, exactly 0.0). The smallest change after t is evidence that
-   the perturbation reached the model, so that a 0 is not a test that measured nothing.
-2. Influence: I[t, s] = ||d h_t / d x_s||_F, the last block's output at t against the input embedding
-   at s, from vector-Jacobian products: ||J||_F^2 = E ||v^T J||^2 for v ~ N(0, I) (Hutchinson), or
-   exactly from the C basis vectors. With the mask every entry with s > t is exactly 0.0 whatever the
-   probes, so the estimate never blurs the triangle.
+   at positions <= t unchanged. The original runs in the batch shape of the perturbed rows, through
+   identical kernels: a change at the past is information from the future, not rounding (with the
+   mask, exactly 0.0). The smallest change after t shows that the perturbation reached the model.
+2. Influence: I[t, s] = ||d h_t / d x_s||_F (the last block's output at t, the input embedding at s)
+   from vector-Jacobian products, ||J||_F^2 = E ||v^T J||^2 for v ~ N(0, I) (Hutchinson) or exactly
+   from the C basis vectors. With the mask every entry with s > t is exactly 0.0, whatever the probes.
 3. Generation: greedy tokens with the KV cache must equal those from recomputing the whole sequence,
-   since the cache holds each position's keys and values computed without any later token. It runs in
-   float32 (autocast and TF32 off): bf16/fp16 rounding of the two paths' different kernels flips
-   near-tied tokens, and a flip where both paths agree within `tie_margin` is a near-tie, not a leak.
-   The logits must agree within float32 rounding too (`logit_tolerance`): a model that reads one token
-   ahead can keep every greedy token and still move the logits.
+   since the cache holds keys and values computed without any later token. In float32 (autocast and
+   TF32 off), as bf16/fp16 rounding of the two paths' kernels flips near-tied tokens; a flip where
+   both paths agree within `tie_margin` is a near-tie, not a leak. The logits must agree within
+   float32 rounding too (`logit_tolerance`): a one-token look-ahead can keep every greedy token.
 
 Shapes: R rows of a batch, T time, C channels, V vocab, N new tokens.
 """
@@ -64,12 +60,6 @@ def variant(model: GPT, **changes) -> GPT:
     return other
 
 
-def _check_prompt(idx: torch.Tensor, what: str, min_len: int = 1) -> None:
-    if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] < min_len:
-        raise ValueError(f"{what} takes one prompt of shape (1, T) with T >= {min_len} (seq_len, or a longer "
-                         f"prompt), got {tuple(idx.shape)}")
-
-
 # ---- test 1: perturbation --------------------------------------------------------------------------
 @dataclass
 class PerturbationResult:
@@ -106,7 +96,9 @@ class PerturbationResult:
 def perturbation_test(model: GPT, idx: torch.Tensor, *, trials: int = 3, seed: int = 0,
                       autocast: contextlib.AbstractContextManager | None = None) -> PerturbationResult:
     """Run the perturbation test on one prompt idx (1, T), T >= 2."""
-    _check_prompt(idx, "the leakage check", min_len=2)
+    if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] < 2:
+        raise ValueError("the leakage check needs one prompt of at least 2 tokens (seq_len >= 2, or a longer prompt), "
+                         f"got shape {tuple(idx.shape)}")
     if trials < 1:
         raise ValueError(f"leakage.trials must be >= 1, got {trials}")
     model.eval()
@@ -150,12 +142,9 @@ def perturbation_test(model: GPT, idx: torch.Tensor, *, trials: int = 3, seed: i
 # ---- test 2: influence ---------------------------------------------------------------------------
 def influence_matrix(model: GPT, idx: torch.Tensor, *, probes: int | None = 8, seed: int = 0,
                      autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
-    """I[t, s] = ||d h_t / d x_s||_F for the prompt idx (1, T); returns (T, T), float32, on CPU.
-
-    probes: random probe vectors per position, or None for the exact norm from all C basis vectors
-    (C times the work). Row r of each batch is the prompt seeded at its own t with its own v, so many
-    (t, probe) pairs share one backward pass. A row t whose output h_t is not finite is NaN throughout."""
-    _check_prompt(idx, "the influence map")
+    """I[t, s] = ||d h_t / d x_s||_F for the prompt idx (1, T) as (T, T), float32, on CPU. probes: random
+    probe vectors per position, or None for the exact norm (C times the work). Row r of a batch is the
+    prompt seeded at its own t with its own v; a row t whose output h_t is not finite is NaN throughout."""
     if probes is not None and probes < 1:
         raise ValueError(f"leakage.probes must be >= 1 (or null for the exact norm), got {probes}")
     model.eval()
@@ -252,8 +241,7 @@ def _float32(device: torch.device) -> Iterator[None]:
 def cache_consistency(model: GPT, idx: torch.Tensor, max_new_tokens: int, *,
                       tie_margin: float = 1e-3, logit_eps: float = 2.0) -> ConsistencyResult:
     """Greedy-decode max_new_tokens after idx (1, T) both ways, in float32, and compare the tokens and
-    the logits they were picked from. T + max_new_tokens must fit in the context, so that both paths
-    see exactly the same positions."""
+    their logits. T + max_new_tokens must fit in the context: both paths see the same positions."""
     model.eval()
     T = idx.shape[1]
     if T + max_new_tokens > model.config.block_size:

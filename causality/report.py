@@ -140,11 +140,6 @@ def _perturbation_summary(p: PerturbationResult) -> dict[str, Any]:
             "hidden_change": p.hidden, "future_logits_change": p.future_logits, "trials": p.trials}
 
 
-# ConsistencyResult's fields and properties that go into the summary as they are.
-_CONSISTENCY = ("equal", "first_mismatch", "max_logit_diff", "prompt_len", "cached", "recomputed", "near_tie",
-                "flip_logit_diff", "flip_gap", "logit_tolerance", "logits_agree", "nonfinite_logits")
-
-
 def _checks_summary(c: ModelChecks) -> dict[str, Any]:
     upper = c.influence_above_diagonal
     out: dict[str, Any] = {
@@ -153,7 +148,8 @@ def _checks_summary(c: ModelChecks) -> dict[str, Any]:
         "influence": {"max_above_diagonal": c.max_influence_above_diagonal,
                       "zeros_above_diagonal": int((upper == 0).sum()), "entries_above_diagonal": upper.numel(),
                       "nonfinite_entries": int((~torch.isfinite(c.influence)).sum()), "matrix": c.influence.tolist()},
-        "consistency": {**{k: getattr(c.consistency, k) for k in _CONSISTENCY}, "precision": "fp32"},
+        "consistency": {**dataclasses.asdict(c.consistency), "precision": "fp32",
+                        **{k: getattr(c.consistency, k) for k in ("equal", "first_mismatch", "near_tie", "logits_agree")}},
         "nonfinite": c.nonfinite,
     }
     if c.other_impl is not None:
@@ -194,14 +190,15 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def _label_axes(ax, labels: list[str] | None, n: int, xlabel: str, ylabel: str) -> None:
+    """Ticks at most every MAX_TICKS-th position: the token (and its position, on y) or the position."""
     ticks = list(range(0, n, max(1, math.ceil(n / MAX_TICKS))))
     if labels is None:
-        ax.set_xticks(ticks, [str(i) for i in ticks], fontsize=7)
-        ax.set_yticks(ticks, [str(i) for i in ticks], fontsize=7)
+        ax.set(xticks=ticks, yticks=ticks)
     else:
         shown = [labels[i].replace("$", r"\$") for i in ticks]  # a pair of $ would start matplotlib's mathtext
-        ax.set_xticks(ticks, shown, rotation=90, fontsize=7)
-        ax.set_yticks(ticks, [f"{text} {i}" for text, i in zip(shown, ticks, strict=True)], fontsize=7)
+        ax.set_xticks(ticks, shown, rotation=90)
+        ax.set_yticks(ticks, [f"{text} {i}" for text, i in zip(shown, ticks, strict=True)])
+    ax.tick_params(labelsize=7)
     ax.set(xlabel=xlabel, ylabel=ylabel)
 
 
