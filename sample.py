@@ -55,13 +55,11 @@ MODES = ("generate", "leakage", "attention")
 class SampleConfig:
     # generate: text from a checkpoint; leakage: the causal-mask check; attention: heatmaps per head.
     mode: str = "generate"
-    # A checkpoint file or run directory (best.pt, else last.pt); null = the newest run under outputs_dir
-    # (and, when it is named outputs, the sweeps' multirun/ beside it).
+    # A checkpoint file or run directory (best.pt, else last.pt); null = the newest run under outputs_dir.
     ckpt: str | None = None
     # Where training runs are looked for when ckpt is null.
     outputs_dir: str = "outputs"
-    # A model preset instead of a checkpoint (model=tiny): random init, for mode=leakage|attention.
-    # Its vocabulary defaults to 65 (tiny Shakespeare's characters): model.vocab_size=... to change it.
+    # A preset to study untrained instead of ckpt (model=tiny), for mode=leakage|attention; vocab_size 65 unless set.
     model: ModelConfig | None = None
     # The prompt; "-" reads standard input; "" starts from the end-of-text (or newline) token.
     prompt: str = ""
@@ -76,23 +74,20 @@ class SampleConfig:
     top_k: int | None = None
     # Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (null: off).
     top_p: float | None = None
-    # End a sample at the end-of-text token (not printed), where the tokenizer has one (BPE,
-    # pretrained); false prints it and goes on to max_new_tokens.
+    # End a sample at the end-of-text token, unprinted (tokenizers that have one); false runs to max_new_tokens.
     stop_at_eot: bool = True
     # Seeds sampling (and random-init weights): the same seed gives the same text.
     seed: int = 1337
     # auto | cpu | cuda | mps, and auto | fp32 | bf16 | fp16 (autocast), as in train.py.
     device: str = "auto"
     precision: str = "auto"
-    # CPU threads for torch; 0 = torch's default (all cores). On a busy machine 1 is often faster
-    # for batch-1 decoding: the per-token matmuls are too small to split.
+    # CPU threads for torch; 0 = all cores. On a busy machine 1 is often faster: batch-1 matmuls are too small to split.
     threads: int = 0
     # torch.compile the prefill/decode step (pays off on GPU for long generations).
     compile: bool = False
     # Reuse keys and values of past positions (KV cache); false recomputes the whole sequence per token.
     use_cache: bool = True
-    # mode=leakage|attention: prompt length when no prompt is given, sampled from the model (random
-    # tokens for a random-init model) and cut to the context.
+    # mode=leakage|attention: prompt length when no prompt is given (sampled from the model, cut to the context).
     seq_len: int = 64
     # Where leakage/attention write their files; null = <run dir>/<mode>/<time>, or outputs_dir/<mode>/<time>.
     out_dir: str | None = None
@@ -122,14 +117,13 @@ def register_configs() -> None:
 
 
 # ---- the three modes ---------------------------------------------------------------------------
-def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, text: str, stdout: TextIO, stderr: TextIO) -> int:
     tok, model = loaded.tokenizer, loaded.model
     if tok is None:
         raise ValueError(f"checkpoint {loaded.source} holds no tokenizer, so its ids cannot be turned into text")
     if cfg.top_k is not None and cfg.top_k > model.config.vocab_size:
         log.warning("top_k=%d is larger than the vocabulary (%d tokens): every token is kept", cfg.top_k,
                     model.config.vocab_size)
-    text = read_prompt(cfg.prompt, cfg.prompt_file, stdin)
     ids = encode_prompt(tok, text, model.config.block_size)
     shown = tok.decode(ids) if text else ""  # the (possibly cropped) prompt; not the start token
     limit = vocab_limit(tok, model)  # ids past the tokenizer are never drawn
@@ -227,9 +221,10 @@ def run(cfg: SampleConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdou
                          "mode=leakage or mode=attention; for text give ckpt=... (train one: python train.py)")
     loaded = (random_init(cfg.model, cfg.seed, rt.device) if cfg.model is not None
               else load_from_checkpoint(cfg.ckpt, cfg.outputs_dir, rt.device))
+    text = read_prompt(cfg.prompt, cfg.prompt_file, stdin)
     if cfg.mode == "generate":
-        return generate(cfg, loaded, rt, stdin, stdout, stderr)
-    idx = study_prompt(loaded, read_prompt(cfg.prompt, cfg.prompt_file, stdin), cfg.seq_len, cfg.seed)  # (1, T)
+        return generate(cfg, loaded, rt, text, stdout, stderr)
+    idx = study_prompt(loaded, text, cfg.seq_len, cfg.seed)  # (1, T)
     base = loaded.run_dir if loaded.run_dir is not None else Path(cfg.outputs_dir)
     out = Path(cfg.out_dir) if cfg.out_dir else base / cfg.mode / time.strftime("%Y-%m-%d_%H-%M-%S")
     return (leakage if cfg.mode == "leakage" else attention)(cfg, loaded, rt, idx, out, stdout)  # mode: checked
