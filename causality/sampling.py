@@ -46,10 +46,8 @@ def inference_runtime(device: str = "auto", precision: str = "auto", compile: bo
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a wall-clock timing covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 # ---- the model -----------------------------------------------------------------------------------
