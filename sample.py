@@ -7,7 +7,8 @@
     python sample.py mode=leakage ckpt=<run dir>        # ... on a trained model (exit 1 if it leaks)
     python sample.py mode=attention prompt="To be, or not to be"   # attention heatmaps per head
 
-Free text needs no Hydra quoting (`prompt=Où est-il ?`, `prompt='He said "hi"'`: cli.quote_free_text).
+Options: SampleConfig below (configs/sample.yaml sets the defaults). Free text needs no Hydra quoting
+(`prompt=Où est-il ?`, `prompt='He said "hi"'`: cli.quote_free_text); prompt_file= reads a file.
 Generated text goes to stdout, everything else (progress, warnings, tokens/s) to stderr, so
 `python sample.py > out.txt` keeps just the text. Exit status: 0 done; 2 a user error (one line,
 `error: ...`, cli.main_guard); mode=leakage 1 LEAK, 3 INCONCLUSIVE, 4 FAIL (causality/leakage.py);

@@ -2,12 +2,10 @@
 and the heatmap PNGs (influence maps, attention weights).
 
 The report is written for someone who doubts the claim: every "0.0" sits next to the number the same
-test gives without the mask, and next to evidence that the perturbation did change the future. A NaN
-prints as nan, never as a zero, and the verdict then says FAIL and where it was.
-
-Figures are drawn on matplotlib Figures without pyplot, so nothing depends on a display or on global
-pyplot state. Exact zeros are drawn in white: the claim is that they are exactly zero, not merely
-dark. Each image's size in pixels is figsize x DPI (`heatmap_inches`, `grid_inches`), so tests can check it.
+test gives without the mask, and next to evidence that the perturbation did change the future; a NaN
+prints as nan, never as a zero. Figures are matplotlib Figures without pyplot (no display, no global
+state), exact zeros white (they are exactly zero, not merely dark), and each image's size in pixels
+is figsize x DPI (`heatmap_inches`, `grid_inches`), so tests can check it.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from .leakage import LeakageReport, ModelChecks, PerturbationResult
-from .leakage_tests import above_diagonal, nan_or
+from .leakage_tests import above_diagonal, count_nonfinite, nan_or
 
 
 def fmt(x: float) -> str:
@@ -147,7 +145,7 @@ def _checks_summary(c: ModelChecks) -> dict[str, Any]:
         "perturbation": _perturbation_summary(c.perturbation),
         "influence": {"max_above_diagonal": c.max_influence_above_diagonal,
                       "zeros_above_diagonal": int((upper == 0).sum()), "entries_above_diagonal": upper.numel(),
-                      "nonfinite_entries": int((~torch.isfinite(c.influence)).sum()), "matrix": c.influence.tolist()},
+                      "nonfinite_entries": count_nonfinite(c.influence), "matrix": c.influence.tolist()},
         "consistency": {**dataclasses.asdict(c.consistency), "precision": "fp32",
                         **{k: getattr(c.consistency, k) for k in ("equal", "first_mismatch", "near_tie", "logits_agree")}},
         "nonfinite": c.nonfinite,
@@ -173,7 +171,7 @@ MAX_TICKS = 32  # at most this many token labels per axis; longer prompts label 
 
 def heatmap_inches(n: int) -> float:
     """Side of one heatmap panel in inches for an n x n matrix: room for n labels, within bounds."""
-    return float(min(16.0, max(5.0, 0.22 * min(n, MAX_TICKS) + 2.0)))
+    return min(16.0, max(5.0, 0.22 * min(n, MAX_TICKS) + 2.0))
 
 
 def grid_inches(n_layer: int, n_head: int) -> tuple[float, float]:
