@@ -7,24 +7,18 @@
     python sample.py mode=leakage ckpt=<run dir>        # ... on a trained model (exit 1 if it leaks)
     python sample.py mode=attention prompt="To be, or not to be"   # attention heatmaps per head
 
-Free text is taken as the shell hands it over: `prompt=Où est-il ?`, `prompt="To be, or not to be"`,
-`prompt='He said "hi"'` need no Hydra quoting (cli.quote_free_text does it); prompt=- reads standard
-input and prompt_file= a file.
-
-Exit status: 0 done; 2 a user error (one line on stderr); mode=leakage 1 LEAK, 3 INCONCLUSIVE, 4 FAIL
-(causality/leakage.py says when); mode=attention 1 when a causal model gives weight to a later token.
-
-Every option is documented in SampleConfig below; configs/sample.yaml chooses the defaults. The
-console belongs to this file: generated text goes to stdout, everything else (progress, warnings,
-tokens/s) to stderr, so `python sample.py > out.txt` keeps just the text. User errors end as one
-line, `error: ...`, and exit status 2 (cli.main_guard).
+Options: SampleConfig below (configs/sample.yaml sets the defaults). Free text needs no Hydra quoting
+(`prompt=Où est-il ?`, `prompt='He said "hi"'`: cli.quote_free_text); prompt_file= reads a file.
+Generated text goes to stdout, everything else (progress, warnings, tokens/s) to stderr, so
+`python sample.py > out.txt` keeps just the text. Exit status: 0 done; 2 a user error (one line,
+`error: ...`, cli.main_guard); mode=leakage 1 LEAK, 3 INCONCLUSIVE, 4 FAIL (causality/leakage.py);
+mode=attention 1 when a causal model gives weight to a later token.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,7 +35,7 @@ from causality.sampling import (
     Loaded,
     encode_prompt,
     inference_runtime,
-    labels,
+    label,
     load_from_checkpoint,
     random_init,
     read_prompt,
@@ -62,45 +56,39 @@ MODES = ("generate", "leakage", "attention")
 class SampleConfig:
     # generate: text from a checkpoint; leakage: the causal-mask check; attention: heatmaps per head.
     mode: str = "generate"
-    # A checkpoint file or run directory (best.pt, else last.pt); null = the newest run under outputs_dir
-    # (and, when it is named outputs, the sweeps' multirun/ beside it).
+    # A checkpoint file or run directory (best.pt, else last.pt); null = the newest run under outputs_dir.
     ckpt: str | None = None
     # Where training runs are looked for when ckpt is null.
     outputs_dir: str = "outputs"
-    # A model preset instead of a checkpoint (model=tiny): random init, for mode=leakage|attention.
-    # Its vocabulary defaults to 65 (tiny Shakespeare's characters): model.vocab_size=... to change it.
+    # A preset to study untrained instead of ckpt (model=tiny), for mode=leakage|attention; vocab_size 65 unless set.
     model: ModelConfig | None = None
     # The prompt; "-" reads standard input; "" starts from the end-of-text (or newline) token.
     prompt: str = ""
     # A UTF-8 file to read the prompt from (instead of prompt).
     prompt_file: str | None = None
-    # Continuations to generate, one after the other.
+    # Continuations to generate, one after the other, and tokens per continuation.
     num_samples: int = 1
-    # Tokens generated per sample.
     max_new_tokens: int = 200
     # Softmax temperature; 0 is greedy (the most likely token every time).
     temperature: float = 0.8
-    # Keep only the k most likely tokens (null: all); clamped to the vocabulary size, with a warning.
+    # Keep only the k most likely tokens (null: all; above the vocabulary size: a warning).
     top_k: int | None = None
     # Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (null: off).
     top_p: float | None = None
-    # End a sample at the end-of-text token (not printed): the model says its text is over. Only where
-    # the tokenizer has one (BPE, pretrained); false prints it and goes on to max_new_tokens.
+    # End a sample at the end-of-text token, unprinted (tokenizers that have one); false runs to max_new_tokens.
     stop_at_eot: bool = True
     # Seeds sampling (and random-init weights): the same seed gives the same text.
     seed: int = 1337
     # auto | cpu | cuda | mps, and auto | fp32 | bf16 | fp16 (autocast), as in train.py.
     device: str = "auto"
     precision: str = "auto"
-    # CPU threads for torch; 0 = torch's default (all cores). On a busy machine 1 is often faster
-    # for batch-1 decoding: the per-token matmuls are too small to split.
+    # CPU threads for torch; 0 = all cores. On a busy machine 1 is often faster: batch-1 matmuls are too small to split.
     threads: int = 0
     # torch.compile the prefill/decode step (pays off on GPU for long generations).
     compile: bool = False
     # Reuse keys and values of past positions (KV cache); false recomputes the whole sequence per token.
     use_cache: bool = True
-    # mode=leakage|attention: prompt length (tokens) when no prompt is given; a sample from the model
-    # (random tokens for a random-init model) is used, cut to the context.
+    # mode=leakage|attention: prompt length when no prompt is given (sampled from the model, cut to the context).
     seq_len: int = 64
     # Where leakage/attention write their files; null = <run dir>/<mode>/<time>, or outputs_dir/<mode>/<time>.
     out_dir: str | None = None
@@ -130,24 +118,13 @@ def register_configs() -> None:
 
 
 # ---- the three modes ---------------------------------------------------------------------------
-def load(cfg: SampleConfig, device: torch.device) -> Loaded:
-    if cfg.model is not None:
-        if cfg.mode == "generate":
-            raise ValueError(f"model={cfg.model.preset or 'custom'} builds an untrained model: use it with "
-                             "mode=leakage or mode=attention; for text give ckpt=... (train one: python train.py)")
-        return random_init(cfg.model, cfg.seed, device)
-    return load_from_checkpoint(cfg.ckpt, cfg.outputs_dir, device)
-
-
-def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
-    tok, model, device = loaded.tokenizer, loaded.model, rt.device
+def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, text: str, stdout: TextIO, stderr: TextIO) -> int:
+    tok, model = loaded.tokenizer, loaded.model
     if tok is None:
         raise ValueError(f"checkpoint {loaded.source} holds no tokenizer, so its ids cannot be turned into text")
-    top_k, vocab = cfg.top_k, model.config.vocab_size
-    if top_k is not None and top_k > vocab:
-        log.warning("top_k=%d is larger than the vocabulary (%d tokens): using top_k=%d", top_k, vocab, vocab)
-        top_k = vocab
-    text = read_prompt(cfg.prompt, cfg.prompt_file, stdin)
+    if cfg.top_k is not None and cfg.top_k > model.config.vocab_size:
+        log.warning("top_k=%d is larger than the vocabulary (%d tokens): every token is kept", cfg.top_k,
+                    model.config.vocab_size)
     ids = encode_prompt(tok, text, model.config.block_size)
     shown = tok.decode(ids) if text else ""  # the (possibly cropped) prompt; not the start token
     limit = vocab_limit(tok, model)  # ids past the tokenizer are never drawn
@@ -158,9 +135,9 @@ def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdo
         # measures the compiled code; greedy draws nothing from the sampling generator.
         log.info("compiling: one warm-up generation of %d tokens (kept out of tokens/s)", cfg.max_new_tokens)
         with rt.autocast():
-            model.generate(torch.tensor([ids], device=device), cfg.max_new_tokens, temperature=0.0,
+            model.generate(torch.tensor([ids], device=rt.device), cfg.max_new_tokens, temperature=0.0,
                            use_cache=cfg.use_cache, vocab_limit=limit)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
 
     def write(piece: str) -> None:
         stdout.write(piece)
@@ -168,64 +145,43 @@ def generate(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdo
 
     tokens, seconds = 0, 0.0
     for i in range(cfg.num_samples):
-        if i:
-            write("\n---------------\n")
-        write(shown)
+        write(("\n---------------\n" if i else "") + shown)
         with rt.autocast():
             sample = stream_sample(model, tok, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   top_k=top_k, top_p=cfg.top_p, use_cache=cfg.use_cache, generator=generator,
+                                   top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache, generator=generator,
                                    write=write, vocab_limit=limit, stop_id=tok.eot_id if cfg.stop_at_eot else None)
         tokens, seconds = tokens + len(sample.new_ids), seconds + sample.seconds
     write("\n")
     print(f"{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s "
-          f"(KV cache {'on' if cfg.use_cache else 'off'}, {device.type}, {rt.precision}"
+          f"(KV cache {'on' if cfg.use_cache else 'off'}, {rt.device.type}, {rt.precision}"
           f"{', compiled' if cfg.compile else ''})", file=stderr)
     return 0
 
 
-def out_dir_for(cfg: SampleConfig, loaded: Loaded) -> Path:
-    if cfg.out_dir:
-        return Path(cfg.out_dir)
-    base = loaded.run_dir if loaded.run_dir is not None else Path(cfg.outputs_dir)
-    return base / cfg.mode / time.strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def _strict_json(value):
-    """NaN and infinities (a broken model's numbers) as the strings "nan", "inf", "-inf": strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict_json(v) for v in value]
-    return value
-
-
-def leakage(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdout: TextIO) -> int:
+def leakage(cfg: SampleConfig, loaded: Loaded, rt: Runtime, idx: torch.Tensor, out: Path, stdout: TextIO) -> int:
     from causality.report import format_report, plot_influence, summary  # matplotlib: only here
-    idx = study_prompt(loaded, read_prompt(cfg.prompt, cfg.prompt_file, stdin), cfg.seq_len, cfg.seed)  # (1, T)
     report = run_leakage_check(loaded.model, idx, cfg.leakage, rt.autocast(), seed=cfg.seed)
-    out = out_dir_for(cfg, loaded)
-    lab = labels(loaded.tokenizer, idx[0].tolist())
+    n = report.masked.influence.shape[0]
     png = plot_influence(report.masked.influence, report.unmasked.influence, out / "influence.png",
-                         lab[:report.masked.influence.shape[0]])
+                         [label(loaded.tokenizer, i) for i in idx[0, :n].tolist()])
     data = summary(report, source=loaded.source, device=rt.device.type, precision=rt.precision,
                    prompt_ids=idx[0].tolist(), files={"influence": str(png)})
-    (out / "leakage.json").write_text(json.dumps(_strict_json(data), indent=1, allow_nan=False))
+    # NaN and infinities (a broken model's numbers) become the strings "nan", "inf", "-inf": strict JSON.
+    strict = json.loads(json.dumps(data), parse_constant=lambda c: str(float(c)))
+    (out / "leakage.json").write_text(json.dumps(strict, indent=1, allow_nan=False))
     header = (f"Causal-mask leakage check: {loaded.source}, {rt.device.type}, {rt.precision}, "
               f"prompt of {idx.shape[1]} tokens")
     stdout.write(format_report(report, header, rt.dtype) + "\n")
     stdout.write(f"files: {png} (heatmaps), {out / 'leakage.json'} (every number)\n")
-    log_images(cfg, out, {"influence": png}, {"verdict": report.verdict, "max_past_change_mask_on":
-                                              report.masked.max_past_change})
+    log_images(cfg, out, {"influence": png}, {"verdict": report.verdict,
+                                              "max_past_change_mask_on": report.masked.max_past_change})
     return report.exit_code
 
 
-def attention(cfg: SampleConfig, loaded: Loaded, rt: Runtime, stdin: TextIO, stdout: TextIO) -> int:
+def attention(cfg: SampleConfig, loaded: Loaded, rt: Runtime, idx: torch.Tensor, out: Path, stdout: TextIO) -> int:
     from causality.attention_maps import write_attention_maps  # matplotlib, as above
-    idx = study_prompt(loaded, read_prompt(cfg.prompt, cfg.prompt_file, stdin), cfg.seq_len, cfg.seed)  # (1, T)
-    out = out_dir_for(cfg, loaded)
-    maps = write_attention_maps(loaded.model, idx, out, labels(loaded.tokenizer, idx[0].tolist()), rt.autocast())
+    maps = write_attention_maps(loaded.model, idx, out, [label(loaded.tokenizer, i) for i in idx[0].tolist()],
+                                rt.autocast())
     (out / "attention.json").write_text(json.dumps(
         {"source": loaded.source, "prompt_ids": idx[0].tolist(), **maps.summary()}, indent=1))
     n_layer, n_head = maps.weights.shape[:2]
@@ -261,16 +217,18 @@ def run(cfg: SampleConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdou
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    loaded = load(cfg, rt.device)
-    match cfg.mode:
-        case "generate":
-            return generate(cfg, loaded, rt, stdin, stdout, stderr)
-        case "leakage":
-            return leakage(cfg, loaded, rt, stdin, stdout)
-        case "attention":
-            return attention(cfg, loaded, rt, stdin, stdout)
-        case _:
-            raise ValueError(f"mode={cfg.mode!r} is not valid; choose one of {list(MODES)}")
+    if cfg.model is not None and cfg.mode == "generate":
+        raise ValueError(f"model={cfg.model.preset or 'custom'} builds an untrained model: use it with "
+                         "mode=leakage or mode=attention; for text give ckpt=... (train one: python train.py)")
+    loaded = (random_init(cfg.model, cfg.seed, rt.device) if cfg.model is not None
+              else load_from_checkpoint(cfg.ckpt, cfg.outputs_dir, rt.device))
+    text = read_prompt(cfg.prompt, cfg.prompt_file, stdin)
+    if cfg.mode == "generate":
+        return generate(cfg, loaded, rt, text, stdout, stderr)
+    idx = study_prompt(loaded, text, cfg.seq_len, cfg.seed)  # (1, T)
+    base = loaded.run_dir if loaded.run_dir is not None else Path(cfg.outputs_dir)
+    out = Path(cfg.out_dir) if cfg.out_dir else base / cfg.mode / time.strftime("%Y-%m-%d_%H-%M-%S")
+    return (leakage if cfg.mode == "leakage" else attention)(cfg, loaded, rt, idx, out, stdout)  # mode: checked
 
 
 class _ConsoleFormatter(logging.Formatter):
@@ -281,18 +239,14 @@ class _ConsoleFormatter(logging.Formatter):
         return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
 
 
-def setup_console_logging() -> None:
+@hydra.main(config_path=cli.CONFIG_DIR, config_name="sample", version_base="1.3")
+@cli.main_guard
+def main(dcfg: DictConfig) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_ConsoleFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     for noisy in ("matplotlib", "PIL"):  # their debug/info chatter is not ours to show
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-@hydra.main(config_path=cli.CONFIG_DIR, config_name="sample", version_base="1.3")
-@cli.main_guard
-def main(dcfg: DictConfig) -> None:
-    setup_console_logging()
     from hydra.core.hydra_config import HydraConfig
     cli.check_added_keys(HydraConfig.get().overrides.task, SampleConfig, cli.CONFIG_DIR)  # +prompts=...: refused
     cfg: SampleConfig = OmegaConf.to_object(dcfg)  # the one conversion: validated dataclasses from here on

@@ -1,11 +1,10 @@
 """Attention weights of one prompt, per layer and head, written as labelled heatmap PNGs.
 
-The weights come from the explicit attention path (model.trace(need_weights=True)): softmax(Q K^T /
-sqrt(d_k) + M) step by step; the fused path (attn=sdpa) returns none. For an sdpa model the same
-parameters go through the explicit path, and the largest logit difference between the two paths is
-reported next to the pictures. With the causal mask every weight above the diagonal is exactly 0 by
-construction (M puts -inf there before the softmax): the pictures show that the mask is applied,
-not that nothing leaks, which is what mode=leakage (causality/leakage.py) tests.
+The weights come from the explicit attention path (model.trace(need_weights=True)), softmax(Q K^T /
+sqrt(d_k) + M) step by step: the fused path (attn=sdpa) returns none, so an sdpa model's parameters go
+through the explicit path and the largest logit difference between the two paths is reported. With
+the causal mask every weight above the diagonal is exactly 0 by construction (M is -inf there): the
+pictures show that the mask is applied, not that nothing leaks, which mode=leakage tests.
 
 Shapes: L layers, nh heads, T time, V vocab.
 """
@@ -22,6 +21,7 @@ import torch
 
 from model import GPT
 
+from .leakage_tests import above_diagonal
 from .report import fmt, plot_attention, plot_attention_grid
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,8 @@ class AttentionMaps:
     @property
     def max_above_diagonal(self) -> float:
         """The largest weight any query gives a later key: 0.0 exactly with the causal mask."""
-        T = self.weights.shape[-1]
-        upper = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
-        return self.weights[..., upper].max().item() if T > 1 else 0.0
+        upper = above_diagonal(self.weights)
+        return upper.max().item() if upper.numel() else 0.0
 
     @property
     def broken_mask(self) -> bool:
@@ -51,7 +50,6 @@ class AttentionMaps:
         return self.causal and self.max_above_diagonal != 0
 
     def path_line(self) -> str:
-        """Which computation the weights come from."""
         if self.configured_attn == WEIGHTS_PATH:
             return f"weights from attn={WEIGHTS_PATH}, the path this model runs"
         return (f"weights from attn={WEIGHTS_PATH} (the formula step by step): this model runs "
@@ -59,12 +57,10 @@ class AttentionMaps:
                 f"two paths' logits for this prompt differ by at most {fmt(self.logits_diff or 0.0)}")
 
     def zero_line(self) -> str:
-        """What the weights above the diagonal are, and why."""
-        upper = self.max_above_diagonal
-        head = f"largest weight any token gives a later token: {fmt(upper)}"
+        head = f"largest weight any token gives a later token: {fmt(self.max_above_diagonal)}"
         if not self.causal:
             return f"{head} (causal=False: no mask)"
-        if upper != 0:
+        if self.broken_mask:
             return f"{head}: a causal model attends to the future, the mask is not applied"
         return (f"{head}, exactly zero by construction: the causal mask sets those scores to -inf before the "
                 "softmax, and exp(-inf) = 0. This shows the mask is applied, not that nothing leaks: "
@@ -79,10 +75,10 @@ class AttentionMaps:
 
 
 @torch.no_grad()
-def attention_maps(model: GPT, idx: torch.Tensor,
-                   autocast: contextlib.AbstractContextManager | None = None) -> AttentionMaps:
-    """The attention weights for the prompt idx (1, T), and how the path they come from compares with
-    the one the model runs."""
+def write_attention_maps(model: GPT, idx: torch.Tensor, out_dir: str | Path, labels: list[str] | None,
+                         autocast: contextlib.AbstractContextManager | None = None) -> AttentionMaps:
+    """The attention weights for the prompt idx (1, T), drawn as one PNG per layer and head
+    (layer{L}_head{H}.png) and one grid of all heads (grid.png)."""
     if idx.dim() != 2 or idx.shape[0] != 1:
         raise ValueError(f"attention maps take one prompt of shape (1, T), got {tuple(idx.shape)}")
     model.eval()
@@ -91,24 +87,18 @@ def attention_maps(model: GPT, idx: torch.Tensor,
         configured = None if model.config.attn == WEIGHTS_PATH else model(idx)[0]  # (1, T, V)
     weights = torch.stack([w[0] for w in trace.attentions]).float().cpu()  # L x (nh, T, T) -> (L, nh, T, T)
     diff = None if configured is None else (trace.logits.float() - configured.float()).abs().max().item()
-    return AttentionMaps(weights, model.config.causal, model.config.attn, diff)
+    maps = AttentionMaps(weights, model.config.causal, model.config.attn, diff)
 
-
-def write_attention_maps(model: GPT, idx: torch.Tensor, out_dir: str | Path, labels: list[str] | None,
-                         autocast: contextlib.AbstractContextManager | None = None) -> AttentionMaps:
-    """One PNG per layer and head (layer{L}_head{H}.png) and one grid of all heads (grid.png)."""
-    out_dir = Path(out_dir)
-    maps = attention_maps(model, idx, autocast)
-    n_layer, n_head = maps.weights.shape[:2]
+    out_dir, (n_layer, n_head) = Path(out_dir), weights.shape[:2]
     mask = "causal mask" if maps.causal else "NO causal mask"
-    for layer in range(n_layer):
-        for head in range(n_head):
-            title = f"layer {layer + 1}, head {head + 1} ({mask})"
-            path = out_dir / f"layer{layer + 1}_head{head + 1}.png"
-            maps.head_files[(layer + 1, head + 1)] = plot_attention(maps.weights[layer, head], path, labels, title)
+    for layer in range(1, n_layer + 1):
+        for head in range(1, n_head + 1):
+            maps.head_files[layer, head] = plot_attention(weights[layer - 1, head - 1],
+                                                          out_dir / f"layer{layer}_head{head}.png", labels,
+                                                          f"layer {layer}, head {head} ({mask})")
     zeros = "white = exactly 0 by construction" if maps.causal else "white = exactly 0"
     maps.grid_file = plot_attention_grid(
-        maps.weights, out_dir / "grid.png",
+        weights, out_dir / "grid.png",
         f"attention weights: {n_layer} layers x {n_head} heads, {idx.shape[1]} tokens\n({mask}; {zeros})")
     log.info("wrote %d attention heatmaps and grid.png to %s", n_layer * n_head, out_dir)
     return maps

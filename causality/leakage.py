@@ -1,19 +1,17 @@
-"""The leakage check: the three tests of leakage_tests.py (perturbation, influence, KV cache vs
-recomputation) run on the model as configured and on a copy with the causal mask removed; the verdict.
+"""The leakage check: the three tests of leakage_tests.py on the model as configured and on a copy
+with the causal mask removed, and the verdict.
 
-Every number must be finite. A mask that leaves a query row with nothing to read (say, one that hides
-each token from itself) makes the explicit softmax 0/0 = NaN, and NaN compared with any tolerance is
-False: without this rule such a model would "show no leakage". Any NaN or inf in any test, on either
-model, or in the weights, makes the verdict FAIL. (The weights are checked directly: torch's CPU sdpa
-returns zeros for a query row of NaN scores, so a NaN query weight can leave every output finite.)
+Every number must be finite: a mask that leaves a query row nothing to read (say, one that hides each
+token from itself) makes the explicit softmax 0/0 = NaN, and NaN compared with any tolerance is False,
+so such a model would "show no leakage". Any NaN or inf in any test, on either model, or in the
+weights makes the verdict FAIL (the weights are checked directly: torch's CPU sdpa turns a query row
+of NaN scores into zeros, so a NaN query weight can leave every output finite).
 
-The mask-off copy (same weights, causal=False) is the control: a test that reports 0 convinces only
-if the same test on the same weights shows clear leakage once the mask is gone; if it does not, the
-check is INCONCLUSIVE (say, the prompt is too short), not a pass.
-
-Verdicts (and sample.py's exit codes): PASS 0, LEAK 1 (information from the future reaches the
-past in the model as configured), INCONCLUSIVE 3 (the control showed no leakage either, or the
-perturbation left a later position unchanged), FAIL 4 (a test met a NaN or inf: it proves nothing).
+The mask-off copy (same weights, causal=False) is the control: a 0 convinces only if the same test
+shows clear leakage once the mask is gone; if it does not (say, the prompt is too short), the check
+is INCONCLUSIVE, not a pass. Verdicts, and sample.py's exit codes: PASS 0; LEAK 1 (the future
+reaches the past in the model as configured); INCONCLUSIVE 3 (the control showed no leakage either,
+or the perturbation left a later position unchanged); FAIL 4 (a test met a NaN or inf).
 """
 
 from __future__ import annotations
@@ -26,20 +24,18 @@ import torch
 
 from model import GPT
 
-from .leakage_tests import (
+from .leakage_tests import (  # cache_consistency and logit_tolerance: re-exported for callers
     ConsistencyResult,
     PerturbationResult,
+    above_diagonal,
     cache_consistency,
     count_nonfinite,
     influence_matrix,
-    logit_tolerance,
+    logit_tolerance,  # noqa: F401
     nan_or,
     perturbation_test,
     variant,
 )
-
-__all__ = ["EXIT_CODES", "ConsistencyResult", "LeakageConfig", "LeakageReport", "ModelChecks", "PerturbationResult",
-           "cache_consistency", "influence_matrix", "logit_tolerance", "perturbation_test", "run_leakage_check", "variant"]
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +76,13 @@ class ModelChecks:
     @property
     def influence_above_diagonal(self) -> torch.Tensor:
         """The entries with s > t: what the future contributes to the past."""
-        T = self.influence.shape[0]
-        return self.influence[torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)]
+        return above_diagonal(self.influence)
+
+    @property
+    def max_influence_above_diagonal(self) -> float:
+        """The future's largest influence on the past (0.0 for a one-token map; NaN if any entry is)."""
+        upper = self.influence_above_diagonal
+        return upper.max().item() if upper.numel() else 0.0
 
     @property
     def perturbations(self) -> list[tuple[str, PerturbationResult]]:
@@ -120,8 +121,7 @@ class LeakageReport:
 
     @property
     def failures(self) -> list[str]:
-        """Non-finite values in any test on either model (empty: none). NaN compared with any
-        tolerance is False, so a test that met one can show neither a leak nor its absence."""
+        """Non-finite values in any test on either model, or in the weights (empty: none)."""
         found = [f"{checks.label}: {what}" for checks in (self.masked, self.unmasked) for what in checks.nonfinite]
         if names := self.nonfinite_weights:
             found.insert(0, f"weights: {len(names)} tensors hold NaN or inf ({', '.join(names[:4])}"
@@ -134,9 +134,8 @@ class LeakageReport:
         found, tol, c = [], self.settings.tolerance, self.masked.consistency
         if self.masked.max_past_change > tol:
             found.append(f"perturbation: past positions changed by {self.masked.max_past_change:.3g}")
-        upper = self.masked.influence_above_diagonal
-        if upper.numel() and upper.max().item() > tol:
-            found.append(f"influence: d h_t / d x_s reaches {upper.max().item():.3g} for s > t")
+        if (upper := self.masked.max_influence_above_diagonal) > tol:
+            found.append(f"influence: d h_t / d x_s reaches {upper:.3g} for s > t")
         if not c.equal and not c.near_tie:
             found.append(f"generation: cached and recomputed tokens differ from step {c.first_mismatch}")
         if c.max_logit_diff > c.logit_tolerance:
@@ -157,7 +156,7 @@ class LeakageReport:
         found = []
         for name, p in self.masked.perturbations:
             if not p.min_future > 0:
-                t = next((p.positions[i] for i, v in enumerate(p.future_logits) if not v > 0), None)
+                t = next((t for t, v in zip(p.positions, p.future_logits, strict=True) if not v > 0), None)
                 found.append(f"{name}: replacing the tokens after t = {t} left a later position's logits unchanged "
                              f"(smallest change {p.min_future:.3g}): the perturbation did not reach the model, so its "
                              "0.0 before t shows nothing")

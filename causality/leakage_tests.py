@@ -1,25 +1,18 @@
-"""The three tests of the leakage check, each on one model and one prompt; leakage.py runs them on the
-model and on its mask-off copy and gives the verdict. Each counts the NaN and inf it meets instead of
-letting them compare as "no change".
+"""The three tests of the leakage check, each on one model and one prompt (leakage.py runs them on
+the model and its mask-off copy). Each counts the NaN and inf it meets, which compare as "no change".
 
-1. Perturbation: replacing every token after position t must leave the logits and every layer's
-   hidden states at positions <= t unchanged. The original runs in the very same batch shape as the
-   perturbed rows and is compared row by row, so both go through identical kernels in identical
-   order: any difference at a past position is information from the future, not rounding (with the
-   mask it is exactly 0.0). The smallest change after t is kept as evidence that the perturbation
-   reached the model, so that a 0 is not a test that measured nothing: PASS needs it > 0.
-2. Influence: I[t, s] = ||d h_t / d x_s||_F, how strongly the last block's output at t depends on
-   the input embedding at s, from autograd. With the mask h_t is a function of x_0..x_t only, so
-   every entry with s > t is exactly 0.0. Each C x C Jacobian's norm comes from vector-Jacobian
-   products: ||J||_F^2 = E ||v^T J||^2 for v ~ N(0, I) (Hutchinson), or exactly from the C basis
-   vectors; a zero Jacobian gives exactly 0 with any probe, so the estimate never blurs the triangle.
-3. Generation: greedy tokens with the KV cache must equal those from recomputing the whole sequence:
-   the cache keeps each position's keys and values as computed without any later token, so the two
-   agree only if nothing reads ahead. The two paths run kernels of different shapes, and in bf16/fp16
-   that rounding flips near-tied tokens, so this test always runs in float32 (autocast and TF32 off),
-   and a flip where both paths' logits agree within `tie_margin` is a near-tie, not a leak. The logits
-   must agree within float32 rounding too (`logit_tolerance`): a model that reads one token ahead can
-   keep every greedy token and still move the logits.
+1. Perturbation: replacing every token after t must leave the logits and every layer's hidden states
+   at positions <= t unchanged. The original runs in the batch shape of the perturbed rows, through
+   identical kernels: a change at the past is information from the future, not rounding (with the
+   mask, exactly 0.0). The smallest change after t shows that the perturbation reached the model.
+2. Influence: I[t, s] = ||d h_t / d x_s||_F (the last block's output at t, the input embedding at s)
+   from vector-Jacobian products, ||J||_F^2 = E ||v^T J||^2 for v ~ N(0, I) (Hutchinson) or exactly
+   from the C basis vectors. With the mask every entry with s > t is exactly 0.0, whatever the probes.
+3. Generation: greedy tokens with the KV cache must equal those from recomputing the whole sequence,
+   since the cache holds keys and values computed without any later token. In float32 (autocast and
+   TF32 off), as bf16/fp16 rounding of the two paths' kernels flips near-tied tokens; a flip where
+   both paths agree within `tie_margin` is a near-tie, not a leak. The logits must agree within
+   float32 rounding too (`logit_tolerance`): a one-token look-ahead can keep every greedy token.
 
 Shapes: R rows of a batch, T time, C channels, V vocab, N new tokens.
 """
@@ -37,8 +30,8 @@ import torch
 from model import GPT
 from model.generate import generate_tokens
 
-# Perturbation: elements of activations kept per chunk of rows (~256 MB in fp32), which bounds memory
-# for large vocabularies and long prompts without slowing small models down.
+# Perturbation: activation elements per chunk of rows (~256 MB in fp32): bounds memory for large
+# vocabularies and long prompts without slowing small models down.
 _CHUNK_ELEMENTS = 1 << 26
 # Influence: prompt copies per backward pass, enough to amortise the passes on CPU and few enough to
 # keep a small model's activations well under a gigabyte.
@@ -55,9 +48,13 @@ def count_nonfinite(*tensors: torch.Tensor) -> int:
     return sum(int((~torch.isfinite(t)).sum()) for t in tensors)
 
 
+def above_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The entries of m (..., T, T) with column s > row t: what the future gives the past."""
+    return m[..., torch.ones(m.shape[-2:], dtype=torch.bool).triu(1)]
+
+
 def variant(model: GPT, **changes) -> GPT:
-    """The same weights run another way, e.g. variant(model, causal=False) for the mask-off control
-    or attn="explicit". A new module: the original is left untouched."""
+    """The same weights run another way (a new module), e.g. causal=False for the mask-off control."""
     other = GPT(dataclasses.replace(model.config, **changes)).to(model.wte.weight.device).eval()
     other.load_state_dict(model.state_dict())
     return other
@@ -125,7 +122,7 @@ def perturbation_test(model: GPT, idx: torch.Tensor, *, trials: int = 3, seed: i
         rows = idx.expand(R, T).clone()  # (R, T)
         future = torch.arange(T, device=idx.device)[None, :] > pos[:, None]  # (R, T): after each row's t
         # Adding 1..V-1 modulo V changes every future token: no trial can leave one as it was.
-        shift = torch.randint(1, V, (R, T), generator=generator, device="cpu").to(idx.device)
+        shift = torch.randint(1, V, (R, T), generator=generator).to(idx.device)
         rows[future] = (rows[future] + shift[future]) % V
         with autocast or contextlib.nullcontext():
             if R not in base_by_rows:  # the original, in the same batch shape (see the top of this file)
@@ -145,25 +142,19 @@ def perturbation_test(model: GPT, idx: torch.Tensor, *, trials: int = 3, seed: i
 # ---- test 2: influence ---------------------------------------------------------------------------
 def influence_matrix(model: GPT, idx: torch.Tensor, *, probes: int | None = 8, seed: int = 0,
                      autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
-    """I[t, s] = ||d h_t / d x_s||_F for the prompt idx (1, T); returns (T, T), float32, on CPU.
-
-    probes: random probe vectors per position (an unbiased estimate of the squared norm), or None
-    for the exact value from all C basis vectors (C times the work). Many (t, probe) pairs share one
-    backward pass: row r of the batch is the same prompt, seeded at its own t with its own v.
-    A row t whose output h_t is not finite is NaN throughout, whatever its gradients came out as."""
-    if idx.dim() != 2 or idx.shape[0] != 1:
-        raise ValueError(f"the influence map takes one prompt of shape (1, T), got {tuple(idx.shape)}")
+    """I[t, s] = ||d h_t / d x_s||_F for the prompt idx (1, T) as (T, T), float32, on CPU. probes: random
+    probe vectors per position, or None for the exact norm (C times the work). Row r of a batch is the
+    prompt seeded at its own t with its own v; a row t whose output h_t is not finite is NaN throughout."""
     if probes is not None and probes < 1:
         raise ValueError(f"leakage.probes must be >= 1 (or null for the exact norm), got {probes}")
     model.eval()
     T, C, device = idx.shape[1], model.config.n_embd, idx.device
     with torch.no_grad():
         x0 = model.embed(idx)  # (1, T, C)
-    if probes is None:  # every basis vector at every t
-        t_of_row, vectors = torch.arange(T).repeat_interleave(C), torch.eye(C).repeat(T, 1)  # (T * C,), (T * C, C)
-    else:
-        t_of_row = torch.arange(T).repeat_interleave(probes)  # (T * probes,)
-        vectors = torch.randn(T * probes, C, generator=torch.Generator().manual_seed(seed))  # (T * probes, C)
+    per_t = C if probes is None else probes
+    t_of_row = torch.arange(T).repeat_interleave(per_t)  # (T * per_t,)
+    vectors = (torch.eye(C).repeat(T, 1) if probes is None  # (T * per_t, C)
+               else torch.randn(T * probes, C, generator=torch.Generator().manual_seed(seed)))
 
     squared = torch.zeros(T, T)  # accumulates sum over probes of ||v^T J_ts||^2
     broken = torch.zeros(T, dtype=torch.bool)  # rows t where h_t is NaN or inf
@@ -190,14 +181,12 @@ def logit_tolerance(logits: Iterable[torch.Tensor], n_embd: int, logit_eps: floa
     """How far two float32 computations of the same logits may drift apart by rounding alone:
     logit_eps x eps(dtype) x sqrt(n_embd) x max(1, max |logit|).
 
-    Why this form: two summation orders of a C-long dot product differ by a random walk of rounding
-    errors, about sqrt(C) units of eps relative to the result; max |logit| (at least 1: LayerNorm keeps
-    the hidden states O(1) even when the logits are small) sets the magnitude. Measured on CPU, fp32, in
-    these units: healthy models 16 to 768 wide, 2 to 12 layers, random init and trained, reach at most
-    0.6; a mask that reads one token ahead gives 3.5 (the random-init `small` preset), 14 (a 16-wide
-    model with 3x-scaled weights) and 3e4 (a char model after 100 steps). logit_eps = 2 sits between;
-    at |logit| ~ 1 and C = 32 it allows 1.35e-6, between 4.8e-7 (rounding) and 5.7e-6 (a look-ahead). A
-    look-ahead too weak to clear rounding is still caught by the perturbation test (exactly 0.0)."""
+    Two summation orders of a C-long dot product differ by a random walk of about sqrt(C) units of
+    eps relative to the result; max |logit| (at least 1: LayerNorm keeps the hidden states O(1)) sets
+    the magnitude. Measured on CPU, fp32, in these units: healthy models (16 to 768 wide, 2 to 12
+    layers, random init and trained) reach at most 0.6; a mask that reads one token ahead gives 3.5 to
+    3e4. logit_eps = 2 sits between (at |logit| ~ 1, C = 32: 1.35e-6, between 4.8e-7 from rounding and
+    5.7e-6 from a look-ahead); one too weak to clear it is still caught by the perturbation test."""
     finite = [t[torch.isfinite(t)] for t in logits]
     scale = max([1.0, *(t.abs().max().item() for t in finite if t.numel())])
     return logit_eps * torch.finfo(dtype).eps * math.sqrt(n_embd) * scale
@@ -252,8 +241,7 @@ def _float32(device: torch.device) -> Iterator[None]:
 def cache_consistency(model: GPT, idx: torch.Tensor, max_new_tokens: int, *,
                       tie_margin: float = 1e-3, logit_eps: float = 2.0) -> ConsistencyResult:
     """Greedy-decode max_new_tokens after idx (1, T) both ways, in float32, and compare the tokens and
-    the logits they were picked from. T + max_new_tokens must fit in the context, so that both paths
-    see exactly the same positions."""
+    their logits. T + max_new_tokens must fit in the context: both paths see the same positions."""
     model.eval()
     T = idx.shape[1]
     if T + max_new_tokens > model.config.block_size:

@@ -1,15 +1,11 @@
 """What a leakage check and the attention maps show a reader: the printed report, the JSON summary,
 and the heatmap PNGs (influence maps, attention weights).
 
-The report is meant to be read by someone who doubts the claim: every "0.0" sits next to the
-number the same test gives without the mask, and next to evidence that the perturbation did
-change the future, so that a zero cannot be a test that measures nothing. A NaN prints as nan, never
-as a zero, and the verdict then says FAIL and where the non-finite values were.
-
-Figures are drawn on matplotlib's Agg canvas directly (matplotlib.figure.Figure, no pyplot), so
-nothing depends on a display or on global pyplot state. Exact zeros are drawn in white and called
-out in the title: the claim is that they are exactly zero, not merely dark. Each image's size in
-pixels is figsize x DPI, fixed by `heatmap_inches` and `grid_inches`, so tests can check it.
+The report is written for someone who doubts the claim: every "0.0" sits next to the number the same
+test gives without the mask, and next to evidence that the perturbation did change the future; a NaN
+prints as nan, never as a zero. Figures are matplotlib Figures without pyplot (no display, no global
+state), exact zeros white (they are exactly zero, not merely dark), and each image's size in pixels
+is figsize x DPI (`heatmap_inches`, `grid_inches`), so tests can check it.
 """
 
 from __future__ import annotations
@@ -21,17 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from .leakage import LeakageReport, ModelChecks, PerturbationResult
-from .leakage_tests import nan_or
+from .leakage_tests import above_diagonal, count_nonfinite, nan_or
 
 
 def fmt(x: float) -> str:
-    """Exact zeros print as 0.0 (they are exact, not rounded); anything else in scientific notation
-    (nan and inf as themselves)."""
+    """Exact zeros print as 0.0 (they are exact, not rounded); anything else, nan and inf too, as %.1e."""
     return "0.0" if x == 0 else f"{x:.1e}"
 
 
@@ -44,7 +38,6 @@ def _rows(n: int, shown: int = 8) -> list[int]:
 
 def _perturbation_table(r: LeakageReport) -> list[str]:
     on, off = r.masked.perturbation, r.unmasked.perturbation
-    impl = r.masked.other_impl
     lines = [
         f"(1) Perturbation: for each position t, every token after t is replaced by random tokens "
         f"({len(on.positions)} positions x {on.trials} trials);",
@@ -56,30 +49,27 @@ def _perturbation_table(r: LeakageReport) -> list[str]:
     for i in _rows(len(on.positions)):
         lines.append(f"    {on.positions[i]:>4} | {fmt(on.logits[i]):>9}  {fmt(nan_or(max, on.hidden[i])):>9}  "
                      f"{fmt(on.future_logits[i]):>9} | {fmt(off.logits[i]):>9}  {fmt(nan_or(max, off.hidden[i])):>9}")
-    lines.append(f"   all t | {fmt(on.max_logits):>9}  {fmt(nan_or(max, on.max_hidden_per_layer)):>9}  "
-                 f"{fmt(on.min_future):>9} | {fmt(off.max_logits):>9}  {fmt(nan_or(max, off.max_hidden_per_layer)):>9}")
-    lines.append("    * the smallest change at positions after t: evidence the perturbation reached the model")
-    lines.append("    hidden states by layer (max over t):")
+    lines += [f"   all t | {fmt(on.max_logits):>9}  {fmt(nan_or(max, on.max_hidden_per_layer)):>9}  "
+              f"{fmt(on.min_future):>9} | {fmt(off.max_logits):>9}  {fmt(nan_or(max, off.max_hidden_per_layer)):>9}",
+              "    * the smallest change at positions after t: evidence the perturbation reached the model",
+              "    hidden states by layer (max over t):"]
     for label, res in (("mask on", on), ("mask removed", off)):
-        cells = "  ".join(f"h{k + 1} {fmt(v)}" for k, v in enumerate(res.max_hidden_per_layer))
-        lines.append(f"      {label:<13}{cells}")
-    if impl is not None:
+        lines.append(f"      {label:<13}" + "  ".join(f"h{k + 1} {fmt(v)}" for k, v in enumerate(res.max_hidden_per_layer)))
+    if (impl := r.masked.other_impl) is not None:
         lines.append(f"    same weights through attn={impl[0]}: largest change at positions <= t {fmt(impl[1].max_past)}")
     return lines
 
 
 def _influence_lines(r: LeakageReport) -> list[str]:
-    n = r.masked.influence.shape[0]
     probes = r.settings.probes
     how = "exact" if probes is None else f"{probes} random probes per position"
-    lines = [f"(2) Influence ||d h_t / d x_s|| from autograd over the first {n} positions ({how});",
-             "    the entries above the diagonal (s > t) are the future's influence on the past:"]
+    lines = [f"(2) Influence ||d h_t / d x_s|| from autograd over the first {r.masked.influence.shape[0]} positions "
+             f"({how});", "    the entries above the diagonal (s > t) are the future's influence on the past:"]
     for checks in (r.masked, r.unmasked):
         upper = checks.influence_above_diagonal
-        zeros = int((upper == 0).sum())
-        diag = checks.influence.diagonal().median().item()
-        lines.append(f"      {checks.label:<13} max {fmt(upper.max().item()):>7}, exactly 0.0 in {zeros}/{upper.numel()} "
-                     f"(for scale: median on the diagonal {fmt(diag)})")
+        lines.append(f"      {checks.label:<13} max {fmt(checks.max_influence_above_diagonal):>7}, exactly 0.0 in "
+                     f"{int((upper == 0).sum())}/{upper.numel()} (for scale: median on the diagonal "
+                     f"{fmt(checks.influence.diagonal().median().item())})")
     return lines
 
 
@@ -115,11 +105,8 @@ def format_report(r: LeakageReport, header: str, dtype: torch.dtype = torch.floa
 
 
 def verdict_line(r: LeakageReport, dtype: torch.dtype = torch.float32) -> str:
-    """One line: PASS / LEAK / INCONCLUSIVE / FAIL, with the numbers that justify it. dtype: the
-    precision the forward passes ran in, whose resolution puts the mask-off numbers in scale."""
-    leak_off = r.unmasked.perturbation.max_past
-    eps = torch.finfo(dtype).eps
-    dtype_word = str(dtype).removeprefix("torch.")
+    """PASS / LEAK / INCONCLUSIVE / FAIL, with the numbers that justify it. dtype: the precision the
+    forward passes ran in, whose resolution puts the mask-off numbers in scale."""
     c = r.masked.consistency
     match r.verdict:
         case "PASS":
@@ -129,7 +116,8 @@ def verdict_line(r: LeakageReport, dtype: torch.dtype = torch.float32) -> str:
                     f"while the perturbation changed every later position (by at least {fmt(reach)}) and the "
                     f"cached and recomputed logits agree within float32 rounding ({fmt(c.max_logit_diff)} <= "
                     f"{fmt(c.logit_tolerance)}); the same tests on the same weights without the mask find changes "
-                    f"up to {fmt(leak_off)} ({dtype_word} resolution {fmt(eps)}).")
+                    f"up to {fmt(r.unmasked.perturbation.max_past)} ({str(dtype).removeprefix('torch.')} "
+                    f"resolution {fmt(torch.finfo(dtype).eps)}).")
         case "FAIL":
             also = f" (also found: {'; '.join(r.leaks)})" if r.leaks else ""
             return ("FAIL: non-finite values (NaN or inf) in the leakage tests, which compare as False with any "
@@ -150,21 +138,16 @@ def _perturbation_summary(p: PerturbationResult) -> dict[str, Any]:
             "hidden_change": p.hidden, "future_logits_change": p.future_logits, "trials": p.trials}
 
 
-# ConsistencyResult's fields and properties that go into the summary as they are.
-_CONSISTENCY = ("equal", "first_mismatch", "max_logit_diff", "prompt_len", "cached", "recomputed", "near_tie",
-                "flip_logit_diff", "flip_gap", "logit_tolerance", "logits_agree", "nonfinite_logits")
-
-
 def _checks_summary(c: ModelChecks) -> dict[str, Any]:
     upper = c.influence_above_diagonal
     out: dict[str, Any] = {
         "label": c.label,
         "perturbation": _perturbation_summary(c.perturbation),
-        "influence": {"max_above_diagonal": upper.max().item() if upper.numel() else 0.0,
+        "influence": {"max_above_diagonal": c.max_influence_above_diagonal,
                       "zeros_above_diagonal": int((upper == 0).sum()), "entries_above_diagonal": upper.numel(),
-                      "nonfinite_entries": int((~torch.isfinite(c.influence)).sum()),
-                      "matrix": c.influence.tolist()},
-        "consistency": {**{k: getattr(c.consistency, k) for k in _CONSISTENCY}, "precision": "fp32"},
+                      "nonfinite_entries": count_nonfinite(c.influence), "matrix": c.influence.tolist()},
+        "consistency": {**dataclasses.asdict(c.consistency), "precision": "fp32",
+                        **{k: getattr(c.consistency, k) for k in ("equal", "first_mismatch", "near_tie", "logits_agree")}},
         "nonfinite": c.nonfinite,
     }
     if c.other_impl is not None:
@@ -188,25 +171,32 @@ MAX_TICKS = 32  # at most this many token labels per axis; longer prompts label 
 
 def heatmap_inches(n: int) -> float:
     """Side of one heatmap panel in inches for an n x n matrix: room for n labels, within bounds."""
-    return float(min(16.0, max(5.0, 0.22 * min(n, MAX_TICKS) + 2.0)))
+    return min(16.0, max(5.0, 0.22 * min(n, MAX_TICKS) + 2.0))
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def grid_inches(n_layer: int, n_head: int) -> tuple[float, float]:
+    """(width, height) of the grid of all heads: 1.6 in per panel, 5 to 24 in wide, room for a title."""
+    panel = min(1.6, 24.0 / n_head)
+    return max(5.0, n_head * panel + 0.5), n_layer * panel + 1.0
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
     fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the pixel size stays figsize x DPI
     return path
 
 
 def _label_axes(ax, labels: list[str] | None, n: int, xlabel: str, ylabel: str) -> None:
+    """Ticks at most every MAX_TICKS-th position: the token (and its position, on y) or the position."""
     ticks = list(range(0, n, max(1, math.ceil(n / MAX_TICKS))))
     if labels is None:
-        ax.set_xticks(ticks, [str(i) for i in ticks], fontsize=7)
-        ax.set_yticks(ticks, [str(i) for i in ticks], fontsize=7)
+        ax.set(xticks=ticks, yticks=ticks)
     else:
         shown = [labels[i].replace("$", r"\$") for i in ticks]  # a pair of $ would start matplotlib's mathtext
-        ax.set_xticks(ticks, shown, rotation=90, fontsize=7)
-        ax.set_yticks(ticks, [f"{text} {i}" for text, i in zip(shown, ticks, strict=True)], fontsize=7)
+        ax.set_xticks(ticks, shown, rotation=90)
+        ax.set_yticks(ticks, [f"{text} {i}" for text, i in zip(shown, ticks, strict=True)])
+    ax.tick_params(labelsize=7)
     ax.set(xlabel=xlabel, ylabel=ylabel)
 
 
@@ -223,7 +213,6 @@ def plot_influence(masked: torch.Tensor, unmasked: torch.Tensor, path: str | Pat
     n = masked.shape[0]
     side = heatmap_inches(n)
     fig = Figure(figsize=(2 * side + 1.5, side + 0.8), layout="constrained")
-    upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
     # The colour scale spans the off-diagonal entries: the diagonal (the residual path from x_t to
     # h_t) is often 100x larger and would leave everything else one dark colour; it saturates instead.
     off = ~torch.eye(n, dtype=torch.bool)
@@ -233,14 +222,15 @@ def plot_influence(masked: torch.Tensor, unmasked: torch.Tensor, path: str | Pat
     norm = LogNorm(vmin=max(positive.min().item(), 1e-12), vmax=max(positive.max().item(), 1e-12) * 1.0001)
     axes = fig.subplots(1, 2)
     for ax, m, name in ((axes[0], masked, "mask on"), (axes[1], unmasked, "mask removed (causal=False)")):
-        zeros = int((m[upper] == 0).sum())
+        upper = above_diagonal(m)
         image = _show(ax, m, norm=norm)
-        ax.set_title(f"{name}\nabove the diagonal: {zeros}/{int(upper.sum())} exactly 0 (white)", fontsize=10)
+        ax.set_title(f"{name}\nabove the diagonal: {int((upper == 0).sum())}/{upper.numel()} exactly 0 (white)",
+                     fontsize=10)
         _label_axes(ax, labels, n, "input position s", "output position t")
     fig.colorbar(image, ax=axes, label="||d h_t / d x_s||  (log scale; the diagonal saturates)", shrink=0.8,
                  extend="max")
     fig.suptitle("Influence of input s on the last block's output at t", fontsize=12)
-    return _save(fig, Path(path))
+    return _save(fig, path)
 
 
 def plot_attention(weights: torch.Tensor, path: str | Path, labels: list[str] | None, title: str) -> Path:
@@ -253,28 +243,20 @@ def plot_attention(weights: torch.Tensor, path: str | Path, labels: list[str] | 
     ax.set_title(title, fontsize=10)
     _label_axes(ax, labels, n, "key (attended-to token)", "query (attending token)")
     fig.colorbar(image, ax=ax, label="attention weight", shrink=0.8)
-    return _save(fig, Path(path))
-
-
-def grid_inches(n_layer: int, n_head: int) -> tuple[float, float]:
-    """(width, height) of the grid of all heads: 1.6 in per panel, 5 to 24 in wide, room for a title."""
-    panel = min(1.6, 24.0 / n_head)
-    return max(5.0, n_head * panel + 0.5), n_layer * panel + 1.0
+    return _save(fig, path)
 
 
 def plot_attention_grid(weights: torch.Tensor, path: str | Path, title: str) -> Path:
     """All heads of all layers, weights (n_layer, nh, T, T), one small panel each."""
     n_layer, n_head = weights.shape[:2]
     fig = Figure(figsize=grid_inches(n_layer, n_head), layout="constrained")
-    axes = np.asarray(fig.subplots(n_layer, n_head, squeeze=False))
-    for layer in range(n_layer):
-        for head in range(n_head):
-            ax = axes[layer, head]
-            _show(ax, weights[layer, head], vmin=0.0)
-            ax.set(xticks=[], yticks=[])
-            if layer == 0:
-                ax.set_title(f"head {head + 1}", fontsize=8)
-            if head == 0:
-                ax.set_ylabel(f"layer {layer + 1}", fontsize=8)
+    axes = fig.subplots(n_layer, n_head, squeeze=False)
+    for (layer, head), ax in np.ndenumerate(axes):
+        _show(ax, weights[layer, head], vmin=0.0)
+        ax.set(xticks=[], yticks=[])
+        if layer == 0:
+            ax.set_title(f"head {head + 1}", fontsize=8)
+        if head == 0:
+            ax.set_ylabel(f"layer {layer + 1}", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, Path(path))
+    return _save(fig, path)

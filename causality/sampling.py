@@ -1,13 +1,9 @@
-"""Sampling: the model under study, its prompt, and text streamed to the terminal as it is made.
+"""Sampling: the runtime, the model under study, its prompt, and text streamed as it is made.
 
-- the runtime: device and precision chosen by engine/runtime.py's rules, as in train.py;
-- the model: a checkpoint file or run directory (the newest run by default), our export, a Hugging
-  Face GPT-2 directory, or a random-init preset (the leakage and attention modes need no training).
-  A checkpoint carries its tokenizer as JSON, so sampling needs no data directory;
-- the prompt: text, a file or standard input -> token ids, with the checks a user needs. Problems are
-  one-line DataError or ValueError; the recoverable ones (empty, longer than the context) are warnings;
-- streaming: each completed piece of text is written as soon as its token exists (Tokenizer.decode_stream
-  holds back a BPE token holding half of a UTF-8 character), timed for tokens/s.
+The model is a checkpoint file or run directory (the newest run by default), our export, a Hugging
+Face GPT-2 directory, or a random-init preset (the leakage and attention modes need no training); a
+checkpoint carries its tokenizer, so sampling needs no data directory. Prompt problems are one-line
+DataError or ValueError; the recoverable ones (empty, longer than the context) are warnings.
 """
 
 from __future__ import annotations
@@ -34,15 +30,15 @@ from model.generate import generate_tokens
 
 log = logging.getLogger(__name__)
 
-# A random-init model needs a vocabulary size and has no data to take it from: tiny Shakespeare's
-# 65 characters keeps it the same shape as the default trained model.
+# A random-init model has no data to take its vocabulary size from: tiny Shakespeare's 65
+# characters keep it the same shape as the default trained model.
 DEFAULT_RANDOM_VOCAB = 65
+_VISIBLE = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r", " ": "\u00b7"})  # whitespace in labels
 
 
-# ---- runtime -------------------------------------------------------------------------------------
 def inference_runtime(device: str = "auto", precision: str = "auto", compile: bool = False) -> Runtime:
     """engine.runtime's Runtime for one process, device and precision chosen as the trainer chooses
-    them. No process group, and no thread or allocator tuning: the caller sets threads."""
+    them; no process group, and no thread or allocator tuning (the caller sets threads)."""
     dev = pick_device(device)
     return Runtime(rank=0, local_rank=0, world_size=1, device=dev, precision=pick_precision(precision, dev),
                    compile=compile)
@@ -50,16 +46,13 @@ def inference_runtime(device: str = "auto", precision: str = "auto", compile: bo
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a wall-clock timing covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 # ---- the model -----------------------------------------------------------------------------------
 @dataclass
 class Loaded:
-    """A model ready to run, and what it came from."""
     model: GPT
     tokenizer: Tokenizer | None  # None for a random-init preset (or a checkpoint saved without one)
     source: str  # for reports: the checkpoint path, or "random-init <preset>"
@@ -67,23 +60,23 @@ class Loaded:
 
 
 def find_latest_run(root: str | os.PathLike) -> Path:
-    """The run directory under root holding the most recently written checkpoint; under a root named
+    """The run directory under root with the most recently written checkpoint; under a root named
     outputs/ (train.py's single runs), the sweeps' multirun/ beside it counts too."""
     root = Path(root)
     roots = [root, root.parent / "multirun"] if root.name == "outputs" else [root]
     found = [p for r in roots if r.is_dir() for name in CHECKPOINT_GLOBS for p in r.rglob(name) if p.is_file()]
     if not found:
         raise CheckpointError(
-            f"no checkpoint given and none found under {' or '.join(f'{r}/' for r in roots)}; train one first with `python train.py`, then "
-            f"`python sample.py`, or pass ckpt=<file or run dir> (mode=leakage and mode=attention also "
-            f"work untrained: model=tiny)")
+            f"no checkpoint given and none found under {' or '.join(f'{r}/' for r in roots)}; train one first with "
+            "`python train.py`, then `python sample.py`, or pass ckpt=<file or run dir> (mode=leakage and "
+            "mode=attention also work untrained: model=tiny)")
     return max(found, key=lambda p: p.stat().st_mtime).parent
 
 
 def load_from_checkpoint(ckpt: str | os.PathLike | None, outputs_dir: str | os.PathLike,
                          device: torch.device) -> Loaded:
-    """Load a checkpoint file or run directory (None: the newest run under outputs_dir), our
-    safetensors export (scripts/export.py) or a local Hugging Face GPT-2 directory."""
+    """A checkpoint file or run directory (None: the newest run under outputs_dir), our safetensors
+    export (scripts/export.py) or a local Hugging Face GPT-2 directory."""
     target = Path(ckpt) if ckpt else find_latest_run(outputs_dir)
     payload = load_pretrained(target, device="cpu")
     is_checkpoint = payload["source"] == "checkpoint"
@@ -97,7 +90,7 @@ def load_from_checkpoint(ckpt: str | os.PathLike | None, outputs_dir: str | os.P
 
 
 def random_init(config: ModelConfig, seed: int, device: torch.device) -> Loaded:
-    """An untrained model of the given config (vocab_size defaults to 65), seeded."""
+    """An untrained, seeded model of the given config (vocab_size defaults to 65)."""
     if config.vocab_size is None:
         config = dataclasses.replace(config, vocab_size=DEFAULT_RANDOM_VOCAB)
     torch.manual_seed(seed)
@@ -111,25 +104,22 @@ def random_init(config: ModelConfig, seed: int, device: torch.device) -> Loaded:
 # ---- the prompt ----------------------------------------------------------------------------------
 def read_prompt(prompt: str, prompt_file: str | None, stdin: TextIO) -> str:
     """The prompt text: `prompt`, or the contents of `prompt_file`, or standard input for prompt="-"."""
-    if prompt_file:
-        if prompt:
-            raise ValueError("give prompt=... or prompt_file=..., not both")
-        path = Path(prompt_file).expanduser()
-        if not path.is_file():
-            raise ValueError(f"prompt_file {path} does not exist")
-        try:
-            return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"prompt_file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
-    if prompt == "-":
-        return stdin.read()
-    return prompt
+    if not prompt_file:
+        return stdin.read() if prompt == "-" else prompt
+    if prompt:
+        raise ValueError("give prompt=... or prompt_file=..., not both")
+    path = Path(prompt_file).expanduser()
+    if not path.is_file():
+        raise ValueError(f"prompt_file {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt_file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
 
 
 def start_token(tokenizer: Tokenizer, fallback: int | None = None) -> int:
     """What a generation without a prompt starts from: the end-of-text token, else the newline token
-    (char vocabularies). With neither, `fallback` when given (the trainer's eval samples take 0),
-    else a DataError asking for a prompt."""
+    (char vocabularies), else `fallback` (the trainer's eval samples take 0), else a DataError."""
     if tokenizer.eot_id is not None:
         return tokenizer.eot_id
     with contextlib.suppress(DataError):  # a char vocabulary without "\n"
@@ -142,10 +132,8 @@ def start_token(tokenizer: Tokenizer, fallback: int | None = None) -> int:
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, block_size: int) -> list[int]:
-    """Prompt text -> ids, at least one and at most block_size of them.
-
-    An empty prompt starts from the end-of-text (or newline) token; a prompt longer than the
-    context keeps its last block_size tokens, since those are all the model can see."""
+    """Prompt text -> 1 to block_size ids: an empty prompt is the start token; a longer one than the
+    context keeps its last block_size tokens, all the model can see."""
     if text == "":
         tok = start_token(tokenizer)
         log.warning("empty prompt: starting from token %d (%s)", tok, label(tokenizer, tok))
@@ -159,21 +147,18 @@ def encode_prompt(tokenizer: Tokenizer, text: str, block_size: int) -> list[int]
         names = ", ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in bad)
         raise DataError(f"the prompt has {len(bad)} character(s) outside the model's char vocabulary: {names}; "
                         "remove or replace them") from e
-    unk_id = getattr(tokenizer, "unk_id", None)
-    if unk_id is not None and unk_id in ids:
+    if (unk_id := getattr(tokenizer, "unk_id", None)) is not None and unk_id in ids:
         log.warning("%d prompt character(s) are outside the char vocabulary and were read as <unk>",
                     ids.count(unk_id))
     if len(ids) > block_size:
         log.warning("the prompt is %d tokens, longer than the model's context of %d: keeping the last %d",
                     len(ids), block_size, block_size)
-        ids = ids[-block_size:]
-    return ids
+    return ids[-block_size:]
 
 
 def study_prompt(loaded: Loaded, text: str, seq_len: int, seed: int) -> torch.Tensor:
-    """The prompt (1, T) of the leakage and attention modes: the user's text, or seq_len tokens
-    (cut to the context) sampled from the model from its start token, or random tokens when there
-    is no tokenizer to start from."""
+    """The prompt (1, T) of the leakage and attention modes: the user's text, else seq_len tokens (cut
+    to the context) sampled from the model from its start token, or random ones with no tokenizer."""
     model, tok = loaded.model, loaded.tokenizer
     device = model.wte.weight.device
     if text:
@@ -185,8 +170,6 @@ def study_prompt(loaded: Loaded, text: str, seq_len: int, seed: int) -> torch.Te
     if tok is None:
         return torch.randint(0, model.config.vocab_size, (1, n), generator=g, device=device)  # (1, n)
     start = torch.tensor([[start_token(tok)]], device=device)  # (1, 1)
-    if n == 1:
-        return start
     return model.generate(start, n - 1, temperature=1.0, generator=g, vocab_limit=vocab_limit(tok, model))  # (1, n)
 
 
@@ -201,19 +184,13 @@ def label(tokenizer: Tokenizer | None, token_id: int, max_len: int = 10) -> str:
     the id itself when there is no tokenizer."""
     if tokenizer is None:
         return str(token_id)
-    text = tokenizer.decode([token_id])
-    text = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r").replace(" ", "\u00b7")
+    text = tokenizer.decode([token_id]).translate(_VISIBLE)
     return text if len(text) <= max_len else text[: max_len - 1] + "\u2026"
-
-
-def labels(tokenizer: Tokenizer | None, ids: list[int]) -> list[str]:
-    return [label(tokenizer, i) for i in ids]
 
 
 # ---- streaming -----------------------------------------------------------------------------------
 @dataclass
 class Sample:
-    """One generated continuation."""
     new_ids: list[int]
     text: str  # tokenizer.decode(new_ids)
     streamed: str  # the pieces written while generating, joined (equals text)
@@ -225,12 +202,10 @@ def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, ma
                   use_cache: bool = True, generator: torch.Generator | None = None,
                   write: Callable[[str], None] = lambda s: None, vocab_limit: int | None = None,
                   stop_id: int | None = None) -> Sample:
-    """Generate one continuation of prompt_ids, calling write(piece) with each newly completed piece
-    of text as soon as its token is made; the pieces joined equal decode(new ids). Mixed precision is
-    the caller's (Runtime.autocast()). vocab_limit: draw only ids below it (see vocab_limit()).
-    stop_id: end at that token (the end-of-text token), which is neither written nor kept."""
-    device = model.wte.weight.device
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    """Generate one continuation of prompt_ids, calling write(piece) with each completed piece of text
+    as soon as its token is made (Tokenizer.decode_stream holds back half a UTF-8 character). Mixed
+    precision is the caller's. stop_id: end at that token (end-of-text), neither written nor kept."""
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=model.wte.weight.device)  # (1, T)
     new_ids: list[int] = []
     pieces: list[str] = []
 
@@ -241,11 +216,10 @@ def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, ma
             new_ids.append(int(tok[0, 0]))  # waits for the GPU: the token is needed to print it
             yield new_ids[-1]
 
-    synchronize(device)
+    synchronize(idx.device)
     start = time.perf_counter()
     for piece in tokenizer.decode_stream(ids()):
         pieces.append(piece)
         write(piece)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    return Sample(new_ids, tokenizer.decode(new_ids), "".join(pieces), seconds)
+    synchronize(idx.device)
+    return Sample(new_ids, tokenizer.decode(new_ids), "".join(pieces), time.perf_counter() - start)
