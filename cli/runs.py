@@ -69,7 +69,7 @@ _FRESH: list[Path] = []  # the run directory of this launch when it found it emp
 
 def run_dir(out_dir: str | None, base: str) -> str:
     """hydra.run.dir: out_dir when given (.hydra/ and train.log beside the checkpoints), else `<base>/<stamp>`."""
-    return str(out_dir) if out_dir not in (None, "") else str(Path(base) / run_stamp(base))
+    return str(out_dir or Path(base) / run_stamp(base))
 
 
 def mark_fresh(path: Path) -> None:
