@@ -1,11 +1,8 @@
 """Hydra glue shared by the entry points (train.py, sample.py); nothing below them imports Hydra.
 
-    text.py     free text on the command line as typed (quote_free_text, as_typed), +key= typos
-    errors.py   main_guard: user errors as one line, W&B finished on every exit path
-    sweeps.py   SweepSummary: one table of every job of a -m run
-    runs.py     run stamps, the run-directory check and lock, train.log, W&B names
-    scripts.py  key=value arguments for the scripts without Hydra
-    presets.py  model_preset(name): a named size from configs/model/, outside Hydra
+text.py: free text on the command line as typed, +key= typos; errors.py: user errors as one line;
+sweeps.py: one table of every job of a -m run; runs.py: run stamps, the run directory, train.log, W&B
+names; scripts.py: key=value arguments and the model presets for the scripts without Hydra.
 
 An entry point calls cli.register_configs() once, wraps its task function in @cli.main_guard below
 @hydra.main(config_path=cli.CONFIG_DIR, ...), and passes argv through cli.quote_free_text first.
@@ -16,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import main_guard
-from .presets import model_preset
 from .runs import (
     buffer_logs,
     hold_run_dir,
@@ -28,7 +24,7 @@ from .runs import (
     start_run_files,
     summarise,
 )
-from .scripts import fail, parse_args
+from .scripts import fail, model_preset, parse_args
 from .sweeps import RunResult, SweepSummary
 from .text import SAMPLE_TEXT, TRAIN_TEXT, as_typed, check_added_keys, quote_free_text
 
@@ -38,24 +34,18 @@ __all__ = ["CONFIG_DIR", "SAMPLE_TEXT", "TRAIN_TEXT", "RunResult", "SweepSummary
            "start_run_files", "summarise"]
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-_registered = False
 
 
 def register_configs() -> None:
-    """Register the train root schema (TrainConfig as `train_schema`, whose typed fields check every
-    group file merged into it, so typos and wrong types are refused by Hydra) and the run_stamp and
-    run_dir resolvers that name run directories. Idempotent."""
-    global _registered
-    if _registered:
-        return
+    """Register the train root schema (TrainConfig as `train_schema`: its typed fields check every group
+    file merged into it, so Hydra refuses typos and wrong types) and the resolvers that name run
+    directories. Idempotent."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     from engine.config import TrainConfig
 
-    # The root schemas only: no group offers a "schema" option.
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)  # no group offers a "schema" option
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
         OmegaConf.register_new_resolver("run_dir", run_dir, use_cache=True)
-    _registered = True

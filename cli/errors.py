@@ -19,12 +19,12 @@ from typing import Any
 from hydra.errors import CompactHydraException
 
 log = logging.getLogger("cli")
+RUN_LOG: list[logging.FileHandler] = []  # train.log, once the run has started (cli.start_run_files)
 
 
-# ---- errors --------------------------------------------------------------------------------------
 class JobFailed(CompactHydraException):
-    """A sweep job's failure, already reported in full (its line, or its traceback): Hydra records the
-    job as failed, and where it re-raises the failure it prints this message without a traceback."""
+    """A sweep job's failure, already reported in full: Hydra records the job as failed and, where it
+    re-raises it, prints this message without a traceback."""
 
 
 def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,12 +51,12 @@ def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
                 print(text, file=sys.stderr, flush=True)
                 raise JobFailed(f"{type(e).__name__}: {_one_line(e)}") from e
             where = f" (rank {os.environ.get('RANK', '0')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-            message = _one_line(e)
-            sys.stderr.write(f"error{where}: {message}\n")  # one write: lines of two ranks never interleave
+            line = f"error{where}: {_one_line(e)}"
+            sys.stderr.write(line + "\n")  # one write: lines of two ranks never interleave
             sys.stderr.flush()
-            _to_log_files(f"error{where}: {message}")
+            _to_log_files(line)
             if sweep:
-                raise JobFailed(message) from e
+                raise JobFailed(_one_line(e)) from e
             sys.exit(2)
     return wrapper
 
@@ -80,14 +80,10 @@ def _in_sweep() -> bool:
 
 
 def _to_log_files(text: str) -> None:
-    """Write text as an error to the open log files (train.log once the run has started), not to the
-    console, which has already shown it on stderr."""
+    """text as an error in the open log files only: the console has already shown it on stderr."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, None, None)
     for handler in log_files():
         handler.handle(record)
-
-
-RUN_LOG: list[logging.FileHandler] = []  # train.log, once the run has started (cli.start_run_files)
 
 
 def log_files() -> list[logging.FileHandler]:
@@ -99,8 +95,7 @@ def log_files() -> list[logging.FileHandler]:
 
 def _finish_wandb(exit_code: int) -> None:
     """Finish the W&B run this process still has open (a run that died), marked with exit_code."""
-    wandb = sys.modules.get("wandb")
-    run = getattr(wandb, "run", None) if wandb is not None else None
+    run = getattr(sys.modules.get("wandb"), "run", None)
     if run is None:
         return
     try:

@@ -10,8 +10,10 @@ import itertools
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
+from logging.handlers import BufferingHandler
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +21,15 @@ from .errors import RUN_LOG, log_files
 from .sweeps import _shown_overrides, _sweep_plan
 
 log = logging.getLogger("cli")
-_STAMP_KEY = "causalgpt/run_stamp"
 
 
-# ---- run directories -----------------------------------------------------------------------------
 def run_stamp(base: str | None = None) -> str:
     """`YYYY-MM-DD/HH-MM-SS`, the name of a run directory under base (outputs/ or multirun/).
 
-    Unique on this machine: the directory `<base>/<stamp>` is created here (mkdir, which fails when it
-    exists), and a launch that finds it taken, e.g. a second one in the same second, takes
-    `<stamp>-2`, `-3`, .... Every process of a torchrun job must write into the same directory, so the
-    first process to ask stores its stamp in torchrun's rendezvous key-value store (compare-and-set:
-    first writer wins) and all of them use the stored one. A torchrun restart of failed workers gets
-    the same stamp, hence the same directory, which is what `resume=auto` needs.
-    CAUSALGPT_RUN_STAMP, when set, is used as is (e.g. by a launcher other than torchrun).
+    Unique on this machine: `<base>/<stamp>` is created here, and a launch that finds it taken (a
+    second one in the same second) takes `<stamp>-2`, `-3`, .... All processes of a torchrun job share
+    the first one's stamp through torchrun's key-value store (compare-and-set), so a restart of failed
+    workers gets the same directory, as `resume=auto` needs. CAUSALGPT_RUN_STAMP, when set, is used as is.
     """
     if stamp := os.environ.get("CAUSALGPT_RUN_STAMP"):
         return stamp
@@ -44,7 +41,7 @@ def run_stamp(base: str | None = None) -> str:
     from torch.distributed import TCPStore
     store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                      timeout=datetime.timedelta(seconds=60))
-    key = f"{_STAMP_KEY}/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    key = f"causalgpt/run_stamp/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
     if store.check([key]):
         return store.get(key).decode()
     mine = _claim_stamp(base)
@@ -71,23 +68,21 @@ _FRESH: list[Path] = []  # the run directory of this launch when it found it emp
 
 
 def run_dir(out_dir: str | None, base: str) -> str:
-    """hydra.run.dir: out_dir when given, so that .hydra/ and train.log live with the checkpoints,
-    else `<base>/<run stamp>`."""
-    return str(out_dir) if out_dir not in (None, "") else str(Path(base) / run_stamp(base))
+    """hydra.run.dir: out_dir when given (.hydra/ and train.log beside the checkpoints), else `<base>/<stamp>`."""
+    return str(out_dir or Path(base) / run_stamp(base))
 
 
 def mark_fresh(path: Path) -> None:
-    """Hydra made the launch's run directory before the launch could check it: when it is empty, a
-    launch that fails before its run starts removes it again (remove_if_unstarted)."""
+    """Hydra made the run directory before the launch could check it: when empty, a launch that fails
+    before its run starts removes it again (remove_if_unstarted)."""
     path = Path(path).resolve()
     if path.is_dir() and not any(path.iterdir()):
         _FRESH.append(path)
 
 
 def remove_if_unstarted(out_dir: Path) -> None:
-    """A launch that was refused or failed before its run started leaves nothing behind: the run
-    directory it found empty goes again (with its lock file, the only thing written there so far), and
-    the `outputs/<date>/` above it when that is empty. A directory that held anything is left as it was."""
+    """A launch refused or failed before its run started leaves nothing behind: the run directory it
+    found empty goes (with its lock file), and the `outputs/<date>/` above it when that is empty."""
     path = Path(out_dir).resolve()
     if path not in _FRESH or not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir()):
         return
@@ -99,9 +94,9 @@ def remove_if_unstarted(out_dir: Path) -> None:
 
 
 def start_run_files(out_dir: Path, dcfg: Any) -> None:
-    """Once the run has started (the directory locked and checked, data and model set up): write
-    `.hydra/` (config.yaml, hydra.yaml, overrides.yaml, as Hydra would) and start `train.log` with
-    everything logged so far (buffer_logs). Resumes rewrite .hydra/ and append to train.log."""
+    """Once the run has started (directory locked and checked, data and model set up): write `.hydra/`
+    as Hydra would and start `train.log` with everything logged so far (buffer_logs). Resumes rewrite
+    .hydra/ and append to train.log."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
     hc = HydraConfig.get()
@@ -114,9 +109,9 @@ def start_run_files(out_dir: Path, dcfg: Any) -> None:
     root = logging.getLogger()
     handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    for buffer in [h for h in root.handlers if isinstance(h, _Buffer)]:
+    for buffer in [h for h in root.handlers if isinstance(h, BufferingHandler)]:
         root.removeHandler(buffer)
-        for record in buffer.records:
+        for record in buffer.buffer:
             handler.handle(record)
     root.addHandler(handler)
     RUN_LOG.append(handler)
@@ -130,20 +125,10 @@ def summarise(lines: list[str]) -> None:
         handler.flush()
 
 
-class _Buffer(logging.Handler):
-    """Holds the records of a launch until its run directory is known to be its own."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def buffer_logs() -> None:
-    """Keep what is logged from now on for train.log, written once the run starts (start_run_files)."""
-    logging.getLogger().addHandler(_Buffer())
+    """Keep what is logged from now on for train.log, written once the run directory is known to be
+    this run's (start_run_files)."""
+    logging.getLogger().addHandler(BufferingHandler(capacity=sys.maxsize))  # never flushes by itself
 
 
 # A directory holding any of these holds a run. ckpt-<step>.pt: the step-numbered checkpoints kept
@@ -155,10 +140,9 @@ LOCK_FILE = ".lock"
 
 @contextlib.contextmanager
 def hold_run_dir(out_dir: Path, resume: str | None, overwrite: bool, enabled: bool = True) -> Iterator[None]:
-    """Hold out_dir for the run in this block: lock it (`<out_dir>/.lock`, an OS file lock, which the
-    OS releases when the process dies, however it dies), then refuse a fresh run (no resume) into a
-    directory that holds another run's files (RUN_FILES, step checkpoints), unless overwrite=true,
-    which deletes them. resume=auto with no checkpoint to continue starts over the same way.
+    """Hold out_dir for the run in this block: lock it (`<out_dir>/.lock`, an OS file lock, released
+    however the process dies), then refuse a fresh run into a directory holding another run's files,
+    unless overwrite=true, which deletes them (as resume=auto does with no checkpoint to continue).
     enabled=False (every torchrun rank but 0) does nothing."""
     if not enabled:
         yield
@@ -181,7 +165,7 @@ def hold_run_dir(out_dir: Path, resume: str | None, overwrite: bool, enabled: bo
 
 def _resuming(resume: str | None, out_dir: Path) -> bool:
     """Whether resume= continues a checkpoint (resume=auto only when out_dir has one to continue)."""
-    value = str(resume).lower() if resume is not None else ""
+    value = str(resume).lower()
     if value in ("", "none", "null", "false", "never"):
         return False
     out_dir = Path(out_dir)
@@ -210,14 +194,13 @@ _STAMP_RE = re.compile(r"(\d{4}-\d\d-\d\d)[/\\](\d\d-\d\d-\d\d(?:-\d+)?)$")
 
 
 def name_wandb_run(cfg: Any) -> None:
-    """Fill cfg.logger's run_name, group and tags, in place, so that a W&B project page of many runs
-    reads: name `<experiment or preset>-<run stamp>` (plus the swept overrides in a sweep), group =
-    the sweep directory (sweeps only), tags experiment, preset, data source and tokenizer. A value set
-    in the config wins; where it is unset, WANDB_NAME / WANDB_RUN_GROUP win over these defaults (and
-    WANDB_PROJECT, WANDB_ENTITY, WANDB_TAGS are honoured by engine/metrics.py). A resumed run keeps
-    the name it has in W&B."""
+    """Fill cfg.logger's unset run_name, group and tags in place, so a W&B page of many runs reads: name
+    `<experiment or preset>-<run stamp>` (plus the swept overrides), group = the sweep directory
+    (sweeps only), tags experiment, preset, data source and tokenizer. WANDB_NAME / WANDB_RUN_GROUP win
+    over these defaults; a resumed run keeps the name it has in W&B."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     experiment = hc.runtime.choices.get("experiment") or None
@@ -227,8 +210,9 @@ def name_wandb_run(cfg: Any) -> None:
     m = _STAMP_RE.search(base)  # <date>/<time> of outputs/ or multirun/, wherever it lies
     if lg.run_name is None and not os.environ.get("WANDB_NAME") and not _resuming(cfg.resume, Path(cfg.out_dir)):
         lg.run_name = f"{experiment or preset or 'custom'}-{f'{m[1]}_{m[2]}' if m else Path(base).name}"
-        if sweep:
-            swept = _swept_keys(Path(base))
+        if sweep:  # the swept keys, from the multirun.yaml that Hydra's sweeper writes in its directory
+            plan = Path(base) / "multirun.yaml"
+            swept = _sweep_plan(OmegaConf.load(plan))[0] if plan.is_file() else None
             lg.run_name += " " + (_shown_overrides(hc.overrides.task, swept) or f"#{hc.job.num}")
     if lg.group is None and sweep and not os.environ.get("WANDB_RUN_GROUP"):
         lg.group = (f"multirun/{m[1]}/{m[2]}" if m else Path(base).name)[-128:]  # W&B's limit
@@ -236,11 +220,3 @@ def name_wandb_run(cfg: Any) -> None:
             f"data:{cfg.data.source}", f"tok:{cfg.data.tokenizer}"]
     lg.tags = list(dict.fromkeys([*lg.tags, *(t for t in auto if t)]))
 
-
-def _swept_keys(sweep_dir: Path) -> set[str] | None:
-    """The keys a sweep varies, from the multirun.yaml that Hydra's sweeper writes in its directory."""
-    from omegaconf import OmegaConf
-    path = sweep_dir / "multirun.yaml"
-    if not path.is_file():
-        return None
-    return _sweep_plan(OmegaConf.load(path))[0]

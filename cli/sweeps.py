@@ -20,7 +20,6 @@ from .errors import _one_line
 log = logging.getLogger("cli")
 
 
-# ---- sweeps --------------------------------------------------------------------------------------
 class RunResult(float):
     """What train.py's main returns: the float a Hydra sweeper minimises (final val loss, else the
     best one), carrying the run's summary dict for the sweep table."""
@@ -34,11 +33,11 @@ class RunResult(float):
 
 
 class SweepSummary(Callback):
-    """With -m: one table line per job (number, overrides, done/error, best and final val, run dir)
-    once the sweep's last job has ended; then, if a job failed, `error: N of M jobs failed` and exit
-    status 1. Hydra's basic sweeper would re-raise the first failure after its batch, printing that
-    job's error again after the table; the sweep is over then, so this exits itself, right after the
-    table (HYDRA_FULL_ERROR=1 leaves it to Hydra). Other sweepers: the table comes at on_multirun_end."""
+    """With -m: one table line per job (number, overrides, status, best and final val, run dir) once the
+    last job has ended; then, if a job failed, `error: N of M jobs failed` and exit status 1. The basic
+    sweeper would re-raise the first failure after its batch, printing it again after the table, so
+    this exits itself right after the table (HYDRA_FULL_ERROR=1 leaves it to Hydra). Other sweepers:
+    the table comes at on_multirun_end."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -114,10 +113,9 @@ def format_sweep_table(rows: list[dict], sweep_dir: str) -> str:
 
 
 def _sweep_plan(config: Any) -> tuple[set[str] | None, list[int] | None]:
-    """The keys swept over, and (for Hydra's basic sweeper) the job count at the end of each batch,
-    counted as that sweeper counts: every combination of the keys' values (a key given twice takes
-    its last override), in batches of hydra.sweeper.max_batch_size jobs (one batch without it).
-    (None, None) where the overrides cannot be read here."""
+    """The keys swept over and, for Hydra's basic sweeper, the job count at the end of each batch, as it
+    counts: every combination of the keys' values (a key given twice takes its last override), in
+    batches of hydra.sweeper.max_batch_size. (None, None) where the overrides cannot be read here."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     params = config.hydra.sweeper.get("params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)

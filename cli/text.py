@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 import re
 import shlex
 import typing
 from pathlib import Path
 
-log = logging.getLogger("cli")
-
-
-# ---- free text on the command line ---------------------------------------------------------------
 # How the value of each free-text field is read. TEXT: the text as given. OPTIONAL: the same, except
 # that `null` alone stays null. LIST: items separated by commas, optionally inside [...], each taken
 # as given (spaces around them dropped). TEXT_OR_LIST: [a, b] is a LIST, anything else OPTIONAL.
@@ -36,10 +31,9 @@ _OVERRIDE = re.compile(r"(\+{0,2})([A-Za-z_][\w.\-]*)=(.*)", re.DOTALL)
 
 
 def quote_free_text(argv: list[str], fields: dict[str, str]) -> list[str]:
-    """argv with the value of every `field=value` override named in fields (also `+field=`,
-    `++field=`) rewritten as a quoted string of Hydra's override grammar that means exactly that
-    text: commas, quotes, `=`, colons, brackets, `${...}`, non-ASCII, spaces. Everything else (-m,
-    other overrides, sweeps, `~key`) is left for Hydra as it is."""
+    """argv with the value of every `field=value` (also `+field=`, `++field=`) named in fields rewritten
+    as a quoted string of Hydra's grammar that means exactly that text (commas, quotes, `=`, brackets,
+    `${...}`, non-ASCII, spaces); everything else is left for Hydra as it is."""
     out, value_of_option = list(argv[:1]), False
     for arg in argv[1:]:
         if value_of_option or arg.startswith("-"):
@@ -57,17 +51,16 @@ def hydra_value(text: str, kind: str = TEXT) -> str:
     """The override value (Hydra's grammar) that stands for text read as kind (TEXT, OPTIONAL, ...)."""
     if kind in (OPTIONAL, TEXT_OR_LIST) and text == "null":
         return "null"
-    if kind == LIST or (kind == TEXT_OR_LIST and text.startswith("[") and text.endswith("]")):
-        inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-        items = [item.strip() for item in inner.split(",")]
+    bracketed = text.startswith("[") and text.endswith("]")
+    if kind == LIST or (kind == TEXT_OR_LIST and bracketed):
+        items = [item.strip() for item in (text[1:-1] if bracketed else text).split(",")]
         return "[" + ",".join(hydra_quote(item) for item in items if item) + "]"
     return hydra_quote(text)
 
 
 def as_typed(overrides: list[str], fields: dict[str, str]) -> list[str]:
-    """Overrides as one types them in a shell: the inverse of quote_free_text for the free-text
-    fields (Hydra's quoting and OmegaConf's escapes undone), then each argument shell-quoted where the
-    shell needs it. For commands printed for the user to paste (e.g. train.py's resume line)."""
+    """Overrides as one types them in a shell, for commands printed to be pasted (train.py's resume
+    line): quote_free_text undone for the free-text fields, then each argument shell-quoted."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
     parser, out = OverridesParser.create(), []
@@ -95,11 +88,10 @@ def hydra_quote(text: str) -> str:
     return f"'{text}'"
 
 
-# ---- `+key=value` for a key that no schema has ---------------------------------------------------
 def check_added_keys(overrides: list[str], schema: type, config_dir: str) -> None:
-    """Refuse, in one ValueError naming the closest real setting, a `+key=value` (or `++key=`) whose
-    key is no field of the schema: Hydra would add it to the config, where nothing reads it (Hydra's
-    own hint after a typo is to add a `+`). Hydra's `hydra.*` keys and config groups stay allowed."""
+    """Refuse, in one ValueError naming the closest real setting, a `+key=value` (or `++key=`) whose key
+    is no field of the schema: Hydra would add it where nothing reads it (and Hydra's own hint after a
+    typo is to add a `+`). Hydra's `hydra.*` keys and config groups stay allowed."""
     groups = {p.name for p in Path(config_dir).iterdir() if p.is_dir()}
     known = _field_paths(schema)
     for override in overrides:

@@ -42,40 +42,32 @@ def build_inputs(src: Path, mb: float, workdir: Path) -> tuple[Path, Path]:
 
 def run_one(case: str, threads: int, workdir: Path, vocab_size: int) -> dict:
     """One timed run in this (fresh) process."""
-    sys.path.insert(0, str(REPO))
+    import numpy as np
+
     from data.config import DataConfig
     from data.prepare import prepare, read_meta
 
-    cache = tempfile.mkdtemp(dir=workdir, prefix="cache-")
     if case == "char_python_loop":
         text = (workdir / "corpus.txt").read_text(encoding="utf-8")
         t0 = time.perf_counter()
         stoi = {c: i for i, c in enumerate(sorted(set(text)))}
-        import numpy as np
-
         ids = np.array([stoi[c] for c in text], dtype=np.uint16)
         seconds, tokens, build = time.perf_counter() - t0, len(ids), {}
     else:
-        common = dict(cache_dir=cache, num_proc=threads)
-        cfg = {
-            "char": DataConfig(source="files", path=str(workdir / "corpus.txt"), **common),
-            "bpe": DataConfig(source="files", path=str(workdir / "corpus.txt"), tokenizer="bpe",
-                              vocab_size=vocab_size, **common),
-            "hf_stream_bpe": DataConfig(source="hf", hf_name="json", path=str(workdir / "corpus.jsonl"),
-                                        streaming=True, tokenizer="bpe", vocab_size=vocab_size, **common),
-        }[case]
+        txt, jsonl = str(workdir / "corpus.txt"), str(workdir / "corpus.jsonl")
+        common = dict(cache_dir=tempfile.mkdtemp(dir=workdir, prefix="cache-"), num_proc=threads)
+        bpe = dict(tokenizer="bpe", vocab_size=vocab_size)
+        cfg = {"char": DataConfig(source="files", path=txt, **common),
+               "bpe": DataConfig(source="files", path=txt, **bpe, **common),
+               "hf_stream_bpe": DataConfig(source="hf", hf_name="json", path=jsonl, streaming=True, **bpe, **common),
+               }[case]
         t0 = time.perf_counter()
         meta = read_meta(prepare(cfg, progress=False))
         seconds = time.perf_counter() - t0
         tokens, build = meta["tokens"]["train"] + meta["tokens"]["val"], meta["build_seconds"]
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {
-        "seconds": seconds,
-        "cpu_s": usage.ru_utime + usage.ru_stime,  # whole process; > seconds means several threads ran
-        "tokens": tokens,
-        "build_seconds": build,
-        "max_rss_mb": usage.ru_maxrss / 1024,
-    }
+    return {"seconds": seconds, "tokens": tokens, "build_seconds": build, "max_rss_mb": usage.ru_maxrss / 1024,
+            "cpu_s": usage.ru_utime + usage.ru_stime}  # whole process; > seconds means several threads ran
 
 
 def main() -> None:

@@ -78,9 +78,8 @@ def make_batches(args: argparse.Namespace, block_size: int, device: torch.device
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     rt = setup_runtime(args.device, args.precision, args.compile, args.threads)
-    overrides = {k: v for k, v in dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                                       block_size=args.block_size, norm=args.norm, pos=args.pos).items()
-                 if v is not None}
+    sizes = ("n_layer", "n_head", "n_embd", "block_size", "norm", "pos")
+    overrides = {k: getattr(args, k) for k in sizes if getattr(args, k) is not None}
     base = ModelConfig(**{**model_preset(args.preset), "attn": args.attn, "bias": args.bias == "true", **overrides})
     next_batch, vocab = make_batches(args, base.block_size, rt.device)
     torch.manual_seed(args.seed)
@@ -111,24 +110,21 @@ def main(argv: list[str] | None = None) -> dict:
         times.append(time.perf_counter() - t0)
     tokens_per_step = args.batch_size * cfg.block_size * args.accum
     median = statistics.median(times)
+    cuda = rt.device_type == "cuda"
     result = {
         "device": str(rt.device),
-        "device_name": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device_name": torch.cuda.get_device_name(rt.device) if cuda else platform.processor() or platform.machine(),
         "torch": torch.__version__, "dtype": rt.precision, "compile": rt.compile, "attn": args.attn,
         "threads": torch.get_num_threads(), "fused_adamw": optimizer.defaults.get("fused"),
-        "model": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "norm",
-                                               "pos", "bias")},
-        "params": model.num_params(), "batch_size": args.batch_size, "accum": args.accum,
-        "steps": args.steps, "warmup_s": round(warmup_s, 3),
+        "model": {k: getattr(cfg, k) for k in (*sizes, "vocab_size", "bias")}, "params": model.num_params(),
+        "batch_size": args.batch_size, "accum": args.accum, "steps": args.steps, "warmup_s": round(warmup_s, 3),
         "ms_per_iter_median": round(1000 * median, 3), "ms_per_iter_mean": round(1000 * statistics.mean(times), 3),
-        "tokens_per_s": round(tokens_per_step / median, 1),
-        "final_loss": round(loss, 4),
+        "tokens_per_s": round(tokens_per_step / median, 1), "final_loss": round(loss, 4),
     }
     peak = rt.peak_flops(args.peak_flops)
     if peak:
         result["mfu"] = round(model.estimate_mfu(tokens_per_step / median, peak), 4)
-    result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device_type == "cuda"
+    result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**20 if cuda
                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(result))
     return result

@@ -21,13 +21,12 @@ from cli import fail, parse_args  # noqa: E402
 def main(argv: list[str]) -> None:
     usage = "python scripts/export.py ckpt=<checkpoint, run dir, export or HF GPT-2 dir> out=<dir> [overwrite=true]"
     args = parse_args(argv, {"ckpt": None, "out": None, "overwrite": False}, usage)
-    from engine.checkpoint import CheckpointError
     from engine.formats.pretrained import load_pretrained, prepare_out_dir, save_export, write_dir
     try:
         out = prepare_out_dir(args["out"], args["overwrite"])
         ckpt = load_pretrained(args["ckpt"])
         files = write_dir(out, lambda tmp: save_export(ckpt, tmp))
-    except (CheckpointError, ValueError) as e:
+    except ValueError as e:  # CheckpointError too
         fail(str(e))
     n_params = sum({t.data_ptr(): t.numel() for t in ckpt["model"].values()}.values())  # tied counted once
     print(f"exported {ckpt['source']} {args['ckpt']} ({n_params / 1e6:.2f}M parameters) to {out}: "

@@ -4,10 +4,10 @@
     # then: GPT2LMHeadModel.from_pretrained(out), AutoTokenizer.from_pretrained(out)
 
 Writes config.json, generation_config.json, model.safetensors and, with a tokenizer, tokenizer.json +
-tokenizer_config.json. Only models GPT-2 can express export (pre-LN, learned positions, tied weights, biases, causal); any
-other is refused naming the setting (scripts/export.py exports every model). verify=true (default)
-reloads it with transformers and compares logits on random tokens (fp32, CPU): above 1e-4, exit 1.
-Needs the optional extra: pip install -e '.[hf]'. A bad input prints one `error: ...` line, exit 2.
+tokenizer_config.json. Only models GPT-2 can express export (pre-LN, learned positions, tied weights,
+biases, causal); any other is refused naming the setting (scripts/export.py exports every model).
+verify=true (default) reloads it with transformers and compares logits on random tokens (fp32, CPU):
+above 1e-4, exit 1. Needs pip install -e '.[hf]'. A bad input prints one `error: ...` line, exit 2.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for its packages and cli.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repository's packages
 
 from cli import fail, parse_args  # noqa: E402
 
@@ -30,8 +30,8 @@ def verify(ckpt: dict, out: Path) -> float:
     from engine.checkpoint import model_from_checkpoint
     ours = model_from_checkpoint(ckpt, "cpu").eval()
     theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
-    cfg = ours.config
-    idx = torch.randint(0, cfg.vocab_size, (2, min(cfg.block_size, 32)), generator=torch.Generator().manual_seed(0))
+    cfg, g = ours.config, torch.Generator().manual_seed(0)
+    idx = torch.randint(0, cfg.vocab_size, (2, min(cfg.block_size, 32)), generator=g)  # (B, T)
     with torch.no_grad():
         return (ours(idx)[0] - theirs(idx).logits).abs().max().item()
 
@@ -39,7 +39,6 @@ def verify(ckpt: dict, out: Path) -> float:
 def main(argv: list[str]) -> None:
     usage = "python scripts/export_hf.py ckpt=<checkpoint, run dir or export> out=<dir> [overwrite=true] [verify=false]"
     args = parse_args(argv, {"ckpt": None, "out": None, "overwrite": False, "verify": True}, usage)
-    from engine.checkpoint import CheckpointError
     from engine.formats.hf import check_gpt2_expressible, require_transformers, save_hf
     from engine.formats.pretrained import load_pretrained, prepare_out_dir, write_dir
     try:
@@ -48,7 +47,7 @@ def main(argv: list[str]) -> None:
         check_gpt2_expressible(ckpt["model_config"])  # refuse before the slow transformers import
         require_transformers()
         files = write_dir(out, lambda tmp: save_hf(ckpt, tmp))
-    except (ImportError, CheckpointError, ValueError) as e:
+    except (ImportError, ValueError) as e:  # CheckpointError is a ValueError
         fail(str(e))
     print(f"exported {ckpt['source']} {args['ckpt']} to {out}: {', '.join(files)}")
     if "tokenizer.json" not in files:

@@ -4,12 +4,11 @@ under 8 minutes on one CUDA GPU, carried wheels installed first.
     python scripts/gpu_suite.py --wheels .whl --data .carry/tinyshakespeare.txt --out results/
     python scripts/gpu_suite.py --dry-run --out /tmp/gpu_suite     # the same code on CPU, tiny sizes, < 2 min
 
-The PARTS run in order, each in processes of its own under a time cap within a 460 s budget
-(--budget; unused time passes on), each reported as pass, fail or skipped with the reason; a failing
-part never stops the ones after it. wheels: pip install --target of --wheels DIR/*.whl, put on
-PYTHONPATH (the Hydra stack a CUDA image lacks); pytest: `pytest -m "gpu and not figures" tests`;
-then parity, scale, time_to_loss, throughput and generation, one pytest process per test of
-tests/test_gpu_figures.py, each writing its figures as JSON.
+The PARTS run in order within a 460 s budget (--budget), each in processes of its own under a time
+cap (unused time passes on), each reported as pass, fail or skipped with the reason; a failing part
+never stops the ones after it. wheels: pip install --target of --wheels DIR/*.whl, put on PYTHONPATH
+(the Hydra stack a CUDA image lacks); pytest: `pytest -m "gpu and not figures" tests`; the others:
+one pytest process per test of tests/test_gpu_figures.py, each writing its figures as JSON.
 Writes <out>/gpu_suite.json (after each part), gpu_suite.md (the table for BENCHMARKS.md, printed
 last) and gpu_suite.log (every command and its output). Exit status 1 when a part failed, 2 for bad
 arguments, else 0. --dry-run: fp32, no compilation, a standard-library corpus unless --data is given.
@@ -18,6 +17,7 @@ arguments, else 0. --dry-run: fp32, no compilation, a standard-library corpus un
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shlex
@@ -36,18 +36,19 @@ PARTS = ("wheels", "pytest", "parity", "scale", "time_to_loss", "throughput", "g
 BUDGET_S, MIN_PART_S = {False: 460.0, True: 110.0}, {False: 20.0, True: 5.0}
 CAPS = {False: dict(wheels=60, pytest=120, parity=90, time_to_loss=180, throughput=150, generation=150, scale=90),
         True: dict(wheels=30, pytest=40, parity=40, time_to_loss=30, throughput=25, generation=20, scale=25)}
+# The figures of the parts that do not run; those of tests/test_gpu_figures.py come from the env worker.
 EMPTY = {"wheels": {"installed": [], "modules": [], "site": None},
          "pytest": {"passed": None, "failed": None, "skipped": None, "errors": None, "failures": []}}
 
 
 def run(cmd: list[str], env: dict, cap: float, log: Path) -> tuple[int | None, str]:
-    """Run cmd from the repository root in its own process group; (exit status, None past the cap;
+    """Run cmd from the repository root in its own process group: (exit status, None past the cap;
     its output). Command and output go to the log."""
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          errors="replace", start_new_session=True)
     try:
         out, rc = p.communicate(timeout=cap)[0], p.returncode
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:  # the whole group: pytest's own children too
         os.killpg(p.pid, signal.SIGTERM)
         try:
             out = p.communicate(timeout=10)[0]
@@ -64,7 +65,7 @@ def tail(out: str, n: int = 300) -> str:
     return " ".join(out[-n:].split())
 
 
-def part_wheels(args: argparse.Namespace, env: dict, r: dict, cap: float, log: Path) -> None:
+def part_wheels(args: argparse.Namespace, env: dict, r: dict, cap: float, log: Path, work: Path) -> None:
     wheels = sorted(args.wheels.glob("*.whl"))
     if not wheels:
         return r.update(status="fail", why=f"no .whl files in {args.wheels}; fetch them with scripts/offline_wheels.sh")
@@ -92,9 +93,9 @@ def part_pytest(args: argparse.Namespace, env: dict, r: dict, cap: float, log: P
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     r.update(passed=n["tests"] - n["failures"] - n["errors"] - n["skipped"], failed=n["failures"],
-             errors=n["errors"], skipped=n["skipped"])
-    r["failures"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-                     if c.find("failure") is not None or c.find("error") is not None]
+             errors=n["errors"], skipped=n["skipped"], failures=[
+                 f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+                 if c.find("failure") is not None or c.find("error") is not None])
     if r["failed"] or r["errors"] or rc != 0:
         r.update(status="fail", why=f"{r['failed']} failed, {r['errors']} errors: {', '.join(r['failures'][:5]) or tail(out)}")
     elif r["passed"] + r["skipped"] == 0:
@@ -108,7 +109,8 @@ def part_pytest(args: argparse.Namespace, env: dict, r: dict, cap: float, log: P
 
 
 def part_figures(name: str, args: argparse.Namespace, env: dict, r: dict, cap: float, log: Path, work: Path) -> list:
-    """One test of tests/test_gpu_figures.py in a pytest process of its own; its JSON becomes the part."""
+    """One test of tests/test_gpu_figures.py in a pytest process of its own; its JSON becomes the part
+    and its table rows are returned."""
     out_dir = work / "figures"
     settings = {"out": str(out_dir), "dry_run": args.dry_run, "data": str(args.data) if args.data else None,
                 "cap_s": cap, "parity_tol": args.parity_tol, "ttl_target": args.ttl_target,
@@ -119,8 +121,7 @@ def part_figures(name: str, args: argparse.Namespace, env: dict, r: dict, cap: f
     if (part_log := out_dir / f"{name}.log").exists():
         with log.open("a", encoding="utf-8") as f:
             f.write(part_log.read_text(encoding="utf-8", errors="replace"))
-    record = out_dir / f"{name}.json"
-    if not record.exists():
+    if not (record := out_dir / f"{name}.json").exists():
         r.update(status="fail", why=f"the {name} test wrote no figures (status {rc}): {tail(out)}")
         return []
     got = json.loads(record.read_text())
@@ -163,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.data = ROOT / ".carry" / "tinyshakespeare.txt"
     if args.data is not None and not args.data.is_file():
         p.error(f"--data {args.data}: no such file")
-    args.data = args.data.resolve() if args.data is not None else None
+    args.data = args.data and args.data.resolve()
     if unknown := set(args.parts.split(",")) - set(PARTS):
         p.error(f"--parts: unknown {sorted(unknown)}; choose from {','.join(PARTS)}")
     return args
@@ -174,11 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     budget, min_part = args.budget or BUDGET_S[args.dry_run], MIN_PART_S[args.dry_run]
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_suite-"))
+    path = [str(work / "site") if args.wheels else "", str(ROOT), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "CAUSALGPT_CACHE": str(work / "cache"),
-           "CAUSALGPT_RUNS": str(work / "runs"), "PYTHONPATH": os.pathsep.join(
-               x for x in (str(work / "site") if args.wheels else "", str(ROOT), os.environ.get("PYTHONPATH", "")) if x)}
-    if args.dry_run:
-        env["OMP_NUM_THREADS"] = "1"
+           "CAUSALGPT_RUNS": str(work / "runs"), "PYTHONPATH": os.pathsep.join(x for x in path if x),
+           **({"OMP_NUM_THREADS": "1"} if args.dry_run else {})}
     log = args.out / "gpu_suite.log"
     log.write_text("")
     start, deadline = time.monotonic(), time.monotonic() + budget
@@ -186,15 +186,13 @@ def main(argv: list[str] | None = None) -> int:
               "wall_s": 0.0, "budget_s": budget, "command": shlex.join([sys.executable, *sys.argv]),
               "work_dir": str(work) if args.keep else None, "env": {}, "parts": {}, "summary": {}}
     rows: dict[str, list] = {}
-    empty = json.loads(json.dumps(EMPTY))  # the figures of a part that does not run, the env worker adds the rest
-    info: dict = {}
+    empty, info = copy.deepcopy(EMPTY), {}
     for i, name in enumerate(PARTS):
         r = report["parts"][name] = {"status": "skipped", "why": "", "seconds": 0.0, "cap_s": 0.0,
-                                     **json.loads(json.dumps(empty.get(name, {})))}
+                                     **copy.deepcopy(empty.get(name, {}))}
         if name == "wheels":
             r["site"] = str(work / "site")
-        if name == "pytest":  # after the wheels: what the suite's processes can import, and the device
-            # (versions, CUDA, whether Hydra imports), from the env worker of tests/gpu_workers.py
+        if name == "pytest":  # after the wheels: what the suite's processes import, and the device
             rc, out = run([sys.executable, "tests/gpu_workers.py", "env", "{}"], env, 120, log)
             lines = [line for line in out.splitlines() if line.startswith("{")]
             info = json.loads(lines[-1]) if rc == 0 and lines else {"error": tail(out)}
@@ -218,10 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             r["why"] = f"out of time: {max(cap, 0.0):.0f} s left of the {budget:.0f} s budget"
         else:
             t0 = time.monotonic()
-            if name == "wheels":
-                part_wheels(args, env, r, cap, log)
-            elif name == "pytest":
-                part_pytest(args, env, r, cap, log, work)
+            if name in ("wheels", "pytest"):
+                (part_wheels if name == "wheels" else part_pytest)(args, env, r, cap, log, work)
             else:
                 rows[name] = part_figures(name, args, env, r, cap, log, work)
             r["seconds"] = round(time.monotonic() - t0, 1)

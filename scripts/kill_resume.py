@@ -4,15 +4,13 @@ was never interrupted: on CPU the final weights and optimizer state must be bit-
     python scripts/kill_resume.py --kills 50 --rounds 10 --work /tmp/kill_resume
     python scripts/kill_resume.py --kills 3 --rounds 1 -- model.n_layer=1 max_iters=40   # overrides last
 
-A reference run gives the timeline of a launch (start-up, data preparation, set-up, steps). Each
-round starts from nothing (new run directory, empty data cache) and repeats: start `train.py
-resume=auto`, wait a random time, SIGKILL it. A round's first wait is drawn around the data
-preparation (well under a second, which a uniform draw would rarely hit), the others uniformly over
-what is left of the run plus 10 %. Where a kill landed is read from what the process left: a save's
-temporary file, its own log lines, the data cache. Checkpoints are saved after every step, so many
-kills land during saves. Then the round runs to the end and its last.pt is compared with the
-reference's, tensor by tensor. Prints a line per kill and a summary, writes summary.json, and exits
-1 when a resume failed or a final state differs.
+A reference run gives the timeline of a launch. Each round starts from nothing (new run directory,
+empty data cache) and repeats: start `train.py resume=auto`, wait a random time, SIGKILL it. A
+round's first wait is drawn around the data preparation (well under a second, which a uniform draw
+would rarely hit), the others uniformly over what is left of the run plus 10 %. Where a kill landed
+is read from what the process left: a save's temporary file, its own log lines, the data cache. Then
+the round runs to the end and its last.pt is compared with the reference's, tensor by tensor. Prints
+a line per kill and a summary, writes summary.json, exits 1 when a resume failed or a state differs.
 """
 
 from __future__ import annotations
@@ -41,12 +39,14 @@ RECIPE = [
     "compile=false", "keep_last=2",
 ]
 PHASES = ("start-up", "data preparation", "set-up", "training", "save")
+# The log line that ends each part of a launch: start-up (imports, Hydra), data preparation, set-up.
+MARKS = {"runtime": "runtime: rank", "prepared": "[data.prepare]", "set_up": "tokens per step, run dir"}
 RUNNING: list[subprocess.Popen] = []
 
 
-def launch(run: Path, cache: Path, overrides: list[str], log: Path) -> subprocess.Popen:
-    """train.py on run (resume=auto), its output appended to log."""
-    args = [*RECIPE, *overrides, f"data.cache_dir={cache}", f"hydra.run.dir={run}", "resume=auto"]
+def launch(run: Path, overrides: list[str], log: Path) -> subprocess.Popen:
+    """train.py on run (resume=auto, its data cache beside it), its output appended to log."""
+    args = [*RECIPE, *overrides, f"data.cache_dir={run.parent / 'cache'}", f"hydra.run.dir={run}", "resume=auto"]
     env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT),
            "PYTHONUNBUFFERED": "1"}  # every log line in the file before a kill can come
     with log.open("a") as out:
@@ -60,26 +60,25 @@ def temps(run: Path) -> set[str]:
     return {p.name for p in run.glob(".*.pt.tmp-*")}
 
 
-def phase_of(run: Path, cache: Path, log_text: str, temps_before: set[str]) -> str:
-    """Where a killed launch was: from the temporary file of a save it left behind (one that was not
-    there before it started), its own log lines, and the state of the data cache."""
+def phase_of(run: Path, log_text: str, temps_before: set[str]) -> str:
+    """Where a killed launch was: from a save's temporary file it left behind (one not there before it
+    started), its own log lines, and the state of the data cache."""
     if temps(run) - temps_before:
         return "save"
-    if "tokens per step, run dir" in log_text:
+    if MARKS["set_up"] in log_text:
         return "training"  # steps, evals, samples
-    if "runtime: rank" not in log_text:
-        return "start-up"  # imports, Hydra
+    if MARKS["runtime"] not in log_text:
+        return "start-up"
+    cache = run.parent / "cache"
     built = cache.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in cache.iterdir())
     return "set-up" if built else "data preparation"  # set-up: resuming, building the model
 
 
 def timeline(log_text: str, started: float) -> dict[str, float]:
-    """Seconds from the launch to: the runtime line (start-up done), the data prepared, the set-up
-    done; from the log lines' time stamps."""
-    marks = {"runtime": "runtime: rank", "prepared": "[data.prepare]", "set_up": "tokens per step, run dir"}
+    """Seconds from the launch to each of MARKS, from the log lines' time stamps."""
     out = {}
     for line in log_text.splitlines():
-        for key, mark in marks.items():
+        for key, mark in MARKS.items():
             if mark in line and line.startswith("[") and key not in out:
                 stamp = time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) + int(line[21:24]) / 1000
                 out[key] = stamp - started
@@ -91,14 +90,17 @@ def same_state(a: Path, b: Path) -> str | None:
     x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     if x["step"] != y["step"] or x["loader_state"] != y["loader_state"]:
         return f"step/loader state {x['step']}/{x['loader_state']} vs {y['step']}/{y['loader_state']}"
-    for name, t in x["model"].items():
-        if not torch.equal(t, y["model"][name]):
-            return f"weight {name}"
-    for name, state in x["optimizer"]["state"].items():
-        for key, t in state.items():
-            if torch.is_tensor(t) and not torch.equal(t, y["optimizer"]["state"][name][key]):
-                return f"optimizer {name}.{key}"
-    return None
+    tensors = [(f"weight {k}", t, y["model"][k]) for k, t in x["model"].items()]
+    tensors += [(f"optimizer {n}.{k}", t, y["optimizer"]["state"][n][k])
+                for n, state in x["optimizer"]["state"].items() for k, t in state.items() if torch.is_tensor(t)]
+    return next((what for what, s, t in tensors if not torch.equal(s, t)), None)
+
+
+def last_step(run: Path) -> int:
+    try:
+        return torch.load(run / "last.pt", weights_only=True)["step"]
+    except (FileNotFoundError, RuntimeError):  # none yet (or a damaged one: the next launch says)
+        return 0
 
 
 def main(argv: list[str]) -> int:
@@ -110,20 +112,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="train.py overrides, after the recipe (put them after --)")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="kill_resume."))
-    work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
 
-    ref = work / "reference"
-    (work / "reference.log").unlink(missing_ok=True)
-    shutil.rmtree(ref, ignore_errors=True)
+    ref, ref_log = work / "reference" / "run", work / "reference.log"
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(ref.parent, ignore_errors=True)
+    ref_log.unlink(missing_ok=True)
     start = time.time()
-    proc = launch(ref / "run", ref / "cache", args.overrides, work / "reference.log")
-    if proc.wait() != 0:
-        print(f"error: the reference run failed; see {work / 'reference.log'}", file=sys.stderr)
+    if launch(ref, args.overrides, ref_log).wait() != 0:
+        print(f"error: the reference run failed; see {ref_log}", file=sys.stderr)
         return 1
-    t_ref = time.time() - start
-    marks = timeline((work / "reference.log").read_text(), start)
-    steps = torch.load(ref / "run" / "last.pt", weights_only=True)["step"]
+    t_ref, marks, steps = time.time() - start, timeline(ref_log.read_text(), start), last_step(ref)
     t_setup = marks.get("set_up", 0.0)
     prep = (max(0.0, marks.get("runtime", 0.0) - 0.5), marks.get("prepared", t_setup) + 0.5)
     print(f"reference: {t_ref:.1f} s uninterrupted, {steps} steps; start-up {marks.get('runtime', 0):.1f} s, "
@@ -131,21 +130,15 @@ def main(argv: list[str]) -> int:
 
     kills, rounds, failures = [], [], []
     for r in range(args.rounds):
-        run, cache, log = work / f"round{r}" / "run", work / f"round{r}" / "cache", work / f"round{r}.log"
+        run, log = work / f"round{r}" / "run", work / f"round{r}.log"
         shutil.rmtree(run.parent, ignore_errors=True)
         log.unlink(missing_ok=True)
         launches = 0
         for _ in range(args.kills // args.rounds + (r < args.kills % args.rounds)):
-            try:
-                done = torch.load(run / "last.pt", weights_only=True)["step"]
-            except (FileNotFoundError, RuntimeError):  # none yet (or a damaged one: the next launch says)
-                done = 0
-            if launches == 0:
-                delay = rng.uniform(*prep)
-            else:
-                delay = rng.uniform(0, 1.1 * (t_setup + (t_ref - t_setup) * (1 - done / steps)))
+            left = 1 - last_step(run) / steps
+            delay = rng.uniform(*prep) if launches == 0 else rng.uniform(0, 1.1 * (t_setup + (t_ref - t_setup) * left))
             offset, before = log.stat().st_size if log.exists() else 0, temps(run)
-            proc = launch(run, cache, args.overrides, log)
+            proc = launch(run, args.overrides, log)
             launches += 1
             try:
                 code = proc.wait(timeout=delay)
@@ -153,17 +146,17 @@ def main(argv: list[str]) -> int:
                 proc.send_signal(signal.SIGKILL)
                 code = proc.wait()
             landed = code == -signal.SIGKILL
-            own_log = log.read_bytes()[offset:].decode(errors="replace")
-            phase = phase_of(run, cache, own_log, before) if landed else "after the end"
+            phase = phase_of(run, log.read_bytes()[offset:].decode(errors="replace"), before) if landed \
+                else "after the end"
             kills.append({"round": r, "launch": launches, "after_s": round(delay, 2), "phase": phase})
             print(f"round {r} launch {launches}: kill after {delay:5.1f} s: "
                   f"{'landed during ' + phase if landed else 'the run had already ended'}")
             if not landed and code != 0:
                 failures.append(f"round {r} launch {launches} exited with status {code}")
         launches += 1  # the rest of the run, uninterrupted
-        if (code := launch(run, cache, args.overrides, log).wait()) != 0:
+        if (code := launch(run, args.overrides, log).wait()) != 0:
             failures.append(f"round {r} final launch exited with status {code}")
-        differs = same_state(ref / "run" / "last.pt", run / "last.pt") if code == 0 else "no final checkpoint"
+        differs = same_state(ref / "last.pt", run / "last.pt") if code == 0 else "no final checkpoint"
         rounds.append({"round": r, "launches": launches, "identical": differs is None, "differs": differs})
         print(f"round {r}: {launches} launches, final state "
               f"{'bit-identical to the reference' if differs is None else 'DIFFERS: ' + differs}")

@@ -23,30 +23,30 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repository's packages
 from engine.metrics import read_metrics  # noqa: E402
 
+EVAL_STYLE = dict(lw=2, marker="o", ms=3)
 SERIES = (("train/loss", "train loss (step)", dict(alpha=0.35, lw=1)),
-          ("train/eval_loss", "train loss (eval)", dict(lw=2, marker="o", ms=3)),
-          ("val/loss", "val loss (eval)", dict(lw=2, marker="o", ms=3)))
+          ("train/eval_loss", "train loss (eval)", EVAL_STYLE), ("val/loss", "val loss (eval)", EVAL_STYLE))
 
 
-def plot(records: list[dict], out: Path, log_y: bool = False, title: str | None = None) -> Path:
+def points(records: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in records if r.get(key) is not None]
+
+
+def plot(curves: list[tuple[str, list, dict]], out: Path, ylabel: str, log_y: bool, title: str,
+         lr: list | None = None) -> Path:
+    """(label, points, style) curves against the step, the learning rate on a second axis."""
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for key, label, style in SERIES:
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points, strict=True), label=label, **style)
-    lrs = [(r["step"], r["opt/lr"]) for r in records if r.get("opt/lr") is not None]
-    if lrs:
+    for label, xy, style in curves:
+        if xy:
+            ax.plot(*zip(*xy, strict=True), label=label, **style)
+    if lr:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*lrs, strict=True), color="grey", ls="--", lw=1, label="lr")
+        ax2.plot(*zip(*lr, strict=True), color="grey", ls="--", lw=1, label="lr")
         ax2.set_ylabel("learning rate")
         ax2.legend(loc="center right", fontsize=8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    if log_y:
-        ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel=ylabel, title=title, yscale="log" if log_y else "linear")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    ax.set_title(title or "loss")
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -72,25 +72,6 @@ def _overrides(job: Path) -> list[str]:
     return [line[2:].strip() for line in lines if line.startswith("- ")]
 
 
-def plot_sweep(jobs: dict[str, list[dict]], out: Path, log_y: bool = False, title: str | None = None) -> Path:
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for label, records in jobs.items():
-        points = [(r["step"], r["val/loss"]) for r in records if r.get("val/loss") is not None]
-        if points:
-            ax.plot(*zip(*points, strict=True), label=label, lw=2, marker="o", ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("val loss (nats/token)")
-    if log_y:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(title or "val loss")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
-
-
 def corpus(records: list[dict]) -> str | None:
     """The corpus a run trained on, as its first record says (e.g. "python_stdlib (fallback for ...)")."""
     return next((r["corpus"] for r in records if r.get("corpus")), None)
@@ -107,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         if path.is_dir() and not (path / "metrics.jsonl").is_file():
             jobs = read_sweep(path)
             corpora = sorted({c for c in map(corpus, jobs.values()) if c})
-            out = plot_sweep(jobs, args.out or path / "loss.png", args.log_y,
-                             title=f"{path} ({', '.join(corpora)})" if corpora else str(path))
+            curves = [(label, points(records, "val/loss"), EVAL_STYLE) for label, records in jobs.items()]
+            out = plot(curves, args.out or path / "loss.png", "val loss (nats/token)", args.log_y,
+                       f"{path} ({', '.join(corpora)})" if corpora else str(path))
         else:
             run_dir = path if path.is_dir() else path.parent
             file = run_dir / "metrics.jsonl" if path.is_dir() else path
@@ -116,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"{file} does not exist: pass a run directory written by train.py")
             records = read_metrics(file)  # a line cut short by a kill is dropped with a warning
             name = corpus(records)
-            out = plot(records, args.out or run_dir / "loss.png", args.log_y,
-                       title=f"{run_dir} ({name})" if name else str(run_dir))
+            curves = [(label, points(records, key), style) for key, label, style in SERIES]
+            out = plot(curves, args.out or run_dir / "loss.png", "cross-entropy loss (nats/token)", args.log_y,
+                       f"{run_dir} ({name})" if name else str(run_dir), lr=points(records, "opt/lr"))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
