@@ -1,9 +1,8 @@
 """Hugging Face datasets as a corpus: hub repositories, local save_to_disk directories and builders.
 
-Splits: the dataset's own validation split when data.hf_val_split names one, else the last
-val_fraction of the documents (streaming: every round(1/val_fraction)-th document). A hub dataset
-is loaded at the commit data/hub.py resolves (recorded in meta.json; hashed into the fingerprint
-when pinned) and never runs repository code. `datasets` is imported only when a split is loaded.
+Splits: data.hf_val_split when set, else the last val_fraction of the documents (streaming: every
+round(1/val_fraction)-th document). A hub dataset loads at the commit data/hub.py resolves and never
+runs repository code. `datasets` is imported only when a split is loaded.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ from data.config import DataConfig, DataError, first_line
 from data.corpus import Corpus, resolve_files
 from data.hub import dataset_commit
 
-# Builders that ship with `datasets` (data.path gives their files); any other name that is not a
-# local directory is a hub repository. Used when datasets.packaged_modules does not list them.
+# Builders that ship with `datasets` (data.path gives their files), should its private list move;
+# any other name that is not a local directory is a hub repository.
 _BUILDERS = ("arrow", "audiofolder", "csv", "imagefolder", "json", "pandas", "parquet", "sql", "text",
              "videofolder", "webdataset", "xml")
 
@@ -35,14 +34,12 @@ def hf_kind(hf_name: str) -> str:
 
 
 def hf_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
-    """data.source=hf: a hub dataset (pinned to a commit when data.revision is given), a local
-    save_to_disk directory, or a builder (json, csv, ...) reading data.path."""
+    """data.source=hf: a hub dataset, a local save_to_disk directory, or a builder reading data.path."""
     local = Path(cfg.hf_name).expanduser()
     identity: dict[str, Any] = {
         k: getattr(cfg, k) for k in ("hf_name", "hf_config", "hf_split", "hf_val_split", "text_field", "streaming")
     }
-    # A hub dataset is identified by name (and by its commit when pinned); local inputs also by
-    # their files' sizes and times.
+    # A hub dataset is identified by name (and commit when pinned); local inputs also by file sizes and times.
     if cfg.path is not None:
         identity["data_files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve_files(cfg.paths)]
     if local.is_dir():
@@ -132,9 +129,8 @@ def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path, revision: str 
 
 
 def _texts(ds: Any, text_field: str, name: str) -> Iterator[str]:
-    """The non-empty texts of ds's text_field, read in batches of columns (several times faster than
-    one dict per example); a connection lost mid-stream is a one-line DataError (prepare then
-    removes what it had written, so the next run starts clean)."""
+    """The non-empty texts of ds's text_field, read in column batches (much faster than one dict per
+    example); a connection lost mid-stream is a one-line DataError."""
     columns = getattr(ds, "column_names", None)  # None for streams whose features are unknown
     if columns is not None:
         if text_field not in columns:

@@ -1,10 +1,9 @@
 """The layout of a prepared data directory, and the checks that its files agree with its meta.json.
 
-A prepared directory holds train.bin and val.bin (flat token arrays), tokenizer.json and meta.json,
-written last, which records each split's token count and dtype (so each .bin is exactly n_tokens *
-itemsize bytes) and the size and sha256 of every file (`files`; older directories without it are
-checked by sizes and by tokenizer.json parsing). prepare() rebuilds a directory with a Problem
-(warning with the file's name); readers given a directory raise DataError naming the file.
+A prepared directory holds train.bin and val.bin (flat token arrays), tokenizer.json and, written
+last, meta.json: each split's token count and dtype, and the size and sha256 of every file (older
+directories without `files` are checked by sizes and by parsing). prepare() rebuilds a directory
+with a Problem (with a warning); readers raise DataError naming the file.
 """
 
 from __future__ import annotations
@@ -92,8 +91,7 @@ def meta_problem(directory: Path) -> tuple[dict[str, Any] | None, Problem | None
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    """meta.json of a prepared directory; DataError naming the file when it is missing, cut short,
-    corrupt or from another format."""
+    """meta.json of a prepared directory; DataError naming the file when it is missing or unsound."""
     directory = Path(directory)
     if not (directory / META_FILE).exists():
         raise DataError(f"{directory} is not a prepared data directory (no {META_FILE}); run python -m data.prepare")
@@ -105,8 +103,8 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def split_problem(directory: Path, split: str, meta: dict[str, Any], verify_bytes: int = 0) -> Problem | None:
-    """None when <split>.bin holds exactly the tokens meta.json records (and, when it is at most
-    verify_bytes long and meta.json has its sha256, those very bytes), else the Problem."""
+    """None when <split>.bin holds exactly the tokens meta.json records (and, up to verify_bytes
+    long, the recorded sha256), else the Problem."""
     path = directory / f"{split}.bin"
     if not path.is_file():
         return Problem(path, "is missing")

@@ -1,10 +1,9 @@
 """Where raw text comes from: tiny Shakespeare, the Python standard library, local files, HF datasets.
 
-`open_corpus(cfg)` returns a `Corpus` (data/corpus.py): the source actually used, a JSON-able
-identity of its content (what the cache fingerprint hashes, computed without reading everything),
-and `docs(split)`. Text sources are split by characters exactly as nanoGPT does (the first
-int(n * (1 - val_fraction)) train), so val losses on Shakespeare compare with nanoGPT's. The HF
-source is data/hf_datasets.py, whose `datasets` import training on prepared data never needs.
+`open_corpus(cfg)` returns a `Corpus` (data/corpus.py) whose identity is computed without reading
+everything. Text sources are split by characters as nanoGPT does (the first int(n * (1 -
+val_fraction)) train), so val losses on Shakespeare compare with nanoGPT's. The HF source is
+data/hf_datasets.py.
 """
 
 from __future__ import annotations
@@ -51,26 +50,25 @@ def open_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
 
 
 def _text_corpus(name: str, identity: dict, load: Callable[[], list[str]], cfg: DataConfig, info: dict) -> Corpus:
-    texts = functools.cache(load)  # read once, on first use
+    @functools.cache  # read once, on first use
+    def split_text() -> tuple[list[str], int, int]:  # the texts, their characters, where val starts
+        texts = load()
+        if not (total := sum(map(len, texts))):
+            raise DataError(f"the {name} corpus has no text; give a non-empty input")
+        return texts, total, int(total * (1 - cfg.val_fraction))  # nanoGPT: data[: int(n * 0.9)]
 
     def chars(split: str) -> int:
-        total = sum(len(t) for t in texts())
-        cut = int(total * (1 - cfg.val_fraction))
+        _, total, cut = split_text()
         return cut if split == "train" else total - cut
 
     def docs(split: str) -> Iterator[str]:
-        texts_ = texts()
-        total = sum(len(t) for t in texts_)
-        if total == 0:
-            raise DataError(f"the {name} corpus has no text; give a non-empty input")
-        cut = int(total * (1 - cfg.val_fraction))  # nanoGPT: data[: int(n * 0.9)]
+        texts, _, cut = split_text()
         pos = 0
-        for text in texts_:
-            lo, hi = pos, pos + len(text)
-            pos = hi
+        for text in texts:
+            lo, pos = pos, pos + len(text)
             if split == "train" and lo < cut and text:
                 yield text[: cut - lo]
-            elif split == "val" and hi > cut and text:
+            elif split == "val" and pos > cut and text:
                 yield text[max(cut - lo, 0) :]
 
     return Corpus(name=name, identity=identity, docs=docs, info=info, chars=chars)
@@ -101,9 +99,7 @@ def _shakespeare(cfg: DataConfig, cache_root: Path) -> Corpus:
         if not path.is_file():
             raise DataError(f"data.path={paths[0]!r}: no such file; point it at a copy of tiny Shakespeare")
         raw = path.read_bytes()
-        sha = hashlib.sha256(raw).hexdigest()
-        if sha != SHAKESPEARE_SHA256:
-            # The user's own file is their choice: train on it, but say that numbers will not match.
+        if (sha := hashlib.sha256(raw).hexdigest()) != SHAKESPEARE_SHA256:  # their choice, but say so
             warn_user(
                 f"{path} is not the canonical tiny Shakespeare (sha256 {sha[:12]}..., expected "
                 f"{SHAKESPEARE_SHA256[:12]}...); using it anyway, but val losses will not compare with nanoGPT's"
@@ -134,8 +130,7 @@ class ShakespeareUnavailable(Exception):
 
 
 def _valid_copy(path: Path, say: bool = True) -> bytes | None:
-    """The cached copy's bytes when they are tiny Shakespeare's, else None (a cut-short or corrupt
-    copy is replaced, with a warning when say)."""
+    """The cached copy's bytes when they are tiny Shakespeare's, else None (warning when say)."""
     if not path.is_file():
         return None
     raw = path.read_bytes()
@@ -147,9 +142,8 @@ def _valid_copy(path: Path, say: bool = True) -> bytes | None:
 
 
 def _cached_shakespeare(cached: Path) -> bytes:
-    """Tiny Shakespeare from the cache, else downloaded into it atomically (a reader never sees half
-    a file). One process downloads at a time (the others wait on the lock, then find the copy), and
-    what a killed download left is removed."""
+    """Tiny Shakespeare from the cache, else downloaded into it atomically, one process at a time
+    (the others wait on the lock, then find the copy); what a killed download left is removed."""
     if (raw := _valid_copy(cached)) is not None:
         return raw
     try:
@@ -182,14 +176,9 @@ def _python_stdlib(cfg: DataConfig) -> Corpus:
     for root, dirs, names in os.walk(stdlib):
         dirs[:] = sorted(d for d in dirs if d not in skip)  # sorted in place: os.walk's order is the fs's
         files += [Path(root) / n for n in sorted(names) if n.endswith(".py")]
-    identity = {
-        "python": sys.version,
-        "stdlib": str(stdlib),
-        "max_chars": cfg.max_chars,
-        "files": hashlib.sha256(
-            "\n".join(f"{p.relative_to(stdlib)}:{p.stat().st_size}" for p in files).encode()
-        ).hexdigest(),
-    }
+    listing = "\n".join(f"{p.relative_to(stdlib)}:{p.stat().st_size}" for p in files)
+    identity = {"python": sys.version, "stdlib": str(stdlib), "max_chars": cfg.max_chars,
+                "files": hashlib.sha256(listing.encode()).hexdigest()}
 
     def load() -> list[str]:
         try:
