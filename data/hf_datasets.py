@@ -36,16 +36,14 @@ def hf_kind(hf_name: str) -> str:
 def hf_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
     """data.source=hf: a hub dataset, a local save_to_disk directory, or a builder reading data.path."""
     local = Path(cfg.hf_name).expanduser()
-    identity: dict[str, Any] = {
-        k: getattr(cfg, k) for k in ("hf_name", "hf_config", "hf_split", "hf_val_split", "text_field", "streaming")
-    }
+    keys = ("hf_name", "hf_config", "hf_split", "hf_val_split", "text_field", "streaming")
+    identity: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     # A hub dataset is identified by name (and commit when pinned); local inputs also by file sizes and times.
     if cfg.path is not None:
         identity["data_files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve_files(cfg.paths)]
     if local.is_dir():
-        identity["local"] = sorted(
-            (str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns) for p in local.rglob("*") if p.is_file()
-        )
+        identity["local"] = sorted((str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns)
+                                   for p in local.rglob("*") if p.is_file())
     info: dict[str, Any] = {"hf_name": cfg.hf_name, "hf_config": cfg.hf_config, "streaming": cfg.streaming}
     # The commit to load: pinned ones are resolved now, since the fingerprint holds them (offline,
     # the name as given); an unpinned hub dataset is resolved when it is first loaded, so a cache
@@ -54,10 +52,8 @@ def hf_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
     if cfg.revision is not None:
         kind = hf_kind(cfg.hf_name)
         if kind != "hub":
-            raise DataError(
-                f"data.revision pins hub datasets, but data.hf_name={cfg.hf_name!r} is a {kind} "
-                f"({'a directory on this machine' if kind == 'local' else 'a builder that reads data.path'}); unset it"
-            )
+            what = "a directory on this machine" if kind == "local" else "a builder that reads data.path"
+            raise DataError(f"data.revision pins hub datasets, but data.hf_name={cfg.hf_name!r} is a {kind} ({what}); unset it")
         revision["commit"] = dataset_commit(cfg.hf_name, cfg.revision) or cfg.revision
         identity["revision"] = info["revision"] = revision["commit"]
 
@@ -81,10 +77,8 @@ def hf_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
             n = len(ds)
             n_val = max(1, round(n * cfg.val_fraction))
             if n_val >= n:
-                raise DataError(
-                    f"dataset {cfg.hf_name!r} has {n} document(s), too few to hold out a val split; "
-                    "add documents or name a validation split with data.hf_val_split"
-                )
+                raise DataError(f"dataset {cfg.hf_name!r} has {n} document(s), too few to hold out a val split; "
+                                "add documents or name a validation split with data.hf_val_split")
             rows = range(n - n_val) if split == "train" else range(n - n_val, n)
             yield from _texts(ds.select(rows), cfg.text_field, cfg.hf_name)
 
@@ -100,9 +94,8 @@ def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path, revision: str 
             ds = datasets.load_from_disk(str(local))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise DataError(
-                        f"{cfg.hf_name} has no split {split!r}; it has {', '.join(ds)} (set data.hf_split / data.hf_val_split)"
-                    )
+                    raise DataError(f"{cfg.hf_name} has no split {split!r}; it has {', '.join(ds)} "
+                                    "(set data.hf_split / data.hf_val_split)")
                 ds = ds[split]
             elif split != cfg.hf_split:
                 raise DataError(f"{cfg.hf_name} holds a single split, so it has no {split!r}; unset data.hf_val_split")
@@ -122,10 +115,8 @@ def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path, revision: str 
         raise
     except (OSError, ValueError) as e:  # not found, no network, unknown split or config
         at = f", revision {revision!r}" if revision else ""
-        raise DataError(
-            f"could not load dataset {cfg.hf_name!r} (config {cfg.hf_config!r}, split {split!r}{at}): {first_line(e)}; "
-            "check data.hf_name, data.hf_config and the split names"
-        ) from e
+        raise DataError(f"could not load dataset {cfg.hf_name!r} (config {cfg.hf_config!r}, split {split!r}{at}): "
+                        f"{first_line(e)}; check data.hf_name, data.hf_config and the split names") from e
 
 
 def _texts(ds: Any, text_field: str, name: str) -> Iterator[str]:
@@ -146,10 +137,8 @@ def _texts(ds: Any, text_field: str, name: str) -> Iterator[str]:
                 if value:
                     yield value
     except OSError as e:  # ConnectionError, timeouts, resets: the download stopped part way
-        raise DataError(
-            f"reading dataset {name!r} failed part way ({type(e).__name__}: {first_line(e)}); nothing was kept, "
-            "check the network and run again"
-        ) from e
+        raise DataError(f"reading dataset {name!r} failed part way ({type(e).__name__}: {first_line(e)}); nothing "
+                        "was kept, check the network and run again") from e
 
 
 def _no_field(text_field: str, fields: Any) -> DataError:

@@ -42,7 +42,7 @@ def open_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
             return _files(cfg)
         case "hf":
             return hf_corpus(cfg, cache_root)
-        case _:  # DataConfig.__post_init__ already refuses these; kept for configs built by hand
+        case _:  # DataConfig.__post_init__ refuses these already
             raise DataError(f"data.source={cfg.source!r} is not a known source")
 
 
@@ -100,10 +100,8 @@ def _shakespeare(cfg: DataConfig, cache_root: Path) -> Corpus:
             raise DataError(f"data.path={paths[0]!r}: no such file; point it at a copy of tiny Shakespeare")
         raw = path.read_bytes()
         if (sha := hashlib.sha256(raw).hexdigest()) != SHAKESPEARE_SHA256:  # their choice, but say so
-            warn_user(
-                f"{path} is not the canonical tiny Shakespeare (sha256 {sha[:12]}..., expected "
-                f"{SHAKESPEARE_SHA256[:12]}...); using it anyway, but val losses will not compare with nanoGPT's"
-            )
+            warn_user(f"{path} is not the canonical tiny Shakespeare (sha256 {sha[:12]}..., expected "
+                      f"{SHAKESPEARE_SHA256[:12]}...); using it anyway, but val losses will not compare with nanoGPT's")
         where = str(path)
     else:
         cached = cache_root / "raw" / "tinyshakespeare.txt"
@@ -120,9 +118,8 @@ def _shakespeare(cfg: DataConfig, cache_root: Path) -> Corpus:
             return corpus
         sha, where = SHAKESPEARE_SHA256, str(cached)
     text = decode_utf8(raw, where, cfg.errors)
-    return _text_corpus(
-        "shakespeare_char", {"sha256": sha}, lambda: [text], cfg, {"path": where, "sha256": sha, "chars": len(text)}
-    )
+    info = {"path": where, "sha256": sha, "chars": len(text)}
+    return _text_corpus("shakespeare_char", {"sha256": sha}, lambda: [text], cfg, info)
 
 
 class ShakespeareUnavailable(Exception):
@@ -162,10 +159,8 @@ def _cached_shakespeare(cached: Path) -> bytes:
             atomic_write(cached, raw)
             return raw
     except OSError as e:
-        raise DataError(
-            f"cannot write the tiny Shakespeare copy {e.filename or cached} ({e.strerror}); free disk space, "
-            "or set data.cache_dir to a writable directory"
-        ) from None
+        raise DataError(f"cannot write the tiny Shakespeare copy {e.filename or cached} ({e.strerror}); free disk "
+                        "space, or set data.cache_dir to a writable directory") from None
 
 
 def _python_stdlib(cfg: DataConfig) -> Corpus:

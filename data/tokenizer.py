@@ -94,8 +94,7 @@ class CharTokenizer(Tokenizer):
             raise DataError("a char vocabulary must be sorted unique characters; rebuild it with CharTokenizer.from_text")
         if not chars:
             raise DataError("the text is empty, so the char vocabulary is empty; give a non-empty corpus")
-        self.chars = chars
-        self.unk = unk
+        self.chars, self.unk = chars, unk
         self.unk_id = len(chars) if unk else None
         self._pieces = [*chars, UNK] if unk else list(chars)  # id -> its text
         self.vocab_size = len(chars) + int(unk)
@@ -150,8 +149,7 @@ class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (byte-level BPE trained here, or any pretrained tokenizer.json)."""
 
     def __init__(self, tok: _RustTokenizer, kind: str, revision: str | None = None) -> None:
-        self.tok = tok
-        self.kind = kind
+        self.tok, self.kind = tok, kind
         self.revision = revision  # the hub commit a pretrained tokenizer came from, when it did
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eot_id = next((i for t in EOT_TOKENS if (i := tok.token_to_id(t)) is not None), None)
@@ -176,10 +174,10 @@ class HFTokenizer(Tokenizer):
         bytes that decoding adds after a preceding piece (so a SentencePiece "▁the" is " the",
         a WordPiece "##ing" is "ing"). Special added tokens count 0, other added tokens their text."""
         out = np.zeros(self.vocab_size, dtype=np.int64)
-        decoder = json.loads(self.tok.to_str()).get("decoder")
+        byte_level = _has_byte_level(json.loads(self.tok.to_str()).get("decoder"))
         alphabet = set(pre_tokenizers.ByteLevel.alphabet())
         for token, i in self.tok.get_vocab(with_added_tokens=False).items():
-            if _has_byte_level(decoder):
+            if byte_level:
                 out[i] = sum(1 if c in alphabet else len(c.encode("utf-8")) for c in token)
             elif BYTE_FALLBACK.fullmatch(token):
                 out[i] = 1
@@ -215,12 +213,8 @@ def train_bpe(texts: Iterator[str], vocab_size: int, *, progress: bool = False) 
     # prepare splits long documents on, so chunked parallel encoding equals encoding the whole.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     bpe = HFTokenizer(tok, "bpe")
     if bpe.vocab_size < vocab_size:
