@@ -1,9 +1,8 @@
 """The data package: raw text -> token files -> training batches.
 
 - config.py     DataConfig (schema of configs/data/*.yaml), DataError and warn_user
-- sources.py    where text comes from: tiny Shakespeare, the Python stdlib, local files (open_corpus)
-- hf_datasets.py  Hugging Face datasets (hub, local save_to_disk, builders) as a corpus
-- corpus.py     Corpus (what every source returns), resolve_files and take_chars (a character budget)
+- sources.py    where text comes from (open_corpus -> Corpus): tiny Shakespeare, the Python stdlib,
+                local files, Hugging Face datasets (hub, local save_to_disk, builders)
 - tokenizer.py  char-level and byte-level BPE tokenizers behind one interface, decode_stream
 - hub.py        what comes from the Hugging Face hub, pinned to a commit (no remote code)
 - prepare.py    prepare(cfg) -> cached directory of train.bin / val.bin / meta.json / tokenizer.json,

@@ -109,13 +109,8 @@ def remove_temps(path: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(
-    path: str | os.PathLike,
-    *,
-    waiting_for: str = "another process holding the lock",
-    status: Callable[[], str] | None = None,
-    timeout_s: float | None = None,
-) -> Iterator[None]:
+def exclusive_lock(path: str | os.PathLike, *, waiting_for: str = "another process holding the lock",
+                   status: Callable[[], str] | None = None, timeout_s: float | None = None) -> Iterator[None]:
     """Hold `filelock.FileLock(path)` (an OS lock) for the block. A waiter logs what it waits for at
     once and then every LOCK_LOG_EVERY_S; TimeoutError after timeout_s when given (0 tries once). The
     OS releases a dead holder's lock; the file stays (deleting it would let a waiter lock a file no

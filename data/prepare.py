@@ -44,10 +44,9 @@ from data.atomic import (
     temp_prefix,
 )
 from data.config import MAX_VOCAB, DataConfig, DataError, resolve_cache_dir, warn_user
-from data.corpus import Corpus, take_chars
 from data.prepared import FORMAT_VERSION, META_FILE, TOKENIZER_FILE, check_prepared, file_sha256, read_meta
 from data.progress import Progress
-from data.sources import open_corpus
+from data.sources import Corpus, open_corpus, take_chars
 from data.tokenizer import (
     CharTokenizer,
     Tokenizer,
