@@ -38,10 +38,8 @@ def dataset_commit(repo_id: str, revision: str | None) -> str | None:
     try:
         return HfApi().dataset_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S).sha
     except RevisionNotFoundError:
-        raise DataError(
-            f"data.revision={revision!r} is not a branch, tag or commit of dataset {repo_id!r}; "
-            f"see https://huggingface.co/datasets/{repo_id}/commits for the ones it has"
-        ) from None
+        raise DataError(f"data.revision={revision!r} is not a branch, tag or commit of dataset {repo_id!r}; "
+                        f"see https://huggingface.co/datasets/{repo_id}/commits for the ones it has") from None
     except Exception as e:  # huggingface_hub raises many kinds (offline mode, network, HTTP): all mean "cannot tell"
         log.info("could not ask the hub which commit %s of dataset %s is (%s); using the name as given",
                  revision or "the default branch", repo_id, first_line(e))
@@ -57,10 +55,8 @@ def download_tokenizer(repo_id: str, revision: str | None, filename: str = "toke
     try:
         path = Path(hf_hub_download(repo_id, filename, revision=revision))
     except RevisionNotFoundError:
-        raise DataError(
-            f"data.tokenizer_revision={revision!r} is not a branch, tag or commit of {repo_id!r}; "
-            f"see https://huggingface.co/{repo_id}/commits for the ones it has"
-        ) from None
+        raise DataError(f"data.tokenizer_revision={revision!r} is not a branch, tag or commit of {repo_id!r}; "
+                        f"see https://huggingface.co/{repo_id}/commits for the ones it has") from None
     except Exception as e:  # as above: offline, unknown repository, no such file, HTTP errors
         raise HubUnreachable(first_line(e)) from e
     commit = path.parent.name  # the cache keeps every file under snapshots/<commit sha>/

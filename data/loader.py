@@ -35,10 +35,8 @@ def _open_split(prepared_dir: str | Path, split: str, block_size: int) -> tuple[
     if n == 0:
         raise DataError(f"the {split} split of {prepared_dir} is empty; raise data.val_fraction or add text")
     if n < block_size + 1:
-        raise DataError(
-            f"the {split} split of {prepared_dir} has {n} tokens but block_size={block_size} needs at least "
-            f"{block_size + 1}; use a smaller model.block_size or more data"
-        )
+        raise DataError(f"the {split} split of {prepared_dir} has {n} tokens but block_size={block_size} needs "
+                        f"at least {block_size + 1}; use a smaller model.block_size or more data")
     return path, dtype, n
 
 

@@ -47,14 +47,7 @@ from data.config import MAX_VOCAB, DataConfig, DataError, resolve_cache_dir, war
 from data.prepared import FORMAT_VERSION, META_FILE, TOKENIZER_FILE, check_prepared, file_sha256, read_meta
 from data.progress import Progress
 from data.sources import Corpus, open_corpus, take_chars
-from data.tokenizer import (
-    CharTokenizer,
-    Tokenizer,
-    TokenizerUnavailable,
-    load_pretrained,
-    save_tokenizer,
-    train_bpe,
-)
+from data.tokenizer import CharTokenizer, Tokenizer, TokenizerUnavailable, load_pretrained, train_bpe
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +109,8 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
     except OSError as e:
         if e.errno not in _CACHE_ERRNOS:
             raise
-        raise DataError(
-            f"cannot write prepared data {e.filename or final} ({e.strerror}); free disk space, or set "
-            "data.cache_dir (or CAUSALGPT_CACHE) to a writable directory with room"
-        ) from None
+        raise DataError(f"cannot write prepared data {e.filename or final} ({e.strerror}); free disk space, or set "
+                        "data.cache_dir (or CAUSALGPT_CACHE) to a writable directory with room") from None
     log.info("prepared %s", final)
     return final
 
@@ -208,7 +199,7 @@ def _build(cfg: DataConfig, corpus: Corpus, plan: dict[str, Any], pretrained: To
     if counts["val"] == 0:
         raise DataError(f"the val split of the {corpus.name} corpus is empty; raise data.val_fraction, add text, "
                         "or name a validation split with data.hf_val_split")
-    save_tokenizer(tok, out)
+    atomic_write(out / TOKENIZER_FILE, tok.to_json())
     files[TOKENIZER_FILE] = {"bytes": (out / TOKENIZER_FILE).stat().st_size, "sha256": file_sha256(out / TOKENIZER_FILE)}
     timings["total"] = time.perf_counter() - t0
     meta = {

@@ -132,9 +132,8 @@ def decode_utf8(data: bytes, where: str, errors: str) -> str:
     try:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise DataError(
-            f"{where}: not UTF-8 at byte offset {e.start} ({e.reason}); fix the file or set data.errors=replace"
-        ) from None
+        raise DataError(f"{where}: not UTF-8 at byte offset {e.start} ({e.reason}); fix the file or set "
+                        "data.errors=replace") from None
 
 
 def fetch_url(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:

@@ -21,7 +21,6 @@ import numpy as np
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from data.atomic import atomic_write
 from data.config import DataError
 from data.hub import HubUnreachable, download_tokenizer
 from data.prepared import META_FILE, REBUILD_HINT, TOKENIZER_FILE, read_meta, tokenizer_problem
@@ -258,10 +257,10 @@ def tokenizer_from_json(s: str, kind: str | None = None) -> Tokenizer:
     try:
         obj = json.loads(s)
     except json.JSONDecodeError as e:
-        raise DataError(f"tokenizer JSON is not valid JSON ({e}); re-save it with save_tokenizer") from e
+        raise DataError(f"tokenizer JSON is not valid JSON ({e}); re-save it with the tokenizer's to_json()") from e
     if isinstance(obj, dict) and obj.get("kind") == "char":
         if not isinstance(obj.get("chars"), str):
-            raise DataError("char tokenizer JSON has no 'chars' string; re-save it with save_tokenizer")
+            raise DataError("char tokenizer JSON has no 'chars' string; re-save it with the tokenizer's to_json()")
         return CharTokenizer(obj["chars"], unk=bool(obj.get("unk", False)))
     try:
         tok = _RustTokenizer.from_str(s)
@@ -270,13 +269,6 @@ def tokenizer_from_json(s: str, kind: str | None = None) -> Tokenizer:
     if kind is None:
         kind = "bpe" if obj.get("model", {}).get("type") == "BPE" else "pretrained"
     return HFTokenizer(tok, kind)
-
-
-def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
-    """Write tok as tokenizer.json in directory, atomically; returns the file."""
-    path = Path(directory) / TOKENIZER_FILE
-    atomic_write(path, tok.to_json())
-    return path
 
 
 def load_tokenizer(prepared_dir: str | Path) -> Tokenizer:
