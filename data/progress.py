@@ -15,7 +15,6 @@ import logging
 import shutil
 import sys
 import time
-from types import TracebackType
 
 from tqdm.auto import tqdm
 
@@ -86,6 +85,5 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
