@@ -42,8 +42,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
-    except OSError as e:
-        # Some file systems (certain network and FUSE mounts) do not fsync directories at all.
+    except OSError as e:  # some file systems (certain network and FUSE mounts) do not fsync directories
         if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
     finally:
