@@ -51,8 +51,7 @@ class DataConfig:
     # A path, glob or directory (str), or a list of them. files: the input; shakespeare_char: a
     # local copy of tiny Shakespeare; hf: data_files for a builder such as hf_name=json.
     path: Any = None
-    # char (sorted characters of the text, as nanoGPT) | bpe (byte-level, trained here) |
-    # pretrained (a tokenizer.json given by tokenizer_path).
+    # char (sorted characters of the text, as nanoGPT) | bpe (byte-level, trained here) | pretrained.
     tokenizer: str = "char"
     # pretrained only: a tokenizer.json file, a directory holding one, or a hub name (e.g. gpt2). A hub
     # name that cannot be fetched falls back to training a BPE with a warning (an error when pinned).
@@ -62,11 +61,9 @@ class DataConfig:
     tokenizer_revision: str | None = None
     # bpe only: target vocabulary size, <|endoftext|> included; 0 means DEFAULT_BPE_VOCAB (4096).
     vocab_size: int = 0
-    # char only: reserve an <unk> id (the last one) for characters not seen in the text, instead
-    # of raising DataError when a prompt contains one.
+    # char only: an <unk> id (the last) for characters not in the text, instead of a DataError.
     unk: bool = False
-    # How to treat bytes that are not UTF-8 in files: strict (DataError naming file and offset)
-    # or replace (U+FFFD).
+    # Bytes of files that are not UTF-8: strict (DataError naming file and offset) or replace (U+FFFD).
     errors: str = "strict"
     # hf only: dataset name on the hub (e.g. roneneldan/TinyStories), a builder used with
     # data.path as data files (json, csv, parquet, text), or a local save_to_disk directory.
@@ -97,7 +94,7 @@ class DataConfig:
     # RAYON_NUM_THREADS, which the library reads only before its first parallel call in a process.
     num_proc: int = 0
     # Source used, with a warning, when shakespeare_char has no data.path, no cached copy and no
-    # network. None turns the fallback off (the failure is then a DataError).
+    # network; None makes that a DataError.
     fallback: str | None = "python_stdlib"
     # python_stdlib only: keep the first max_chars characters (None = all ~12 M). The default,
     # about twice tiny Shakespeare, keeps the offline fallback as quick to train as the default.

@@ -84,17 +84,16 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
     plan, pretrained = _tokenizer_plan(cfg)
     fingerprint = _fingerprint(cfg, corpus, plan)
     final = cache_root / f"{corpus.name}-{plan['kind']}-{fingerprint}"
-    if final.exists() and check_prepared(final) is None:
+    if check_prepared(final) is None:
         log.info("using cached %s", final)
         return final
     try:
         with exclusive_lock(cache_root / f".{final.name}.lock", waiting_for=f"another process preparing {final}",
                             status=lambda: _written_so_far(final)):
-            problem = check_prepared(final) if final.exists() else None
-            if final.exists() and problem is None:  # another process built it while we waited
+            if (problem := check_prepared(final)) is None:  # another process built it while we waited
                 log.info("using %s, prepared by another process", final)
                 return final
-            if problem is not None:
+            if final.exists():
                 warn_user(f"prepared data {problem}; rebuilding")
             _remove_leftovers(cache_root, final)
             tmp = make_temp_dir(final)
