@@ -124,7 +124,8 @@ class CharTokenizer(Tokenizer):
                 if self.unk_id is None:
                     ch = chr(int(cps[np.argmax(bad)]))
                     raise DataError(f"character {ch!r} (U+{ord(ch):04X}) is not in the char vocabulary; remove it "
-                                    "from the text, or prepare the data with data.unk=true to map unknown ones to <unk>")
+                                    "from the text, or prepare the data with data.unk=true to map unknown characters "
+                                    "to <unk>")
                 ids[bad] = self.unk_id
             out.append(ids)
         return out
