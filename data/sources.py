@@ -2,11 +2,10 @@
 
 `open_corpus(cfg)` returns a `Corpus`: the source actually used, a JSON-able identity of its content
 (what the cache fingerprint hashes, computed without reading everything) and `docs(split)`. Text
-sources are split by characters as nanoGPT does (the first int(n * (1 - val_fraction)) train), so
-val losses on Shakespeare compare with nanoGPT's. HF datasets are split by data.hf_val_split, else
-the last val_fraction of the documents (streaming: every round(1/val_fraction)-th one); a hub
-dataset loads at the commit data/hub.py resolves, never runs repository code, and `datasets` is
-imported only when a split is loaded.
+sources are split by characters as nanoGPT does, so val losses on Shakespeare compare with its.
+HF datasets are split by data.hf_val_split, else the last val_fraction of the documents (streaming:
+every round(1/val_fraction)-th one); a hub dataset loads at the commit data/hub.py resolves, never
+runs repository code, and `datasets` is imported only when a split is loaded.
 """
 
 from __future__ import annotations
