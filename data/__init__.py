@@ -1,17 +1,10 @@
 """The data package: raw text -> token files -> training batches.
 
-- config.py     DataConfig (schema of configs/data/*.yaml), DataError and warn_user
-- sources.py    where text comes from: tiny Shakespeare, the Python stdlib, local files (open_corpus)
-- hf_datasets.py  Hugging Face datasets (hub, local save_to_disk, builders) as a corpus
-- corpus.py     Corpus (what every source returns), resolve_files and take_chars (a character budget)
-- tokenizer.py  char-level and byte-level BPE tokenizers behind one interface, decode_stream
-- hub.py        what comes from the Hugging Face hub, pinned to a commit (no remote code)
-- prepare.py    prepare(cfg) -> cached directory of train.bin / val.bin / meta.json / tokenizer.json,
-                safe to call from every rank at once
-- prepared.py   the layout of a prepared directory: read_meta and the checks against meta.json
-- atomic.py     atomic writes (temp file, fsync, rename, directory fsync) and the builders' file lock (filelock)
-- loader.py     BatchLoader (random windows, DDP-aware, resumable) and val_batches
-- progress.py   progress of long work: a bar on a terminal, else a log line with the time left
+sources.py (where text comes from) -> tokenizer.py (char-level or byte-level BPE) -> prepare.py
+(a cached directory of train.bin / val.bin / meta.json / tokenizer.json, whose layout and checks
+are prepared.py) -> loader.py (BatchLoader, val_batches). config.py holds DataConfig and DataError;
+hub.py what comes from the Hugging Face hub; atomic.py atomic writes and the builders' file lock;
+progress.py the progress of long work.
 
 Only the config is imported here, so `import data` stays cheap; import the modules you use.
 """

@@ -1,10 +1,10 @@
 """Atomic file writes, and the exclusive lock that the builder of a shared file or directory holds.
 
 A file written here is never seen half-written under its final name, after a kill or a power cut:
-the bytes go to `.<name>.tmp-<random>` beside it (same file system), are fsync'ed, replace the final
-name (os.replace), and the directory is fsync'ed so that the rename is durable. What a killed writer
-left is what `remove_temps` deletes, where no other writer can be running (under `exclusive_lock`).
-Standard library and filelock only, so engine/ (checkpoints, exports) uses it without the rest of data/.
+the bytes go to `.<name>.tmp-<random>` beside it, are fsync'ed, replace the final name, and the
+directory is fsync'ed so that the rename is durable. `remove_temps` deletes what a killed writer
+left, where no other writer can be running (under `exclusive_lock`). Standard library and filelock
+only, so engine/ (checkpoints, exports) uses it without the rest of data/.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import filelock
 
@@ -28,7 +28,6 @@ TEMP_INFIX = ".tmp-"
 # How often a process waiting for a lock tries it again, and how often it says that it waits.
 LOCK_POLL_S = 0.5
 LOCK_LOG_EVERY_S = 60.0
-_WRITE_MODES = ("w", "wb", "wt")
 
 
 def temp_prefix(path: str | os.PathLike) -> str:
@@ -43,8 +42,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
-    except OSError as e:
-        # Some file systems (certain network and FUSE mounts) do not fsync directories at all.
+    except OSError as e:  # some file systems (certain network and FUSE mounts) do not fsync directories
         if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
     finally:
@@ -69,15 +67,15 @@ def make_temp_dir(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
-    """Write path through a temporary file: on success it replaces path (fsync, rename, directory
-    fsync); on an error or interrupt it is removed and path stays as it was. kwargs go to open()."""
-    if mode not in _WRITE_MODES:
-        raise ValueError(f"atomic_open writes whole files; mode={mode!r} is not one of {', '.join(_WRITE_MODES)}")
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[bytes]]:
+    """Write path (binary) through a temporary file: on success it replaces path (fsync, rename,
+    directory fsync); on an error or interrupt it is removed and path stays as it was."""
+    if mode != "wb":
+        raise ValueError(f"atomic_open writes whole files; mode={mode!r} is not wb")
     path = Path(path)
     tmp = _new_temp(path, lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
-        with open(tmp, mode, **kwargs) as f:
+        with open(tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -89,10 +87,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
     fsync_dir(path.parent)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str, *, encoding: str = "utf-8") -> None:
-    """Write data (str is encoded) to path atomically: the old content or the new, never a mix."""
-    with atomic_open(path, "wb") as f:
-        f.write(data.encode(encoding) if isinstance(data, str) else data)
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write data (str as UTF-8) to path atomically: the old content or the new, never a mix."""
+    with atomic_open(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def remove_temps(path: str | os.PathLike) -> list[Path]:
@@ -110,17 +108,12 @@ def remove_temps(path: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(
-    path: str | os.PathLike,
-    *,
-    waiting_for: str = "another process holding the lock",
-    status: Callable[[], str] | None = None,
-    timeout_s: float | None = None,
-) -> Iterator[None]:
-    """Hold `filelock.FileLock(path)` (an OS lock) for the block. A waiter logs at once and then every
-    LOCK_LOG_EVERY_S what it waits for (`waiting for <waiting_for> (<status()>, waited N min)`); no
-    timeout unless timeout_s (TimeoutError after it; 0 tries once). The OS releases a dead holder's
-    lock; the lock file stays (deleting it would let a waiter lock a file no one else opens)."""
+def exclusive_lock(path: str | os.PathLike, *, waiting_for: str = "another process holding the lock",
+                   status: Callable[[], str] | None = None, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold `filelock.FileLock(path)` (an OS lock) for the block. A waiter logs what it waits for at
+    once and then every LOCK_LOG_EVERY_S; TimeoutError after timeout_s when given (0 tries once). The
+    OS releases a dead holder's lock; the file stays (deleting it would let a waiter lock a file no
+    one else opens)."""
     lock = filelock.FileLock(path)
     start = time.monotonic()
     wait = 0.0  # the first try does not wait, so that a waiter says at once what it waits for

@@ -1,10 +1,8 @@
 """DataConfig, the schema of configs/data/*.yaml; DataError, the one error users see; warn_user.
 
-Every field is documented where it is declared; `__post_init__` (which OmegaConf's `to_object`
-calls) refuses a bad setting before any text is read, in one line naming the field and the fix.
-No Hydra here: each entry point registers a root schema whose `data` field is a DataConfig
-(cli.register_configs, data/prepare.py), so that Hydra refuses a typo such as `data.pth=x` in a
-command line or a configs/data/*.yaml file.
+`__post_init__` (which OmegaConf's `to_object` calls) refuses a bad setting before any text is read,
+in one line naming the field and the fix. No Hydra here: each entry point registers a root schema
+whose `data` field is a DataConfig (cli.register_configs, data/prepare.py), so Hydra refuses typos.
 """
 
 from __future__ import annotations
@@ -32,55 +30,49 @@ class DataError(ValueError):
 
 
 def warn_user(message: str) -> None:
-    """A problem the data code works around: logged (log files, the console handler) and also a
-    UserWarning, so that it shows where logging is not set up; it points at the caller's caller."""
+    """A problem the data code works around: logged, and a UserWarning (shown where logging is not
+    set up) that points at the caller's caller."""
     logging.getLogger("data").warning(message)
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an error's message (its type's name when it has none), for one-line errors."""
+    """The first line of an error's message (its type's name when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass
 class DataConfig:
-    # Preset name (informational; the file name under configs/data/).
+    # Preset name (informational: the file name under configs/data/).
     name: str = "shakespeare_char"
     # Where text comes from: shakespeare_char | python_stdlib | files | hf.
     source: str = "shakespeare_char"
     # A path, glob or directory (str), or a list of them. files: the input; shakespeare_char: a
     # local copy of tiny Shakespeare; hf: data_files for a builder such as hf_name=json.
     path: Any = None
-    # char (sorted characters of the text, as nanoGPT) | bpe (byte-level, trained here) |
-    # pretrained (a tokenizer.json given by tokenizer_path).
+    # char (sorted characters of the text, as nanoGPT) | bpe (byte-level, trained here) | pretrained.
     tokenizer: str = "char"
-    # pretrained only: a tokenizer.json file, a directory holding one, or a Hugging Face hub name
-    # (e.g. gpt2). A hub name that cannot be fetched falls back to training a BPE, with a warning
-    # (unless tokenizer_revision pins it: then it is an error).
+    # pretrained only: a tokenizer.json file, a directory holding one, or a hub name (e.g. gpt2). A hub
+    # name that cannot be fetched falls back to training a BPE with a warning (an error when pinned).
     tokenizer_path: str | None = None
-    # pretrained hub names only: the branch, tag or commit sha of the tokenizer's repository to
-    # fetch. The commit it resolves to is recorded in meta.json and is part of the cache
-    # fingerprint. None: the default branch (its commit is still recorded).
+    # pretrained hub names only: the branch, tag or commit sha to fetch; the commit it resolves to is
+    # in meta.json and the cache fingerprint. None: the default branch (its commit is still recorded).
     tokenizer_revision: str | None = None
     # bpe only: target vocabulary size, <|endoftext|> included; 0 means DEFAULT_BPE_VOCAB (4096).
     vocab_size: int = 0
-    # char only: reserve an <unk> id (the last one) for characters not seen in the text, instead
-    # of raising DataError when a prompt contains one.
+    # char only: an <unk> id (the last) for characters not in the text, instead of a DataError.
     unk: bool = False
-    # How to treat bytes that are not UTF-8 in files: strict (DataError naming file and offset)
-    # or replace (U+FFFD).
+    # Bytes of files that are not UTF-8: strict (DataError naming file and offset) or replace (U+FFFD).
     errors: str = "strict"
     # hf only: dataset name on the hub (e.g. roneneldan/TinyStories), a builder used with
     # data.path as data files (json, csv, parquet, text), or a local save_to_disk directory.
     hf_name: str | None = None
     # hf only: the dataset configuration (subset) name, e.g. sample-10BT.
     hf_config: str | None = None
-    # hf hub datasets only: the branch, tag or commit sha to load. The commit it resolves to (as the
-    # hub reports it; offline, the name as given) is recorded in meta.json and is part of the cache
-    # fingerprint, so a moved tag builds anew. None: the default branch, whatever it holds at build
-    # time (its commit is still recorded), and a cached build is reused as long as it exists.
+    # hf hub datasets only: the branch, tag or commit sha to load; the commit it resolves to (offline,
+    # the name as given) is in meta.json and the cache fingerprint, so a moved tag builds anew. None:
+    # the default branch at build time (its commit is recorded; a cached build is reused).
     revision: str | None = None
     # hf only: the split to train on.
     hf_split: str = "train"
@@ -98,12 +90,11 @@ class DataConfig:
     val_fraction: float = 0.1
     # Where prepared data is cached; None means $CAUSALGPT_CACHE, else ~/.cache/causalgpt.
     cache_dir: str | None = None
-    # Tokenizer threads: 0 = all cores (the tokenizers library's own thread pool), 1 = one thread
-    # (debugging, benchmarks). Other values set RAYON_NUM_THREADS, which the library reads only
-    # before its first parallel call in a process.
+    # Tokenizer threads: 0 = all cores, 1 = one thread (debugging, benchmarks); others set
+    # RAYON_NUM_THREADS, which the library reads only before its first parallel call in a process.
     num_proc: int = 0
     # Source used, with a warning, when shakespeare_char has no data.path, no cached copy and no
-    # network. None turns the fallback off (the failure is then a DataError).
+    # network; None makes that a DataError.
     fallback: str | None = "python_stdlib"
     # python_stdlib only: keep the first max_chars characters (None = all ~12 M). The default,
     # about twice tiny Shakespeare, keeps the offline fallback as quick to train as the default.
@@ -116,19 +107,15 @@ class DataConfig:
         if self.source not in SOURCES:
             raise DataError(f"data.source={self.source!r} is not a known source; use one of {', '.join(SOURCES)}")
         if self.tokenizer not in TOKENIZERS:
-            raise DataError(
-                f"data.tokenizer={self.tokenizer!r} is not a known tokenizer; use one of {', '.join(TOKENIZERS)}"
-            )
+            raise DataError(f"data.tokenizer={self.tokenizer!r} is not a known tokenizer; use one of {', '.join(TOKENIZERS)}")
         if self.errors not in DECODE_ERRORS:
             raise DataError(f"data.errors={self.errors!r} is not valid; use strict or replace")
         if self.fallback not in (None, "python_stdlib"):
             raise DataError(f"data.fallback={self.fallback!r} is not valid; use python_stdlib or null")
-        if self.path is not None:
-            paths = [self.path] if isinstance(self.path, str | os.PathLike) else self.path
-            if not isinstance(paths, list | tuple) or not paths or not all(
-                isinstance(p, str | os.PathLike) for p in paths
-            ):
-                raise DataError(f"data.path={self.path!r} must be a path string or a non-empty list of them")
+        paths = [self.path] if isinstance(self.path, str | os.PathLike) else self.path
+        if paths is not None and not (isinstance(paths, list | tuple) and paths
+                                      and all(isinstance(p, str | os.PathLike) for p in paths)):
+            raise DataError(f"data.path={self.path!r} must be a path string or a non-empty list of them")
         if self.source == "files" and self.path is None:
             raise DataError("data.source=files needs data.path (a file, glob or directory, or a list of them)")
         if self.source == "hf" and not self.hf_name:
@@ -138,20 +125,14 @@ class DataConfig:
         if self.tokenizer == "pretrained" and not self.tokenizer_path:
             raise DataError("data.tokenizer=pretrained needs data.tokenizer_path (a tokenizer.json or a hub name)")
         if not 0 <= self.vocab_size < MAX_VOCAB:
-            raise DataError(
-                f"data.vocab_size={self.vocab_size} does not fit uint32 token files (at most {MAX_VOCAB - 1}); "
-                "use a smaller vocabulary"
-            )
+            raise DataError(f"data.vocab_size={self.vocab_size} does not fit uint32 token files (at most "
+                            f"{MAX_VOCAB - 1}); use a smaller vocabulary")
         if self.tokenizer == "bpe" and 0 < self.vocab_size < MIN_BPE_VOCAB:
-            raise DataError(
-                f"data.vocab_size={self.vocab_size} is too small for byte-level BPE; use at least "
-                f"{MIN_BPE_VOCAB} (256 bytes + <|endoftext|>) or 0 for the default {DEFAULT_BPE_VOCAB}"
-            )
+            raise DataError(f"data.vocab_size={self.vocab_size} is too small for byte-level BPE; use at least "
+                            f"{MIN_BPE_VOCAB} (256 bytes + <|endoftext|>) or 0 for the default {DEFAULT_BPE_VOCAB}")
         uses_val_split = self.source == "hf" and self.hf_val_split is not None
-        if not (0 < self.val_fraction < 1 or (uses_val_split and 0 <= self.val_fraction < 1)):
-            raise DataError(
-                f"data.val_fraction={self.val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1"
-            )
+        if not (0 < self.val_fraction < 1 or (uses_val_split and self.val_fraction == 0)):
+            raise DataError(f"data.val_fraction={self.val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1")
         for field_name in ("max_tokens", "max_chars", "bpe_train_chars"):
             value = getattr(self, field_name)
             if value is not None and value <= 0:
@@ -165,9 +146,7 @@ class DataConfig:
         if self.revision is not None and self.source != "hf":
             raise DataError(f"data.revision pins Hugging Face hub datasets; unset it for data.source={self.source}")
         if self.tokenizer_revision is not None and self.tokenizer != "pretrained":
-            raise DataError(
-                f"data.tokenizer_revision pins a hub tokenizer; unset it for data.tokenizer={self.tokenizer}"
-            )
+            raise DataError(f"data.tokenizer_revision pins a hub tokenizer; unset it for data.tokenizer={self.tokenizer}")
         if not self.text_field:
             raise DataError("data.text_field must name the column that holds the text, e.g. text")
 

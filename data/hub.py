@@ -1,12 +1,6 @@
-"""What data/ fetches from the Hugging Face hub, pinned to a commit, and nothing that runs code.
-
-- `dataset_commit(repo_id, revision)`: the commit sha a branch, tag or sha of a hub dataset is at
-  (None when the hub cannot be asked, e.g. offline), recorded in meta.json and, when pinned, hashed
-  into the cache fingerprint; datasets then load that commit with trust_remote_code=False.
-- `download_tokenizer(repo_id, revision)`: a repository's tokenizer.json (data) and its commit.
-- `download_model(repo_id)`: a model repository's config, safetensors weights and tokenizer files
-  (`init_from=gpt2`, `sample.py ckpt=gpt2`), as a directory of the Hugging Face cache.
-
+"""What is fetched from the Hugging Face hub, pinned to a commit, and nothing that runs code:
+the commit a hub dataset's revision is at (`dataset_commit`), a tokenizer.json (`download_tokenizer`),
+and a model's config, safetensors weights and tokenizer files (`download_model`: init_from=gpt2).
 huggingface_hub (a dependency of tokenizers and datasets) is imported only inside the functions.
 """
 
@@ -29,7 +23,7 @@ class HubUnreachable(Exception):
 
 
 def is_commit_sha(revision: str | None) -> bool:
-    """True for a full 40-hex commit sha, which names one commit forever (a branch or tag can move)."""
+    """True for a full 40-hex commit sha (which, unlike a branch or tag, cannot move)."""
     return revision is not None and _COMMIT_SHA.fullmatch(revision) is not None
 
 
@@ -44,10 +38,8 @@ def dataset_commit(repo_id: str, revision: str | None) -> str | None:
     try:
         return HfApi().dataset_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S).sha
     except RevisionNotFoundError:
-        raise DataError(
-            f"data.revision={revision!r} is not a branch, tag or commit of dataset {repo_id!r}; "
-            f"see https://huggingface.co/datasets/{repo_id}/commits for the ones it has"
-        ) from None
+        raise DataError(f"data.revision={revision!r} is not a branch, tag or commit of dataset {repo_id!r}; "
+                        f"see https://huggingface.co/datasets/{repo_id}/commits for the ones it has") from None
     except Exception as e:  # huggingface_hub raises many kinds (offline mode, network, HTTP): all mean "cannot tell"
         log.info("could not ask the hub which commit %s of dataset %s is (%s); using the name as given",
                  revision or "the default branch", repo_id, first_line(e))
@@ -55,19 +47,16 @@ def dataset_commit(repo_id: str, revision: str | None) -> str | None:
 
 
 def download_tokenizer(repo_id: str, revision: str | None, filename: str = "tokenizer.json") -> tuple[Path, str | None]:
-    """(local path of filename in hub repo repo_id at revision, the commit sha it came from, or the
-    revision as given when the cache layout does not tell). DataError for a revision that does not
-    exist; HubUnreachable for everything else that keeps the file from coming."""
+    """(local path of filename in hub repo repo_id at revision, its commit sha, else the revision as
+    given). DataError for a revision that does not exist; HubUnreachable for any other failure."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import RevisionNotFoundError
 
     try:
         path = Path(hf_hub_download(repo_id, filename, revision=revision))
     except RevisionNotFoundError:
-        raise DataError(
-            f"data.tokenizer_revision={revision!r} is not a branch, tag or commit of {repo_id!r}; "
-            f"see https://huggingface.co/{repo_id}/commits for the ones it has"
-        ) from None
+        raise DataError(f"data.tokenizer_revision={revision!r} is not a branch, tag or commit of {repo_id!r}; "
+                        f"see https://huggingface.co/{repo_id}/commits for the ones it has") from None
     except Exception as e:  # as above: offline, unknown repository, no such file, HTTP errors
         raise HubUnreachable(first_line(e)) from e
     commit = path.parent.name  # the cache keeps every file under snapshots/<commit sha>/
@@ -79,8 +68,7 @@ MODEL_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "toke
 
 
 def download_model(repo_id: str) -> Path:
-    """The local directory (in the Hugging Face cache) of hub model repo_id's MODEL_FILES.
-    HubUnreachable when they cannot come (offline, unknown or private repository, server error)."""
+    """The local directory (in the Hugging Face cache) of hub model repo_id's MODEL_FILES, or HubUnreachable."""
     from huggingface_hub import snapshot_download
 
     try:

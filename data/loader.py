@@ -35,10 +35,8 @@ def _open_split(prepared_dir: str | Path, split: str, block_size: int) -> tuple[
     if n == 0:
         raise DataError(f"the {split} split of {prepared_dir} is empty; raise data.val_fraction or add text")
     if n < block_size + 1:
-        raise DataError(
-            f"the {split} split of {prepared_dir} has {n} tokens but block_size={block_size} needs at least "
-            f"{block_size + 1}; use a smaller model.block_size or more data"
-        )
+        raise DataError(f"the {split} split of {prepared_dir} has {n} tokens but block_size={block_size} needs "
+                        f"at least {block_size + 1}; use a smaller model.block_size or more data")
     return path, dtype, n
 
 
@@ -67,30 +65,15 @@ def _batch(path: Path, dtype: np.dtype, n: int, starts: np.ndarray, block_size: 
 class BatchLoader:
     """Random (x, y) windows from one split of a prepared directory."""
 
-    def __init__(
-        self,
-        prepared_dir: str | Path,
-        split: str,
-        batch_size: int,
-        block_size: int,
-        *,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
+    def __init__(self, prepared_dir: str | Path, split: str, batch_size: int, block_size: int, *,
+                 device: str | torch.device = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size} must be at least 1")
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
         self.path, self.dtype, self.n_tokens = _open_split(prepared_dir, split, block_size)
-        self.split = split
-        self.batch_size = batch_size
-        self.block_size = block_size
-        self.device = torch.device(device)
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
+        self.split, self.batch_size, self.block_size = split, batch_size, block_size
+        self.device, self.seed, self.rank, self.world_size = torch.device(device), seed, rank, world_size
         self.step = 0  # batches drawn so far (the whole resumable state)
         self._generator = torch.Generator()
 
@@ -111,18 +94,9 @@ class BatchLoader:
         self.seed = int(state["seed"])
 
 
-def val_batches(
-    prepared_dir: str | Path,
-    split: str,
-    batch_size: int,
-    block_size: int,
-    n_batches: int | None,
-    *,
-    device: str | torch.device = "cpu",
-    seed: int = 1234,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def val_batches(prepared_dir: str | Path, split: str, batch_size: int, block_size: int, n_batches: int | None, *,
+                device: str | torch.device = "cpu", seed: int = 1234, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Evaluation batches: n_batches fixed random batches (the same on every call, so eval losses
     compare across steps), or with n_batches=None the whole split in order as consecutive
     non-overlapping windows (the last batch may be smaller), every world_size-th batch per rank.
@@ -136,6 +110,5 @@ def val_batches(
         if n_batches < 1:
             raise DataError(f"n_batches={n_batches} must be at least 1, or None for the whole split")
         g = torch.Generator().manual_seed(_seed(seed, rank))
-        draws = torch.randint(n - block_size, (n_batches, batch_size), generator=g).numpy()
-        batches = list(draws)
+        batches = list(torch.randint(n - block_size, (n_batches, batch_size), generator=g).numpy())
     return (_batch(path, dtype, n, b, block_size, device) for b in batches)

@@ -1,14 +1,12 @@
 """Text -> token ids -> train.bin / val.bin + meta.json + tokenizer.json, cached by fingerprint.
 
-`prepare(cfg)` returns `<cache root>/<source>-<tokenizer>-<fingerprint>`. The fingerprint hashes the
-source's content identity (see data/sources.py) and every setting that changes the ids, so a second
-run returns at once and a changed setting builds anew. Token files are flat uint16 (up to 65,536
-ids) or uint32 arrays, documents joined by <|endoftext|> when the tokenizer has one.
+`prepare(cfg)` returns `<cache root>/<source>-<tokenizer>-<fingerprint>`; the fingerprint hashes the
+source's content identity and every setting that changes the ids. Token files are flat uint16 or
+uint32 arrays, documents joined by <|endoftext|> when the tokenizer has one.
 
-A build happens in a temporary directory beside the final one, renamed into place only when complete,
-under an OS file lock (`.<name>.lock`; data/atomic.py), so neither a kill nor two concurrent runs
-leave a half-written directory that looks valid. Every rank of a job may call prepare() at once:
-one builds, the others wait on the lock (no collective, no timeout), then find it cached. A cached
+A build happens in a temporary directory renamed into place when complete, under an OS file lock
+(data/atomic.py), so neither a kill nor concurrent runs leave a half-written directory that looks
+valid: every rank may call prepare() at once, one builds and the others wait on the lock. A cached
 directory whose files disagree with its meta.json (data/prepared.py) is rebuilt with a warning.
 
 `python -m data.prepare data=tinystories data.vocab_size=4096` prints the directory last.
@@ -46,29 +44,19 @@ from data.atomic import (
     temp_prefix,
 )
 from data.config import MAX_VOCAB, DataConfig, DataError, resolve_cache_dir, warn_user
-from data.corpus import Corpus, take_chars
 from data.prepared import FORMAT_VERSION, META_FILE, TOKENIZER_FILE, check_prepared, file_sha256, read_meta
 from data.progress import Progress
-from data.sources import open_corpus
-from data.tokenizer import (
-    CharTokenizer,
-    Tokenizer,
-    TokenizerUnavailable,
-    load_pretrained,
-    save_tokenizer,
-    train_bpe,
-)
+from data.sources import Corpus, open_corpus, take_chars
+from data.tokenizer import CharTokenizer, Tokenizer, TokenizerUnavailable, load_pretrained, train_bpe
 
 log = logging.getLogger(__name__)
 
-# read_meta, FORMAT_VERSION and META_FILE live in data/prepared.py and are re-exported here.
 __all__ = ["FORMAT_VERSION", "META_FILE", "prepare", "read_meta", "token_dtype"]
-# Errors of a cache directory that the user can fix by freeing space or choosing another directory.
+# Cache directory errors that the user fixes by freeing space or choosing another directory.
 _CACHE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
-# Long documents are cut into pieces of about this many characters so that a batch of pieces can
-# be encoded in parallel even when the corpus is one big file.
+# Long documents are cut into pieces of about PIECE_CHARS so that even one big file encodes in
+# parallel; an encode_arrays call gets about BATCH_CHARS (every thread busy, memory bounded).
 PIECE_CHARS = 1 << 15
-# Characters per encode_arrays call: enough pieces to keep every thread busy, bounded memory.
 BATCH_CHARS = 1 << 23
 # A piece may end only after a newline that has non-space characters on both sides: byte-level
 # BPE's pre-tokenizer always splits there, so encoding the pieces gives the ids of the whole (for
@@ -86,8 +74,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
-    """Prepare (or find in the cache) the token files cfg describes; returns their directory. Safe to
-    call from every rank at once. progress: progress bars (or log lines) while building."""
+    """Prepare (or find in the cache) the token files cfg describes; returns their directory."""
     cache_root = resolve_cache_dir(cfg.cache_dir)
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
@@ -97,17 +84,16 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
     plan, pretrained = _tokenizer_plan(cfg)
     fingerprint = _fingerprint(cfg, corpus, plan)
     final = cache_root / f"{corpus.name}-{plan['kind']}-{fingerprint}"
-    if final.exists() and check_prepared(final) is None:
+    if check_prepared(final) is None:
         log.info("using cached %s", final)
         return final
     try:
         with exclusive_lock(cache_root / f".{final.name}.lock", waiting_for=f"another process preparing {final}",
                             status=lambda: _written_so_far(final)):
-            problem = check_prepared(final) if final.exists() else None
-            if final.exists() and problem is None:  # another process built it while we waited
+            if (problem := check_prepared(final)) is None:  # another process built it while we waited
                 log.info("using %s, prepared by another process", final)
                 return final
-            if problem is not None:
+            if final.exists():
                 warn_user(f"prepared data {problem}; rebuilding")
             _remove_leftovers(cache_root, final)
             tmp = make_temp_dir(final)
@@ -122,16 +108,14 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
     except OSError as e:
         if e.errno not in _CACHE_ERRNOS:
             raise
-        raise DataError(
-            f"cannot write prepared data {e.filename or final} ({e.strerror}); free disk space, or set "
-            "data.cache_dir (or CAUSALGPT_CACHE) to a writable directory with room"
-        ) from None
+        raise DataError(f"cannot write prepared data {e.filename or final} ({e.strerror}); free disk space, or set "
+                        "data.cache_dir (or CAUSALGPT_CACHE) to a writable directory with room") from None
     log.info("prepared %s", final)
     return final
 
 
 def _written_so_far(final: Path) -> str:
-    """How far another process's build of final has got, from the size of its temporary directory."""
+    """How far another process's build of final has got (the size of its temporary directory)."""
     total = 0
     for tmp in final.parent.glob(f"{temp_prefix(final)}*"):
         with contextlib.suppress(OSError):  # the build may finish (and its files move) while we count
@@ -140,12 +124,11 @@ def _written_so_far(final: Path) -> str:
 
 
 def _remove_leftovers(cache_root: Path, final: Path) -> None:
-    """Under final's lock: remove what killed builds left (of final, and of any other dataset whose
-    lock is free), and move an unsound final directory out of the way."""
+    """Under final's lock: remove what killed builds left (of final, and of other datasets whose lock
+    is free), and move an unsound final directory out of the way."""
     for stale in remove_temps(final):
         log.info("removed %s, left by an interrupted build", stale)
-    others = cache_root.glob(f".*{TEMP_INFIX}*")
-    for name in sorted({p.name[1:].rsplit(TEMP_INFIX, 1)[0] for p in others}):
+    for name in sorted({p.name[1:].rsplit(TEMP_INFIX, 1)[0] for p in cache_root.glob(f".*{TEMP_INFIX}*")}):
         try:
             with exclusive_lock(cache_root / f".{name}.lock", timeout_s=0):
                 for stale in remove_temps(cache_root / name):
@@ -190,9 +173,7 @@ def _build(cfg: DataConfig, corpus: Corpus, plan: dict[str, Any], pretrained: To
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with _threads(cfg.num_proc):
-        if plan["kind"] == "char":
-            # The whole text, as nanoGPT's sorted(set(data)); a char is one token, so the budget
-            # in characters is exact.
+        if plan["kind"] == "char":  # the whole text, as nanoGPT's sorted(set(data)); a char is a token
             texts = chain(*(take_chars(corpus.docs(s), budgets[s]) for s in ("train", "val")))
             tok: Tokenizer = CharTokenizer.from_text(texts, unk=cfg.unk)
         elif plan["kind"] == "bpe":
@@ -201,8 +182,7 @@ def _build(cfg: DataConfig, corpus: Corpus, plan: dict[str, Any], pretrained: To
             pieces = (p for doc in take_chars(corpus.docs("train"), limit) for p in _pieces(doc))
             tok = train_bpe(pieces, plan["vocab_size"], progress=progress)
         else:
-            assert pretrained is not None  # _tokenizer_plan returns it with kind pretrained
-            tok = pretrained
+            tok = pretrained  # _tokenizer_plan gives it with kind pretrained
         timings["tokenizer"] = time.perf_counter() - t0
         dtype = token_dtype(tok.vocab_size)
         counts, files = {}, {}
@@ -216,26 +196,17 @@ def _build(cfg: DataConfig, corpus: Corpus, plan: dict[str, Any], pretrained: To
     if counts["train"] == 0:
         raise DataError(f"the {corpus.name} corpus gave no training tokens; check the input")
     if counts["val"] == 0:
-        raise DataError(
-            f"the val split of the {corpus.name} corpus is empty; raise data.val_fraction, add text, "
-            "or name a validation split with data.hf_val_split"
-        )
-    save_tokenizer(tok, out)
+        raise DataError(f"the val split of the {corpus.name} corpus is empty; raise data.val_fraction, add text, "
+                        "or name a validation split with data.hf_val_split")
+    atomic_write(out / TOKENIZER_FILE, tok.to_json())
     files[TOKENIZER_FILE] = {"bytes": (out / TOKENIZER_FILE).stat().st_size, "sha256": file_sha256(out / TOKENIZER_FILE)}
     timings["total"] = time.perf_counter() - t0
     meta = {
-        "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
-        "source": corpus.name,
-        "requested_source": cfg.source,
-        "source_info": corpus.info,
-        "tokenizer": tok.kind,
-        "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
-        "dtype": dtype.name,
-        "tokens": counts,
-        # What data/prepared.py checks the files against: sizes and sha256 (computed while writing).
-        "files": files,
+        "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
+        "source": corpus.name, "requested_source": cfg.source, "source_info": corpus.info,
+        "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+        "dtype": dtype.name, "tokens": counts,
+        "files": files,  # what data/prepared.py checks the files against: sizes and sha256
         # The hub commits the dataset and the tokenizer came from (None: not from the hub, or the
         # hub could not tell); the requested revisions are in config.
         "revision": {"dataset": corpus.info.get("revision"), "tokenizer": getattr(tok, "revision", None)},
@@ -252,10 +223,9 @@ def _build(cfg: DataConfig, corpus: Corpus, plan: dict[str, Any], pretrained: To
 
 @contextlib.contextmanager
 def _threads(num_proc: int) -> Iterator[None]:
-    """The tokenizers library's threads for this block, through the variables it reads, with
-    os.environ as it was afterwards: 1 turns its parallelism off (read at every call); more sizes
-    its thread pool (read once, when the pool starts in the first build of the process) unless
-    RAYON_NUM_THREADS is set already; 0 leaves it all cores."""
+    """The tokenizers library's threads for the block, os.environ as it was afterwards: 1 turns its
+    parallelism off (read at every call); more sizes its thread pool (read when the pool starts, in a
+    process's first build) unless RAYON_NUM_THREADS is set already; 0 leaves it all cores."""
     change = {"TOKENIZERS_PARALLELISM": "false"} if num_proc == 1 else {}
     if num_proc > 1 and "RAYON_NUM_THREADS" not in os.environ:
         change = {"RAYON_NUM_THREADS": str(num_proc)}
@@ -298,14 +268,11 @@ def _batches(docs: Iterable[str]) -> Iterator[list[tuple[str, bool]]]:
         yield batch
 
 
-def _write_split(
-    docs: Iterable[str], tok: Tokenizer, path: Path, dtype: np.dtype, budget: int | None, progress: bool,
-    n_chars: int | None = None,
-) -> tuple[int, str]:
+def _write_split(docs: Iterable[str], tok: Tokenizer, path: Path, dtype: np.dtype, budget: int | None,
+                 progress: bool, n_chars: int | None = None) -> tuple[int, str]:
     """Encode docs into path as a flat dtype array (atomically); returns the token count and the
-    sha256 of the bytes, hashed as they are written (far cheaper than the encoding). Progress counts
-    tokens against the token budget when there is one, else characters against n_chars when the
-    corpus knows it (else a count without an estimate of the time left)."""
+    sha256 of the bytes, hashed as written. Progress counts tokens against the budget when there is
+    one, else characters against n_chars when the corpus knows it."""
     n = n_docs = 0
     digest = hashlib.sha256()
     by_chars = budget is None and n_chars is not None
@@ -331,8 +298,7 @@ def _write_split(
 
 
 def register_schema() -> None:
-    """The root schema of configs/prepare.yaml: data is a DataConfig, so a typo such as data.pth=x
-    is refused before anything runs."""
+    """The root schema of configs/prepare.yaml: data is a DataConfig, so Hydra refuses a typo such as data.pth=x."""
     from hydra.core.config_store import ConfigStore
     ConfigStore.instance().store(name="prepare_schema", node={"data": DataConfig, "progress": True})
 
@@ -343,19 +309,16 @@ def main() -> None:
     from omegaconf import DictConfig, OmegaConf
 
     register_schema()
-    config_dir = str(Path(__file__).resolve().parent.parent / "configs")
 
-    @hydra.main(config_path=config_dir, config_name="prepare", version_base=None)
+    @hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "configs"), config_name="prepare",
+                version_base=None)
     def run(cfg: DictConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s", stream=sys.stderr)
         try:
-            data_cfg = OmegaConf.to_object(cfg.data)
-            assert isinstance(data_cfg, DataConfig)
-            path = prepare(data_cfg, progress=cfg.progress)
+            print(prepare(OmegaConf.to_object(cfg.data), progress=cfg.progress))
         except DataError as e:
             log.error("%s", e)
             sys.exit(1)
-        print(path)
 
     run()
 

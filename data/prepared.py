@@ -1,10 +1,9 @@
 """The layout of a prepared data directory, and the checks that its files agree with its meta.json.
 
-A prepared directory holds train.bin and val.bin (flat token arrays), tokenizer.json and meta.json,
-written last, which records each split's token count and dtype (so each .bin is exactly n_tokens *
-itemsize bytes) and the size and sha256 of every file (`files`; older directories without it are
-checked by sizes and by tokenizer.json parsing). prepare() rebuilds a directory with a Problem
-(warning with the file's name); readers given a directory raise DataError naming the file.
+A prepared directory holds train.bin and val.bin (flat token arrays), tokenizer.json and, written
+last, meta.json: each split's token count and dtype, and the size and sha256 of every file (older
+directories without `files` are checked by sizes and by parsing). prepare() rebuilds a directory
+with a Problem (with a warning); readers raise DataError naming the file.
 """
 
 from __future__ import annotations
@@ -70,43 +69,39 @@ def parse_json(path: Path) -> tuple[Any, Problem | None]:
         return None, Problem(path, f"{'is truncated' if cut else 'is not valid JSON'} ({e})")
 
 
-def meta_problem(directory: Path) -> tuple[dict[str, Any] | None, Problem | None]:
-    """(meta, None) when meta.json is whole and of this format, else (None, the Problem)."""
+def meta_or_problem(directory: Path) -> dict[str, Any] | Problem:
+    """meta.json's content when it is whole and of this format, else the Problem."""
     path = directory / META_FILE
     meta, problem = parse_json(path)
     if problem is not None:
-        return None, problem
+        return problem
     if not isinstance(meta, dict):
-        return None, Problem(path, "is not a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        return None, Problem(path, f"lacks {', '.join(missing)}")
+        return Problem(path, "is not a JSON object")
+    if missing := [k for k in REQUIRED_KEYS if k not in meta]:
+        return Problem(path, f"lacks {', '.join(missing)}")
     if meta["format_version"] != FORMAT_VERSION:
-        return None, Problem(path, f"is from format {meta['format_version']}, this code reads {FORMAT_VERSION}")
+        return Problem(path, f"is from format {meta['format_version']}, this code reads {FORMAT_VERSION}")
     tokens = meta["tokens"]
     if not isinstance(tokens, dict) or not all(isinstance(tokens.get(s), int) and tokens[s] >= 0 for s in SPLITS):
-        return None, Problem(path, f"has no token counts for {' and '.join(SPLITS)} ({tokens!r})")
+        return Problem(path, f"has no token counts for {' and '.join(SPLITS)} ({tokens!r})")
     if meta["dtype"] not in TOKEN_DTYPES:
-        return None, Problem(path, f"names the token dtype {meta['dtype']!r}, not one of {', '.join(TOKEN_DTYPES)}")
-    return meta, None
+        return Problem(path, f"names the token dtype {meta['dtype']!r}, not one of {', '.join(TOKEN_DTYPES)}")
+    return meta
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    """meta.json of a prepared directory; DataError naming the file when it is missing, cut short,
-    corrupt or from another format."""
+    """meta.json of a prepared directory; DataError naming the file when it is missing or unsound."""
     directory = Path(directory)
     if not (directory / META_FILE).exists():
         raise DataError(f"{directory} is not a prepared data directory (no {META_FILE}); run python -m data.prepare")
-    meta, problem = meta_problem(directory)
-    if problem is not None:
-        raise DataError(f"prepared data {problem}; {REBUILD_HINT}")
-    assert meta is not None
+    if isinstance(meta := meta_or_problem(directory), Problem):
+        raise DataError(f"prepared data {meta}; {REBUILD_HINT}")
     return meta
 
 
 def split_problem(directory: Path, split: str, meta: dict[str, Any], verify_bytes: int = 0) -> Problem | None:
-    """None when <split>.bin holds exactly the tokens meta.json records (and, when it is at most
-    verify_bytes long and meta.json has its sha256, those very bytes), else the Problem."""
+    """None when <split>.bin holds exactly the tokens meta.json records (and, up to verify_bytes
+    long, the recorded sha256), else the Problem."""
     path = directory / f"{split}.bin"
     if not path.is_file():
         return Problem(path, "is missing")
@@ -139,10 +134,8 @@ def check_prepared(directory: str | Path, verify_bytes: int = VERIFY_MAX_BYTES) 
     directory = Path(directory)
     if not directory.is_dir():
         return Problem(directory, "is missing")
-    meta, problem = meta_problem(directory)
-    if problem is not None:
-        return problem
-    assert meta is not None
+    if isinstance(meta := meta_or_problem(directory), Problem):
+        return meta
     for split in SPLITS:
         if problem := split_problem(directory, split, meta, verify_bytes):
             return problem

@@ -1,7 +1,7 @@
 """Progress of long work (tokenizing a corpus, a whole-split eval) that never floods a log file.
 
-On a terminal, a tqdm bar. Elsewhere (a batch job, `> log`) its carriage returns would fill the file,
-so a log line every `every_s` seconds says how far the work got and, with a known total, about how
+On a terminal, a tqdm bar. Elsewhere (a batch job, `> log`), where its carriage returns would fill
+the file, a log line every `every_s` seconds says how far the work got and, with a known total, how
 long is left; work that ends sooner writes nothing, work that wrote one writes a last one.
 
     with Progress("tokenizing train", total=n_chars, unit="chars") as p:
@@ -15,7 +15,6 @@ import logging
 import shutil
 import sys
 import time
-from types import TracebackType
 
 from tqdm.auto import tqdm
 
@@ -38,19 +37,16 @@ class Progress:
 
     def __init__(self, desc: str, total: float | None = None, unit: str = "items", enabled: bool = True,
                  every_s: float | None = None, logger: logging.Logger | None = None) -> None:
-        self.desc, self.total, self.unit = desc, total, unit
+        self.desc, self.total, self.unit, self.log = desc, total, unit, logger or log
         self.every_s = EVERY_S if every_s is None else every_s
         self.enabled = enabled and total != 0
-        self.log = logger or log
-        self.done = 0.0
+        self.done, self.lines, self.bar = 0.0, 0, None
         self.start = time.perf_counter()
         self.next_line = self.start + self.every_s
-        self.lines = 0
-        self.bar = None
 
         if self.enabled and sys.stderr.isatty():
-            # Counts of a few dozen (eval batches) read "3/20 batches [00:01<00:04]", not "3.00/20.0 ?batches/s".
-            # A terminal that reports 0 columns or rows gets 80 x 24: tqdm would draw nothing there.
+            # Counts of a few dozen (eval batches) read "3/20 batches [00:01<00:04]", not "3.00/20.0 ?batches/s";
+            # a terminal that reports 0 columns or rows gets 80 x 24, where tqdm would draw nothing.
             small = total is not None and total < 1000
             size = shutil.get_terminal_size((0, 0))
             known = size.columns > 0 and size.lines > 0
@@ -89,6 +85,5 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -1,14 +1,12 @@
 """Tokenizers behind one interface: character-level (as nanoGPT) and byte-level BPE (`tokenizers`).
 
-- `CharTokenizer`: the sorted set of characters of the whole text, exactly as nanoGPT's
-  shakespeare_char builds it, so ids match nanoGPT's; encoding is a numpy lookup over code points.
-- `HFTokenizer`: a `tokenizers.Tokenizer`, a byte-level BPE trained here on the training split
-  (`train_bpe`, kind "bpe") or any tokenizer.json by path or hub name ("pretrained", pinned to
-  data.tokenizer_revision when given).
+- `CharTokenizer`: the sorted characters of the whole text, as nanoGPT's shakespeare_char, so ids
+  match nanoGPT's; encoding is a numpy lookup over code points.
+- `HFTokenizer`: a `tokenizers.Tokenizer`: a byte-level BPE trained here (`train_bpe`, kind "bpe")
+  or any tokenizer.json by path or hub name ("pretrained", pinned to data.tokenizer_revision).
 
-`token_bytes()` is the denominator of bits per byte (engine/evaluate.py). `to_json()` lets each
-checkpoint carry its tokenizer, so sampling needs no data directory. `decode_stream(ids)` turns
-generated ids into text one token at a time, never emitting half of a multi-byte UTF-8 character.
+`token_bytes()` is the denominator of bits per byte; `to_json()` lets each checkpoint carry its
+tokenizer; `decode_stream(ids)` yields text per token, never half of a multi-byte UTF-8 character.
 """
 
 from __future__ import annotations
@@ -23,10 +21,9 @@ import numpy as np
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from data.atomic import atomic_write
 from data.config import DataError
 from data.hub import HubUnreachable, download_tokenizer
-from data.prepared import META_FILE, REBUILD_HINT, TOKENIZER_FILE, file_sha256, parse_json, read_meta
+from data.prepared import META_FILE, REBUILD_HINT, TOKENIZER_FILE, read_meta, tokenizer_problem
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +49,7 @@ class Tokenizer:
         return self.encode_arrays([text])[0].tolist()
 
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        """Encode many texts to int64 arrays; the fast path prepare uses (no Python int lists)."""
+        """Encode many texts to int64 arrays (prepare's fast path: no Python int lists)."""
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -67,10 +64,9 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
-        """The text of ids piece by piece, each piece as soon as its id arrives (empty pieces are not
-        yielded). A byte-level token can hold part of a UTF-8 character; such a piece is held back
-        until the character is complete, and what is still held at the end comes last (invalid
-        bytes as U+FFFD), so the pieces joined equal decode(ids)."""
+        """The text of ids in non-empty pieces, each as soon as its id arrives; part of a UTF-8
+        character waits for the rest (what is held at the end comes last, invalid bytes as U+FFFD),
+        so the pieces joined equal decode(ids)."""
         step = self._step_decoder()
         seen: list[int] = []
         emitted = 0
@@ -83,7 +79,7 @@ class Tokenizer:
             yield rest
 
     def _step_decoder(self) -> Callable[[int], str]:
-        """id -> the text it completes; here each token alone (a char vocabulary's are whole)."""
+        """id -> the text it completes; here each token alone (a char token is a whole character)."""
         return lambda i: self.decode([i])
 
 
@@ -97,8 +93,7 @@ class CharTokenizer(Tokenizer):
             raise DataError("a char vocabulary must be sorted unique characters; rebuild it with CharTokenizer.from_text")
         if not chars:
             raise DataError("the text is empty, so the char vocabulary is empty; give a non-empty corpus")
-        self.chars = chars
-        self.unk = unk
+        self.chars, self.unk = chars, unk
         self.unk_id = len(chars) if unk else None
         self._pieces = [*chars, UNK] if unk else list(chars)  # id -> its text
         self.vocab_size = len(chars) + int(unk)
@@ -120,29 +115,26 @@ class CharTokenizer(Tokenizer):
         return cls("".join(map(chr, np.flatnonzero(seen))), unk=unk)
 
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        return [self._encode_one(t) for t in texts]
-
-    def _encode_one(self, text: str) -> np.ndarray:
-        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-        ids = self._lut[np.minimum(cps, len(self._lut) - 1)]
-        bad = (ids < 0) | (cps >= len(self._lut))
-        if bad.any():
-            if self.unk_id is None:
-                ch = chr(int(cps[np.argmax(bad)]))
-                raise DataError(
-                    f"character {ch!r} (U+{ord(ch):04X}) is not in the char vocabulary; remove it from the "
-                    "text, or prepare the data with data.unk=true to map unknown characters to <unk>"
-                )
-            ids[bad] = self.unk_id
-        return ids
+        out = []
+        for text in texts:
+            cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+            ids = self._lut[np.minimum(cps, len(self._lut) - 1)]
+            bad = (ids < 0) | (cps >= len(self._lut))
+            if bad.any():
+                if self.unk_id is None:
+                    ch = chr(int(cps[np.argmax(bad)]))
+                    raise DataError(f"character {ch!r} (U+{ord(ch):04X}) is not in the char vocabulary; remove it "
+                                    "from the text, or prepare the data with data.unk=true to map unknown characters "
+                                    "to <unk>")
+                ids[bad] = self.unk_id
+            out.append(ids)
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
-        out = []
-        for i in map(int, ids):
-            if not 0 <= i < self.vocab_size:
-                raise DataError(f"token id {i} is outside the char vocabulary of size {self.vocab_size}")
-            out.append(self._pieces[i])
-        return "".join(out)
+        ids = [int(i) for i in ids]
+        if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
+            raise DataError(f"token id {bad[0]} is outside the char vocabulary of size {self.vocab_size}")
+        return "".join(self._pieces[i] for i in ids)
 
     def token_bytes(self) -> np.ndarray:
         # <unk> stands for a character that is not in the vocabulary, so for no known number of bytes.
@@ -157,8 +149,7 @@ class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (byte-level BPE trained here, or any pretrained tokenizer.json)."""
 
     def __init__(self, tok: _RustTokenizer, kind: str, revision: str | None = None) -> None:
-        self.tok = tok
-        self.kind = kind
+        self.tok, self.kind = tok, kind
         self.revision = revision  # the hub commit a pretrained tokenizer came from, when it did
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eot_id = next((i for t in EOT_TOKENS if (i := tok.token_to_id(t)) is not None), None)
@@ -183,10 +174,10 @@ class HFTokenizer(Tokenizer):
         bytes that decoding adds after a preceding piece (so a SentencePiece "▁the" is " the",
         a WordPiece "##ing" is "ing"). Special added tokens count 0, other added tokens their text."""
         out = np.zeros(self.vocab_size, dtype=np.int64)
-        decoder = json.loads(self.tok.to_str()).get("decoder")
+        byte_level = _has_byte_level(json.loads(self.tok.to_str()).get("decoder"))
         alphabet = set(pre_tokenizers.ByteLevel.alphabet())
         for token, i in self.tok.get_vocab(with_added_tokens=False).items():
-            if _has_byte_level(decoder):
+            if byte_level:
                 out[i] = sum(1 if c in alphabet else len(c.encode("utf-8")) for c in token)
             elif BYTE_FALLBACK.fullmatch(token):
                 out[i] = 1
@@ -222,12 +213,8 @@ def train_bpe(texts: Iterator[str], vocab_size: int, *, progress: bool = False) 
     # prepare splits long documents on, so chunked parallel encoding equals encoding the whole.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     bpe = HFTokenizer(tok, "bpe")
     if bpe.vocab_size < vocab_size:
@@ -236,11 +223,9 @@ def train_bpe(texts: Iterator[str], vocab_size: int, *, progress: bool = False) 
 
 
 def load_pretrained(name_or_path: str, revision: str | None = None) -> HFTokenizer:
-    """A tokenizer.json by file or directory path; a name that is not a path is fetched from the hub,
-    at revision (a branch, tag or commit) when given. The hub commit is kept as `.revision`.
-
-    Unreachable hub: TokenizerUnavailable (prepare falls back to a BPE) without a revision, a
-    DataError with one (a pinned tokenizer is not silently replaced)."""
+    """A tokenizer.json by file or directory path, else fetched from the hub at revision (kept as
+    `.revision`). Unreachable hub: TokenizerUnavailable (prepare falls back to a BPE), or with a
+    revision a DataError (a pinned tokenizer is not silently replaced)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         path = path / TOKENIZER_FILE
@@ -273,10 +258,10 @@ def tokenizer_from_json(s: str, kind: str | None = None) -> Tokenizer:
     try:
         obj = json.loads(s)
     except json.JSONDecodeError as e:
-        raise DataError(f"tokenizer JSON is not valid JSON ({e}); re-save it with save_tokenizer") from e
+        raise DataError(f"tokenizer JSON is not valid JSON ({e}); re-save it with the tokenizer's to_json()") from e
     if isinstance(obj, dict) and obj.get("kind") == "char":
         if not isinstance(obj.get("chars"), str):
-            raise DataError("char tokenizer JSON has no 'chars' string; re-save it with save_tokenizer")
+            raise DataError("char tokenizer JSON has no 'chars' string; re-save it with the tokenizer's to_json()")
         return CharTokenizer(obj["chars"], unk=bool(obj.get("unk", False)))
     try:
         tok = _RustTokenizer.from_str(s)
@@ -287,26 +272,15 @@ def tokenizer_from_json(s: str, kind: str | None = None) -> Tokenizer:
     return HFTokenizer(tok, kind)
 
 
-def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
-    """Write tok as tokenizer.json in directory, atomically; returns the file."""
-    path = Path(directory) / TOKENIZER_FILE
-    atomic_write(path, tok.to_json())
-    return path
-
-
 def load_tokenizer(prepared_dir: str | Path) -> Tokenizer:
-    """The tokenizer of a prepared data directory (its tokenizer.json, labelled by meta.json).
-    A missing, cut-short or corrupt file is a one-line DataError that names it."""
+    """The tokenizer of a prepared data directory (its tokenizer.json, labelled by meta.json);
+    a missing, cut-short or corrupt file is a one-line DataError that names it."""
     prepared_dir = Path(prepared_dir)
     path = prepared_dir / TOKENIZER_FILE
     if not path.is_file():
         raise DataError(f"{prepared_dir} has no {TOKENIZER_FILE}; prepare it with python -m data.prepare")
     meta = read_meta(prepared_dir) if (prepared_dir / META_FILE).exists() else {}
-    recorded = (meta.get("files") or {}).get(TOKENIZER_FILE, {}).get("sha256")
-    _, problem = parse_json(path)
-    if problem is None and recorded and file_sha256(path) != recorded:
-        problem = f"{path} is corrupt: its sha256 differs from the one in {META_FILE}"
-    if problem is not None:
+    if problem := tokenizer_problem(prepared_dir, meta):
         raise DataError(f"prepared data {problem}; {REBUILD_HINT}")
     try:
         return tokenizer_from_json(path.read_text(encoding="utf-8"), kind=meta.get("tokenizer"))
