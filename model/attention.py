@@ -66,15 +66,12 @@ class KVCache:
 def causal_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
     """Boolean (T, S) mask, True where attention is allowed: query i sits at absolute position
     s - t + i, and may read key j when j <= s - t + i (on and below the shifted diagonal)."""
-    q_pos = torch.arange(s - t, s, device=device).unsqueeze(1)  # (T, 1)
-    k_pos = torch.arange(s, device=device).unsqueeze(0)  # (1, S)
-    return k_pos <= q_pos  # (T, S)
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)  # (T, S)
 
 
 def length_mask(positions: torch.Tensor, max_len: int, causal: bool) -> torch.Tensor:
-    """Boolean (T, max_len) mask over a whole cache for queries at positions (T,): key j is allowed
-    when j <= the query's position (causal), or when it has been written at all (causal=False: every
-    position up to the last new one, as the appending form sees)."""
+    """Boolean (T, max_len) mask over a whole cache for queries at positions (T,): key j is allowed when
+    j <= the query's position (causal), or else when it is written (j <= the last new position)."""
     k_pos = torch.arange(max_len, device=positions.device)  # (max_len,)
     last = positions.unsqueeze(1) if causal else positions[-1:].unsqueeze(1)  # (T, 1) or (1, 1)
     return (k_pos <= last).expand(positions.shape[0], max_len)  # (T, max_len)
@@ -131,10 +128,7 @@ class MaskedMultiHeadAttention(nn.Module):
         B, nh, T, hs = q.shape
         S = k.shape[2]
         # M = 0 where allowed and -inf where not, added before the softmax, so exp(-inf) = 0.
-        if mask is None:
-            additive = q.new_zeros(1, 1)  # (1, 1): nothing masked
-        else:
-            additive = torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        additive = q.new_zeros(1, 1) if mask is None else q.new_zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         # Q K^T / sqrt(hs) + M in one fused multiply-add over all B*nh heads (the fastest form on CPU).
         scores = torch.baddbmm(additive, q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2),
                                alpha=1.0 / math.sqrt(hs))  # (B*nh, T, S)

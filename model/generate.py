@@ -53,10 +53,8 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # drop, in vocabulary order
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
 
 
 @dataclass
