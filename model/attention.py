@@ -39,10 +39,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # number of valid positions (the appending form)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
+        self.max_len = max_len
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) after the valid positions; return views of all valid ones (B, nh, S, hs)."""
@@ -54,8 +51,7 @@ class KVCache:
         self.length += t
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
-    def write(self, k: torch.Tensor, v: torch.Tensor,
-              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) at positions (T,), a tensor; return the whole cache (B, nh, max_len, hs),
         whose unwritten positions (zeros, or an earlier sequence's) the caller masks out (length_mask)."""
         self.k[:, :, positions] = k.to(self.k.dtype)

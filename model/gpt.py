@@ -2,10 +2,9 @@
 
     logits, loss = GPT(config)(idx, targets)     # idx (B, T) int64 -> logits (B, T, vocab)
 
-Also here: one `init_weights` (GPT-2's scheme), parameter and FLOP counts for MFU, `trace` (hidden
-states, attention weights and input embeddings, for the leakage demonstration), and the cached steps
-generation (model/generate.py) is built from: `step` appends to the KV caches (eager decoding), and
-`decode`, its static-shape form, writes at a position tensor (compiled decoding, CUDA graphs).
+Also here: `init_weights` (GPT-2's scheme), parameter and FLOP counts for MFU, `trace` (hidden states,
+attention weights and input embeddings, for the leakage demonstration), and the cached steps that
+generation (model/generate.py) runs: `step` (eager) and `decode`, its static-shape form (compiled).
 
 Shape legend: B batch, T time, C channels (n_embd), V vocab, nh heads, hs head size.
 """
@@ -106,10 +105,9 @@ class GPT(nn.Module):
         for block in self.h:
             x, _ = block(x, rope=rope)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def trace(self, idx: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
               need_weights: bool = False) -> Trace:
