@@ -10,11 +10,13 @@ Shapes: B batch, T time, C channels.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KVCache, MaskedMultiHeadAttention
+from .attention import MaskedMultiHeadAttention
 from .config import ModelConfig
 from .linear import Linear
 
@@ -43,17 +45,13 @@ class TransformerBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, *, rope: torch.Tensor | None = None, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, C) -> (x (B, T, C), attention weights or None); the keywords are the attention's."""
+    def forward(self, x: torch.Tensor, **attn_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, C) -> (x (B, T, C), attention weights or None); attn_kwargs go to the attention
+        (rope, cache, positions, need_weights)."""
         if self.pre_norm:
-            a, weights = self.attn(self.ln_1(x), rope=rope, cache=cache, positions=positions,
-                                   need_weights=need_weights)
+            a, weights = self.attn(self.ln_1(x), **attn_kwargs)
             x = x + a
-            x = x + self.mlp(self.ln_2(x))
-        else:
-            a, weights = self.attn(x, rope=rope, cache=cache, positions=positions, need_weights=need_weights)
-            x = self.ln_1(x + a)
-            x = self.ln_2(x + self.mlp(x))
-        return x, weights
+            return x + self.mlp(self.ln_2(x)), weights
+        a, weights = self.attn(x, **attn_kwargs)
+        x = self.ln_1(x + a)
+        return self.ln_2(x + self.mlp(x)), weights

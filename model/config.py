@@ -46,11 +46,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        for key in ("block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, key) is None:
-                raise ValueError(f"model.{key} is not set: give it, or start from a named size (model=tiny)")
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, key)
+            if value is None and key != "vocab_size":  # the vocabulary may come from the data later
+                raise ValueError(f"model.{key} is not set: give it, or start from a named size (model=tiny)")
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
         for key, choices in (("norm", ("post", "pre")), ("pos", ("learned", "sinusoidal", "rope")),

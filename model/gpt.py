@@ -2,10 +2,9 @@
 
     logits, loss = GPT(config)(idx, targets)     # idx (B, T) int64 -> logits (B, T, vocab)
 
-Also here: one `init_weights` (GPT-2's scheme), parameter and FLOP counts for MFU, `trace` (hidden
-states, attention weights and input embeddings, for the leakage demonstration), and the cached steps
-generation (model/generate.py) is built from: `step` appends to the KV caches (eager decoding), and
-`decode`, its static-shape form, writes at a position tensor (compiled decoding, CUDA graphs).
+Also here: `init_weights` (GPT-2's scheme), parameter and FLOP counts for MFU, `trace` (hidden states,
+attention weights and input embeddings, for the leakage demonstration), and the cached steps that
+generation (model/generate.py) runs: `step` (eager) and `decode`, its static-shape form (compiled).
 
 Shape legend: B batch, T time, C channels (n_embd), V vocab, nh heads, hs head size.
 """
@@ -70,9 +69,7 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                module.reset_parameters()  # ones and zeros
 
     # ---- forward passes ---------------------------------------------------------------------------
     def embed(self, idx: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,10 +105,9 @@ class GPT(nn.Module):
         for block in self.h:
             x, _ = block(x, rope=rope)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def trace(self, idx: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
               need_weights: bool = False) -> Trace:
@@ -129,43 +125,33 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(hidden[-1]))  # (B, T, V)
         return Trace(logits, embeds, hidden, attentions if need_weights else None)
 
-    def new_caches(self, batch_size: int, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> list[KVCache]:
-        """One empty KV cache per layer, sized for block_size positions. dtype defaults to what the
-        keys and values come out as: the autocast dtype under autocast (a float32 cache would double
-        the memory read per step and be cast back down for attention), else the weights' dtype."""
-        p = self.wte.weight
-        device = device or p.device
-        if dtype is None:
-            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else p.dtype
-        c = self.config
+    def new_caches(self, batch_size: int) -> list[KVCache]:
+        """One empty KV cache per layer, sized for block_size positions, in the dtype the keys and
+        values come out as: the autocast dtype under autocast (a float32 cache would double the
+        memory read per step), else the weights' dtype."""
+        c, device = self.config, self.wte.weight.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
         return [KVCache(batch_size, c.n_head, c.block_size, c.head_size, device, dtype) for _ in range(c.n_layer)]
 
-    def step(self, idx: torch.Tensor, caches: list[KVCache], start_pos: int) -> torch.Tensor:
+    def step(self, idx: torch.Tensor, caches: list[KVCache], start_pos: int = 0,
+             positions: torch.Tensor | None = None) -> torch.Tensor:
         """Feed new tokens idx (B, T) at positions start_pos.. through the caches (appended after
         their valid positions); return the logits of the last position (B, V). A prefill is a step
-        with the whole prompt."""
-        x = self.embed(idx, start_pos)
-        if self.training:
+        with the whole prompt. With `positions`, the static-shape form (see decode)."""
+        x = self.embed(idx, start_pos, positions)
+        if self.training:  # dropout is the identity in eval: skip the call on the per-token path
             x = self.drop(x)
-        rope = self.rope(idx.shape[1], start_pos)
-        for block, cache in zip(self.h, caches, strict=True):
-            x, _ = block(x, rope=rope, cache=cache)
-        return self.lm_head(self.ln_f(x[:, -1, :]))  # (B, V)
-
-    def decode(self, idx: torch.Tensor, caches: list[KVCache], positions: torch.Tensor) -> torch.Tensor:
-        """step's static-shape form: idx (B, T) at positions (T,), a tensor, written into the caches
-        there, attention over each whole cache under a length mask; returns the last position's
-        logits (B, V). No shape and no Python value depends on the position, so one compiled graph
-        (and one CUDA graph) serves every decode step. Positions must be < block_size (unchecked: a
-        check would read the tensor back from the device)."""
-        x = self.embed(idx, positions=positions)
-        if self.training:
-            x = self.drop(x)
-        rope = self.rope(idx.shape[1], positions=positions)
+        rope = self.rope(idx.shape[1], start_pos, positions)
         for block, cache in zip(self.h, caches, strict=True):
             x, _ = block(x, rope=rope, cache=cache, positions=positions)
         return self.lm_head(self.ln_f(x[:, -1, :]))  # (B, V)
+
+    def decode(self, idx: torch.Tensor, caches: list[KVCache], positions: torch.Tensor) -> torch.Tensor:
+        """step with idx (B, T) at positions (T,), a tensor, written into the caches there, attention
+        over each whole cache under a length mask. No shape and no Python value depends on the
+        position, so one compiled graph (and one CUDA graph) serves every decode step. Positions must
+        be < block_size (unchecked: a check would read the tensor back from the device)."""
+        return self.step(idx, caches, positions=positions)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

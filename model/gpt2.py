@@ -87,17 +87,20 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict
 
 
 # ---- weights --------------------------------------------------------------------------------------
+def _in_block(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether `name` (ours, without "transformer.") is h.<i>.<one of suffixes>."""
+    return name.startswith("h.") and name.split(".", 2)[2] in suffixes
+
+
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
     """Our GPT state dict -> GPT2LMHeadModel's (transformer.* names, Conv1D weights transposed)."""
     out = {}
     for name, t in state_dict.items():
-        if name == "lm_head.weight":
-            out[name] = t.contiguous()
-            continue
-        if name.startswith("h.") and name.split(".", 2)[2] in _TRANSPOSED:
-            t = t.t()  # nn.Linear (out, in) -> Conv1D (in, out)
-        out["transformer." + name] = t.contiguous()
-    _check_layers(out, n_layer, prefix="transformer.h.")
+        t = t.t() if _in_block(name, _TRANSPOSED) else t  # nn.Linear (out, in) -> Conv1D (in, out)
+        out[name if name == "lm_head.weight" else "transformer." + name] = t.contiguous()
+    layers = {int(k.split(".")[2]) for k in out if k.startswith("transformer.h.")}
+    if layers != set(range(n_layer)):
+        raise ValueError(f"state dict has layers {sorted(layers)}, model.n_layer={n_layer}")
     return out
 
 
@@ -108,11 +111,9 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], model_config: dict[str, A
     sd = {}
     for name, t in hf_sd.items():
         name = name.removeprefix("transformer.")
-        if name.startswith("h.") and name.split(".", 2)[2] in _HF_BUFFERS:
-            continue
-        if name.startswith("h.") and name.split(".", 2)[2] in _TRANSPOSED:
-            t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
-        sd[name] = t.float().contiguous()  # fp32 master weights, whatever the file stored
+        if not _in_block(name, _HF_BUFFERS):
+            t = t.t() if _in_block(name, _TRANSPOSED) else t  # Conv1D (in, out) -> nn.Linear (out, in)
+            sd[name] = t.float().contiguous()  # fp32 master weights, whatever the file stored
     if cfg.tie_weights:
         sd.pop("lm_head.weight", None)  # stored by some writers, always equal to wte when tied
         if "wte.weight" in sd:
@@ -122,14 +123,8 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], model_config: dict[str, A
     missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"{where}: not a GPT-2 of this config.json (missing {missing[:4]}, "
-                              f"unexpected {unexpected[:4]})")
+                         f"unexpected {unexpected[:4]})")
     for name, shape in expected.items():
         if tuple(sd[name].shape) != shape:
             raise ValueError(f"{where}: {name} has shape {tuple(sd[name].shape)}, config.json implies {shape}")
     return sd
-
-
-def _check_layers(sd: dict, n_layer: int, prefix: str) -> None:
-    layers = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
-    if layers != set(range(n_layer)):
-        raise ValueError(f"state dict has layers {sorted(layers)}, model.n_layer={n_layer}")

@@ -1,14 +1,12 @@
 """nn.Linear with a faster path for the one-row inputs of batch-1 decoding on CPU.
 
-A decode step multiplies each weight matrix by one vector, so it costs one read of the weights.
-For one row, torch's linear calls a BLAS matrix-vector kernel that reads weights at 10-25 % of the
-memory bandwidth on an AVX-512 AMD EPYC (the same with ATEN_CPU_CAPABILITY=avx2), while a batched
-matrix multiply over k slices of the weight (W viewed (k, out/k, in)) against the vector runs at
-the bandwidth: GPT-2 124M's 48 block matrices in 10.8 ms against 10.5 ms to read them, 24.2 ms with
-linear (scripts/bench_sample.py; BENCHMARKS.md). Under torch.compile the vector's layout is not
-ours to choose, so there the product is written as a multiply and a sum, which Inductor turns into
-one loop over the weights. Everything else (training, many rows, GPU, autocast) is plain linear.
-The parameters and their names are nn.Linear's: checkpoints and the GPT-2 mapping do not change.
+For one row, torch's linear calls a BLAS matrix-vector kernel that reads the weights at 10-25 % of
+the memory bandwidth (AVX-512 AMD EPYC, also with ATEN_CPU_CAPABILITY=avx2), while a batched matrix
+multiply over k slices of the weight (W viewed (k, out/k, in)) against the vector runs at the
+bandwidth: GPT-2 124M's 48 block matrices in 10.8 ms against 24.2 ms with linear (BENCHMARKS.md).
+Under torch.compile the product is a multiply and a sum, which Inductor turns into one loop over the
+weights. Everything else (training, many rows, GPU, autocast) is plain linear; the parameters and
+their names are nn.Linear's.
 """
 
 from __future__ import annotations

@@ -24,8 +24,7 @@ def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
     return table
 
 
-def rope_frequencies(n_pos: int, head_size: int, theta: float, device: torch.device | str | None = None,
-                     ) -> torch.Tensor:
+def rope_frequencies(n_pos: int, head_size: int, theta: float, device: torch.device) -> torch.Tensor:
     """The rotations of positions 0..n_pos-1 as unit complex numbers e^(i p w_j), w_j = theta^(-2j/hs);
     (n_pos, hs/2) complex64."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
