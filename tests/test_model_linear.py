@@ -55,13 +55,14 @@ def test_compiling_under_aten_cpu_capability_skips_inductors_graph_caches(monkey
 
     from model.generate import compile_isa_safe
 
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    compile_isa_safe(torch.nn.Identity())
-    assert torch._inductor.config.fx_graph_cache  # left alone without the variable
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    compiled = compile_isa_safe(torch.nn.Identity())
-    assert not torch._inductor.config.fx_graph_cache and not torch._functorch.config.enable_autograd_cache
-    x = torch.randn(3)
-    assert torch.equal(compiled(x), x)
+    # config.patch restores both settings afterwards (monkeypatch.setattr would delete them on undo:
+    # torch's config modules hold no such attribute in their __dict__, and a later compile then fails)
+    with torch._inductor.config.patch(fx_graph_cache=True), torch._functorch.config.patch(enable_autograd_cache=True):
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+        compile_isa_safe(torch.nn.Identity())
+        assert torch._inductor.config.fx_graph_cache  # left alone without the variable
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+        compiled = compile_isa_safe(torch.nn.Identity())
+        assert not torch._inductor.config.fx_graph_cache and not torch._functorch.config.enable_autograd_cache
+        x = torch.randn(3)
+        assert torch.equal(compiled(x), x)
