@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import gc
 import logging
 import os
 import re
@@ -108,6 +109,8 @@ class Runtime:
             else:
                 # Together: a rank tearing down its gloo pairs while another still has work in flight
                 # with it (FSDP's last collectives) aborted that one at exit (terminate called...).
+                # The DDP/FSDP wrappers hold the group in reference cycles: collected now, not at exit.
+                gc.collect()
                 with contextlib.suppress(RuntimeError):  # a peer is gone already: nothing left to wait for
                     dist.barrier()
                 dist.destroy_process_group()
