@@ -35,6 +35,14 @@ class Trace:
     attentions: list[torch.Tensor] | None  # n_layer x (B, nh, T, T), when asked for
 
 
+def embedding(n: int, dim: int) -> nn.Embedding:
+    """nn.Embedding; on the meta device without its own N(0, 1) init: there is nothing to fill, and
+    torch's normal_ for meta tensors imports torch._dynamo (half a second of sample.py's start-up)."""
+    if torch.empty(0).is_meta:
+        return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+    return nn.Embedding(n, dim)
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -42,9 +50,9 @@ class GPT(nn.Module):
             raise ValueError("model.vocab_size is not set: pass ModelConfig(vocab_size=...); "
                              "the trainer fills it from the prepared data's meta.json")
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte = embedding(config.vocab_size, config.n_embd)
         if config.pos == "learned":
-            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+            self.wpe = embedding(config.block_size, config.n_embd)
         elif config.pos == "sinusoidal":  # fixed, so a buffer (not saved: it is rebuilt from the config)
             self.register_buffer("pe", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
         self.drop = nn.Dropout(config.dropout)
@@ -59,6 +67,8 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """GPT-2 initialisation: N(0, 0.02) for weights, zero biases, and the projections that write
         into the residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth."""
+        if self.wte.weight.is_meta:  # built for its shapes, or for weights about to be loaded: nothing to fill
+            return
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
