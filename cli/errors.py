@@ -28,8 +28,7 @@ class JobFailed(CompactHydraException):
 
 
 def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a Hydra task function: user errors end as one line and exit status 2 (in a sweep the
-    job fails and the next one runs); any exit finishes an open W&B run with the exit code."""
+    """Decorate a Hydra task function as the module docstring says."""
     from engine.state import TrainingError
 
     @functools.wraps(fn)

@@ -136,6 +136,7 @@ def buffer_logs() -> None:
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 STEP_CHECKPOINTS = "ckpt-*.pt"
 LOCK_FILE = ".lock"
+NO_RESUME = ("", "none", "null", "false", "never")  # resume= values that start a fresh run
 
 
 @contextlib.contextmanager
@@ -165,16 +166,14 @@ def hold_run_dir(out_dir: Path, resume: str | None, overwrite: bool, enabled: bo
 
 def _resuming(resume: str | None, out_dir: Path) -> bool:
     """Whether resume= continues a checkpoint (resume=auto only when out_dir has one to continue)."""
-    value = str(resume).lower()
-    if value in ("", "none", "null", "false", "never"):
-        return False
-    out_dir = Path(out_dir)
-    return value != "auto" or (out_dir / "last.pt").exists() or any(out_dir.glob(STEP_CHECKPOINTS))
+    value, out_dir = str(resume).lower(), Path(out_dir)
+    return value not in NO_RESUME and (value != "auto" or (out_dir / "last.pt").exists()
+                                       or any(out_dir.glob(STEP_CHECKPOINTS)))
 
 
 def _check_run_dir(out_dir: Path, resume: str | None, overwrite: bool) -> None:
     auto = str(resume).lower() == "auto"
-    if overwrite and (auto or _resuming(resume, out_dir)):
+    if overwrite and str(resume).lower() not in NO_RESUME:
         raise ValueError(f"resume={resume} continues a run and overwrite=true starts over: give one of them")
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     found += sorted(p.name for p in out_dir.glob(STEP_CHECKPOINTS))

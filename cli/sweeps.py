@@ -33,11 +33,9 @@ class RunResult(float):
 
 
 class SweepSummary(Callback):
-    """With -m: one table line per job (number, overrides, status, best and final val, run dir) once the
-    last job has ended; then, if a job failed, `error: N of M jobs failed` and exit status 1. The basic
-    sweeper would re-raise the first failure after its batch, printing it again after the table, so
-    this exits itself right after the table (HYDRA_FULL_ERROR=1 leaves it to Hydra). Other sweepers:
-    the table comes at on_multirun_end."""
+    """The table once the last job has ended. The basic sweeper would re-raise the first failure after
+    its batch, printing it again after the table, so this exits itself right after the table
+    (HYDRA_FULL_ERROR=1 leaves it to Hydra); with other sweepers the table comes at on_multirun_end."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []

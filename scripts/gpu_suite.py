@@ -1,17 +1,14 @@
 """The GPU proof in one command: every GPU check and figure of the project, run and recorded in
-under 8 minutes on one CUDA GPU, carried wheels installed first.
+under 8 minutes on one CUDA GPU, carried wheels installed first (README.md, "GPU", says what each
+part runs and measures).
 
     python scripts/gpu_suite.py --wheels .whl --data .carry/tinyshakespeare.txt --out results/
     python scripts/gpu_suite.py --dry-run --out /tmp/gpu_suite     # the same code on CPU, tiny sizes, < 2 min
 
-The PARTS run in order within a 460 s budget (--budget), each in processes of its own under a time
-cap (unused time passes on), each reported as pass, fail or skipped with the reason; a failing part
-never stops the ones after it. wheels: pip install --target of --wheels DIR/*.whl, put on PYTHONPATH
-(the Hydra stack a CUDA image lacks); pytest: `pytest -m "gpu and not figures" tests`; the others:
-one pytest process per test of tests/test_gpu_figures.py, each writing its figures as JSON.
-Writes <out>/gpu_suite.json (after each part), gpu_suite.md (the table for BENCHMARKS.md, printed
-last) and gpu_suite.log (every command and its output). Exit status 1 when a part failed, 2 for bad
-arguments, else 0. --dry-run: fp32, no compilation, a standard-library corpus unless --data is given.
+The PARTS run in order within --budget, each in processes of its own under a time cap (unused time
+passes on) and reported as pass, fail or skipped with the reason; a failing part never stops the
+ones after it. Writes <out>/gpu_suite.json (after each part), gpu_suite.md (printed last) and
+gpu_suite.log. Exit status 1 when a part failed, 2 for bad arguments, else 0.
 """
 
 from __future__ import annotations
