@@ -17,6 +17,10 @@ from logging.handlers import BufferingHandler
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
 from .errors import RUN_LOG, log_files
 from .sweeps import _shown_overrides, _sweep_plan
 
@@ -97,8 +101,6 @@ def start_run_files(out_dir: Path, dcfg: Any) -> None:
     """Once the run has started (directory locked and checked, data and model set up): write `.hydra/`
     as Hydra would and start `train.log` with everything logged so far (buffer_logs). Resumes rewrite
     .hydra/ and append to train.log."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
     hc = HydraConfig.get()
     saved = out_dir / ".hydra"
     saved.mkdir(parents=True, exist_ok=True)
@@ -197,9 +199,6 @@ def name_wandb_run(cfg: Any) -> None:
     `<experiment or preset>-<run stamp>` (plus the swept overrides), group = the sweep directory
     (sweeps only), tags experiment, preset, data source and tokenizer. WANDB_NAME / WANDB_RUN_GROUP win
     over these defaults; a resumed run keeps the name it has in W&B."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     experiment = hc.runtime.choices.get("experiment") or None
