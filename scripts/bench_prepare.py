@@ -4,7 +4,7 @@ Repeats --input (tiny Shakespeare) to about --mb megabytes and times `data.prepa
 empty cache: char and bpe read it as one local file (source=files); hf_stream_bpe as a jsonl of one
 paragraph per document, streamed by `datasets`; char_python_loop is nanoGPT's list comprehension
 over the characters, the reference for our lookup table. Tokenizer cases run with all cores
-(num_proc=0) and one thread (num_proc=1), each run a fresh subprocess with a fresh cache; the figure
+(num_proc=0) and one thread (num_proc=1), each run in a fresh process with a fresh cache; the figure
 is the median of --runs, over all tokens written in the whole call (read, train, encode).
 
     python scripts/bench_prepare.py --input /path/to/tinyshakespeare.txt --mb 100 --runs 3
