@@ -16,7 +16,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 
 log = logging.getLogger("cli")
 RUN_LOG: list[logging.FileHandler] = []  # train.log, once the run has started (cli.start_run_files)
@@ -28,8 +30,7 @@ class JobFailed(CompactHydraException):
 
 
 def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a Hydra task function: user errors end as one line and exit status 2 (in a sweep the
-    job fails and the next one runs); any exit finishes an open W&B run with the exit code."""
+    """Decorate a Hydra task function as the module docstring says."""
     from engine.state import TrainingError
 
     @functools.wraps(fn)
@@ -41,7 +42,7 @@ def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             _finish_wandb(_exit_code(e, user_error))
             if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise
-            sweep = _in_sweep()
+            sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
             full = os.environ.get("HYDRA_FULL_ERROR") == "1"
             if full or not user_error:  # a bug or a crash: its traceback, in the log file too
                 text = "".join(traceback.format_exception(e)).rstrip()
@@ -71,12 +72,6 @@ def _exit_code(e: BaseException, user_error: bool) -> int:
     if isinstance(e, KeyboardInterrupt):
         return 130
     return 2 if user_error else 1
-
-
-def _in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _to_log_files(text: str) -> None:

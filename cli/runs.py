@@ -17,6 +17,10 @@ from logging.handlers import BufferingHandler
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
 from .errors import RUN_LOG, log_files
 from .sweeps import _shown_overrides, _sweep_plan
 
@@ -97,8 +101,6 @@ def start_run_files(out_dir: Path, dcfg: Any) -> None:
     """Once the run has started (directory locked and checked, data and model set up): write `.hydra/`
     as Hydra would and start `train.log` with everything logged so far (buffer_logs). Resumes rewrite
     .hydra/ and append to train.log."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
     hc = HydraConfig.get()
     saved = out_dir / ".hydra"
     saved.mkdir(parents=True, exist_ok=True)
@@ -136,6 +138,7 @@ def buffer_logs() -> None:
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 STEP_CHECKPOINTS = "ckpt-*.pt"
 LOCK_FILE = ".lock"
+NO_RESUME = ("", "none", "null", "false", "never")  # resume= values that start a fresh run
 
 
 @contextlib.contextmanager
@@ -165,16 +168,14 @@ def hold_run_dir(out_dir: Path, resume: str | None, overwrite: bool, enabled: bo
 
 def _resuming(resume: str | None, out_dir: Path) -> bool:
     """Whether resume= continues a checkpoint (resume=auto only when out_dir has one to continue)."""
-    value = str(resume).lower()
-    if value in ("", "none", "null", "false", "never"):
-        return False
-    out_dir = Path(out_dir)
-    return value != "auto" or (out_dir / "last.pt").exists() or any(out_dir.glob(STEP_CHECKPOINTS))
+    value, out_dir = str(resume).lower(), Path(out_dir)
+    return value not in NO_RESUME and (value != "auto" or (out_dir / "last.pt").exists()
+                                       or any(out_dir.glob(STEP_CHECKPOINTS)))
 
 
 def _check_run_dir(out_dir: Path, resume: str | None, overwrite: bool) -> None:
     auto = str(resume).lower() == "auto"
-    if overwrite and (auto or _resuming(resume, out_dir)):
+    if overwrite and str(resume).lower() not in NO_RESUME:
         raise ValueError(f"resume={resume} continues a run and overwrite=true starts over: give one of them")
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     found += sorted(p.name for p in out_dir.glob(STEP_CHECKPOINTS))
@@ -198,9 +199,6 @@ def name_wandb_run(cfg: Any) -> None:
     `<experiment or preset>-<run stamp>` (plus the swept overrides), group = the sweep directory
     (sweeps only), tags experiment, preset, data source and tokenizer. WANDB_NAME / WANDB_RUN_GROUP win
     over these defaults; a resumed run keeps the name it has in W&B."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     experiment = hc.runtime.choices.get("experiment") or None

@@ -33,11 +33,9 @@ class RunResult(float):
 
 
 class SweepSummary(Callback):
-    """With -m: one table line per job (number, overrides, status, best and final val, run dir) once the
-    last job has ended; then, if a job failed, `error: N of M jobs failed` and exit status 1. The basic
-    sweeper would re-raise the first failure after its batch, printing it again after the table, so
-    this exits itself right after the table (HYDRA_FULL_ERROR=1 leaves it to Hydra). Other sweepers:
-    the table comes at on_multirun_end."""
+    """The table once the last job has ended. The basic sweeper would re-raise the first failure after
+    its batch, printing it again after the table, so this exits itself right after the table
+    (HYDRA_FULL_ERROR=1 leaves it to Hydra); with other sweepers the table comes at on_multirun_end."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -125,14 +123,12 @@ def _sweep_plan(config: Any) -> tuple[set[str] | None, list[int] | None]:
         log.debug("sweep plan unknown: %s", e)
         return None, None
     swept = {_override_key(o.get_key_element()) for o in overrides if o.is_sweep_override()}  # +key: key
-    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper") or any(
+            o.is_sweep_override() and not o.is_discrete_sweep() for o in overrides):  # interval(): not the basic's
         return swept, None
-    values: dict[str, int] = {}
     try:
-        for o in overrides:
-            if o.is_sweep_override() and not o.is_discrete_sweep():  # interval(): not the basic sweeper's
-                return swept, None
-            values[o.get_key_element()] = len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
+        values = {o.get_key_element(): len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
+                  for o in overrides}
     except Exception as e:  # e.g. a glob() the parser alone cannot expand
         log.debug("sweep batches unknown: %s", e)
         return swept, None

@@ -36,14 +36,11 @@ def quote_free_text(argv: list[str], fields: dict[str, str]) -> list[str]:
     `${...}`, non-ASCII, spaces); everything else is left for Hydra as it is."""
     out, value_of_option = list(argv[:1]), False
     for arg in argv[1:]:
-        if value_of_option or arg.startswith("-"):
-            value_of_option = arg in _OPTIONS_WITH_VALUE
-            out.append(arg)
-            continue
-        m = _OVERRIDE.fullmatch(arg)
+        m = None if value_of_option or arg.startswith("-") else _OVERRIDE.fullmatch(arg)
         if m and m[2] in fields:
             arg = f"{m[1]}{m[2]}={hydra_value(m[3], fields[m[2]])}"
         out.append(arg)
+        value_of_option = arg in _OPTIONS_WITH_VALUE  # the next argument is this option's value
     return out
 
 

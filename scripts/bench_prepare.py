@@ -4,7 +4,7 @@ Repeats --input (tiny Shakespeare) to about --mb megabytes and times `data.prepa
 empty cache: char and bpe read it as one local file (source=files); hf_stream_bpe as a jsonl of one
 paragraph per document, streamed by `datasets`; char_python_loop is nanoGPT's list comprehension
 over the characters, the reference for our lookup table. Tokenizer cases run with all cores
-(num_proc=0) and one thread (num_proc=1), each run a fresh subprocess with a fresh cache; the figure
+(num_proc=0) and one thread (num_proc=1), each run in a fresh process with a fresh cache; the figure
 is the median of --runs, over all tokens written in the whole call (read, train, encode).
 
     python scripts/bench_prepare.py --input /path/to/tinyshakespeare.txt --mb 100 --runs 3
@@ -14,34 +14,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repository's packages
 CASES = ("char", "bpe", "hf_stream_bpe", "char_python_loop")
 
 
-def build_inputs(src: Path, mb: float, workdir: Path) -> tuple[Path, Path]:
+def build_inputs(src: Path, mb: float, workdir: Path) -> Path:
+    """corpus.txt (src repeated to about mb megabytes) and corpus.jsonl (one paragraph a line) in workdir."""
     text = src.read_text(encoding="utf-8")
     repeats = max(1, round(mb * 1e6 / len(text.encode())))
     big = workdir / "corpus.txt"
     big.write_text(text * repeats, encoding="utf-8")
-    jsonl = workdir / "corpus.jsonl"
-    paragraphs = [p + "\n\n" for p in text.split("\n\n")]
-    with open(jsonl, "w", encoding="utf-8") as f:
-        for _ in range(repeats):
-            f.writelines(json.dumps({"text": p}) + "\n" for p in paragraphs)
-    return big, jsonl
+    paragraphs = "".join(json.dumps({"text": p + "\n\n"}) + "\n" for p in text.split("\n\n"))
+    (workdir / "corpus.jsonl").write_text(paragraphs * repeats, encoding="utf-8")
+    return big
 
 
 def run_one(case: str, threads: int, workdir: Path, vocab_size: int) -> dict:
-    """One timed run in this (fresh) process."""
+    """One timed run, in a fresh process of its own."""
     import numpy as np
 
     from data.config import DataConfig
@@ -78,24 +77,17 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--one", nargs=2, metavar=("CASE", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:  # child mode: one timed run
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.workdir, args.vocab_size)))
-        return
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         workdir = Path(tmp)
-        big, _ = build_inputs(args.input, args.mb, workdir)
-        mb = big.stat().st_size / 1e6
+        mb = build_inputs(args.input, args.mb, workdir).stat().st_size / 1e6
         for case in args.cases.split(","):
             for threads in (0, 1) if case != "char_python_loop" else (1,):
                 runs = []
-                for _ in range(args.runs):
-                    cmd = [sys.executable, __file__, "--one", case, str(threads), "--workdir", str(workdir),
-                           "--vocab-size", str(args.vocab_size), "--input", str(args.input)]
-                    done = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                          env={**os.environ, "PYTHONPATH": str(REPO)})
-                    runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                for _ in range(args.runs):  # each in a fresh process: no warm imports, caches or threads
+                    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                        runs.append(pool.submit(run_one, case, threads, workdir, args.vocab_size).result())
                 median = statistics.median(r["seconds"] for r in runs)
                 tokens = runs[0]["tokens"]
                 # The median run's build times (an even count has no median run: the first one's).
@@ -108,7 +100,6 @@ def main() -> None:
                     "load_avg_1m": round(os.getloadavg()[0], 1), "build_seconds": build["build_seconds"],
                     "max_rss_mb": round(max(r["max_rss_mb"] for r in runs)),
                 }), flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -2,26 +2,21 @@
 
     python scripts/bench_sample.py --preset tiny                      # KV cache on, CPU or GPU (auto)
     python scripts/bench_sample.py --preset small --no-cache --repeats 3
-    python scripts/bench_sample.py --preset gpt2 --precision bf16 --compile --device cuda
-
-A randomly initialised model (speed does not depend on the weights) generates --new-tokens tokens
-at temperature 1 after a random --prompt-len prompt, by default exactly filling the context, so every
-step is one cached decode. Each repeat times the whole generation, prefill included; tokens/s =
-batch * new tokens / seconds, median over the repeats.
-
---compare-hf: the same weights in transformers' GPT2LMHeadModel (model/gpt2.py maps them; pip install
--e '.[hf]'), the model made expressible as GPT-2 (pre-LN, learned positions, tied head). Both generate
-greedily, timed in alternation (ours, theirs, ...) so a passing load on a shared machine hits both
-alike; ratio = their seconds / ours. Also each side's prefill alone and from it the time per decode
-step; then, untimed, whether the greedy tokens are identical, else the first step that differs and
-the top-1 minus top-2 logit margin there (a near-tie flips with rounding order alone):
-
     python scripts/bench_sample.py --compare-hf --preset small --device cpu --threads 1 --repeats 5 \\
         --prompt-len 16 --new-tokens 200 [--compile]
 
-weight_read_ms, printed beside the figures, is the time to read every parameter once: about the memory
-floor of a batch-1 decode step, whose reads are mostly the weights; when they do not fit in the CPU
-caches, no implementation of the same float32 math decodes a token faster.
+A randomly initialised model (speed does not depend on the weights) generates at temperature 1 after
+a random prompt, by default filling the context; each repeat times the whole generation, prefill
+included; tokens/s = batch * new tokens / seconds, median over the repeats.
+
+--compare-hf: the same weights, made expressible as GPT-2, in transformers' GPT2LMHeadModel
+(model/gpt2.py; pip install -e '.[hf]'), both greedy, timed in alternation so that a passing load
+hits both alike (ratio = their seconds / ours), plus each side's prefill and time per decode step;
+then whether the greedy tokens agree, else the first step that differs and its top-1 minus top-2
+logit margin (a near-tie flips with rounding order alone).
+
+weight_read_ms, beside the figures, is the time to read every parameter once: about the memory floor
+of a batch-1 decode step, whose reads are mostly the weights.
 """
 
 from __future__ import annotations
@@ -75,15 +70,6 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def generate_once(model: GPT, prompt: torch.Tensor, n: int, use_cache: bool, ctx, generator) -> float:
-    """Seconds to generate n tokens after prompt (B, T) at temperature 1, GPU work included."""
-    def run() -> None:
-        with ctx:
-            for _ in generate_tokens(model, prompt, n, use_cache=use_cache, generator=generator):
-                pass
-    return timed(run, prompt.device)
-
-
 def weight_read_ms(model: torch.nn.Module, repeats: int = 5) -> float:
     """Median milliseconds to read every parameter once: a batch-1 decode step's memory floor."""
     params = list(model.parameters())  # tied weights once
@@ -125,10 +111,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare_hf:
         result.update(compare_hf(model, prompt, n, args.repeats, ctx))
     else:
-        generate_once(model, prompt, min(args.warmup_tokens, n), args.use_cache, ctx, g)  # warm-up
+        def generate(k: int) -> float:  # seconds for k tokens at temperature 1
+            with ctx:
+                return timed(lambda: list(generate_tokens(model, prompt, k, use_cache=args.use_cache, generator=g)),
+                             device)
+
+        generate(min(args.warmup_tokens, n))  # warm-up
         if args.compile:  # the first generation compiles: warm up over the whole timed range too
-            generate_once(model, prompt, n, args.use_cache, ctx, g)
-        seconds = [generate_once(model, prompt, n, args.use_cache, ctx, g) for _ in range(args.repeats)]
+            generate(n)
+        seconds = [generate(n) for _ in range(args.repeats)]
         median = statistics.median(seconds)
         result.update({"tokens_per_s": round(args.batch * n / median, 1), "ms_per_token": round(1e3 * median / n, 3),
                        "seconds": [round(s, 4) for s in seconds]})

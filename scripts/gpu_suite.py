@@ -1,23 +1,19 @@
 """The GPU proof in one command: every GPU check and figure of the project, run and recorded in
-under 8 minutes on one CUDA GPU, carried wheels installed first.
+under 8 minutes on one CUDA GPU, carried wheels installed first (README.md, "GPU", says what each
+part runs and measures).
 
     python scripts/gpu_suite.py --wheels .whl --data .carry/tinyshakespeare.txt --out results/
     python scripts/gpu_suite.py --dry-run --out /tmp/gpu_suite     # the same code on CPU, tiny sizes, < 2 min
 
-The PARTS run in order within a 460 s budget (--budget), each in processes of its own under a time
-cap (unused time passes on), each reported as pass, fail or skipped with the reason; a failing part
-never stops the ones after it. wheels: pip install --target of --wheels DIR/*.whl, put on PYTHONPATH
-(the Hydra stack a CUDA image lacks); pytest: `pytest -m "gpu and not figures" tests`; the others:
-one pytest process per test of tests/test_gpu_figures.py, each writing its figures as JSON.
-Writes <out>/gpu_suite.json (after each part), gpu_suite.md (the table for BENCHMARKS.md, printed
-last) and gpu_suite.log (every command and its output). Exit status 1 when a part failed, 2 for bad
-arguments, else 0. --dry-run: fp32, no compilation, a standard-library corpus unless --data is given.
+The PARTS run in order within --budget, each in processes of its own under a time cap (unused time
+passes on) and reported as pass, fail or skipped with the reason; a failing part never stops the
+ones after it. Writes <out>/gpu_suite.json (after each part), gpu_suite.md (printed last) and
+gpu_suite.log. Exit status 1 when a part failed, 2 for bad arguments, else 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shlex
@@ -36,9 +32,6 @@ PARTS = ("wheels", "pytest", "parity", "scale", "time_to_loss", "throughput", "g
 BUDGET_S, MIN_PART_S = {False: 460.0, True: 110.0}, {False: 20.0, True: 5.0}
 CAPS = {False: dict(wheels=60, pytest=120, parity=90, time_to_loss=180, throughput=150, generation=150, scale=90),
         True: dict(wheels=30, pytest=40, parity=40, time_to_loss=30, throughput=25, generation=20, scale=25)}
-# The figures of the parts that do not run; those of tests/test_gpu_figures.py come from the env worker.
-EMPTY = {"wheels": {"installed": [], "modules": [], "site": None},
-         "pytest": {"passed": None, "failed": None, "skipped": None, "errors": None, "failures": []}}
 
 
 def run(cmd: list[str], env: dict, cap: float, log: Path) -> tuple[int | None, str]:
@@ -186,12 +179,11 @@ def main(argv: list[str] | None = None) -> int:
               "wall_s": 0.0, "budget_s": budget, "command": shlex.join([sys.executable, *sys.argv]),
               "work_dir": str(work) if args.keep else None, "env": {}, "parts": {}, "summary": {}}
     rows: dict[str, list] = {}
-    empty, info = copy.deepcopy(EMPTY), {}
+    # The figures of a part that does not run; those of tests/test_gpu_figures.py come from the env worker.
+    empty, info = {"wheels": {"installed": [], "modules": [], "site": str(work / "site")},
+                   "pytest": {"passed": None, "failed": None, "skipped": None, "errors": None, "failures": []}}, {}
     for i, name in enumerate(PARTS):
-        r = report["parts"][name] = {"status": "skipped", "why": "", "seconds": 0.0, "cap_s": 0.0,
-                                     **copy.deepcopy(empty.get(name, {}))}
-        if name == "wheels":
-            r["site"] = str(work / "site")
+        r = report["parts"][name] = {"status": "skipped", "why": "", "seconds": 0.0, "cap_s": 0.0, **empty.get(name, {})}
         if name == "pytest":  # after the wheels: what the suite's processes import, and the device
             rc, out = run([sys.executable, "tests/gpu_workers.py", "env", "{}"], env, 120, log)
             lines = [line for line in out.splitlines() if line.startswith("{")]
