@@ -179,7 +179,7 @@ def leakage(cfg: SampleConfig, loaded: Loaded, rt: Runtime, idx: torch.Tensor, o
 
 
 def attention(cfg: SampleConfig, loaded: Loaded, rt: Runtime, idx: torch.Tensor, out: Path, stdout: TextIO) -> int:
-    from causality.attention_maps import write_attention_maps  # matplotlib, as above
+    from causality.report import write_attention_maps  # matplotlib, as above
     maps = write_attention_maps(loaded.model, idx, out, [label(loaded.tokenizer, i) for i in idx[0].tolist()],
                                 rt.autocast())
     (out / "attention.json").write_text(json.dumps(
@@ -188,8 +188,7 @@ def attention(cfg: SampleConfig, loaded: Loaded, rt: Runtime, idx: torch.Tensor,
     stdout.write(f"attention weights of {loaded.source} for a {idx.shape[1]}-token prompt: {n_layer} layers x "
                  f"{n_head} heads\n{maps.path_line()}\n{maps.zero_line()}\n"
                  f"files: {maps.grid_file} (all heads), {out}/layer<L>_head<H>.png, {out / 'attention.json'}\n")
-    images = {"attention/grid": maps.grid_file,
-              **{f"attention/layer{layer}_head{head}": p for (layer, head), p in maps.head_files.items()}}
+    images = {f"attention/{name}": p for name, p in {"grid": maps.grid_file, **maps.head_files}.items()}
     log_images(cfg, out, images, {"max_weight_above_diagonal": maps.max_above_diagonal})
     return 1 if maps.broken_mask else 0
 

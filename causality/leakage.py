@@ -31,6 +31,7 @@ from .leakage_tests import (  # cache_consistency and logit_tolerance: re-export
     cache_consistency,
     count_nonfinite,
     influence_matrix,
+    largest_above_diagonal,
     logit_tolerance,  # noqa: F401
     nan_or,
     perturbation_test,
@@ -80,9 +81,7 @@ class ModelChecks:
 
     @property
     def max_influence_above_diagonal(self) -> float:
-        """The future's largest influence on the past (0.0 for a one-token map; NaN if any entry is)."""
-        upper = self.influence_above_diagonal
-        return upper.max().item() if upper.numel() else 0.0
+        return largest_above_diagonal(self.influence)
 
     @property
     def perturbations(self) -> list[tuple[str, PerturbationResult]]:
