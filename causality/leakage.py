@@ -75,11 +75,6 @@ class ModelChecks:
     other_impl: tuple[str, PerturbationResult] | None = None  # the perturbation test, other attention path
 
     @property
-    def influence_above_diagonal(self) -> torch.Tensor:
-        """The entries with s > t: what the future contributes to the past."""
-        return above_diagonal(self.influence)
-
-    @property
     def max_influence_above_diagonal(self) -> float:
         return largest_above_diagonal(self.influence)
 
@@ -145,7 +140,7 @@ class LeakageReport:
     @property
     def control_ok(self) -> bool:
         """The mask-off control shows what the tests are there to catch."""
-        upper = self.unmasked.influence_above_diagonal
+        upper = above_diagonal(self.unmasked.influence)  # s > t: the future's influence on the past
         return (self.unmasked.perturbation.max_past > self.settings.control_min
                 and bool(upper.numel()) and upper.min().item() > 0.0)
 

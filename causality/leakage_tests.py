@@ -227,8 +227,7 @@ class ConsistencyResult:
     def near_tie(self) -> bool:
         """The tokens differ only where two tokens were tied within tie_margin and both paths agreed
         within tie_margin: rounding, not information from the future."""
-        return (not self.equal and self.flip_logit_diff is not None and self.flip_gap is not None
-                and self.flip_logit_diff <= self.tie_margin and self.flip_gap <= self.tie_margin)
+        return not self.equal and self.flip_logit_diff <= self.tie_margin and self.flip_gap <= self.tie_margin
 
 
 @contextlib.contextmanager

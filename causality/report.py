@@ -40,9 +40,7 @@ def fmt(x: float) -> str:
 
 
 def _rows(n: int, shown: int = 8) -> list[int]:
-    """About `shown` positions spread over 0..n-1, always including the first and the last."""
-    if n <= shown:
-        return list(range(n))
+    """About `shown` positions spread over 0..n-1, the first and the last included (all of them for n <= shown)."""
     return sorted({round(i * (n - 1) / (shown - 1)) for i in range(shown)})
 
 
@@ -76,7 +74,7 @@ def _influence_lines(r: LeakageReport) -> list[str]:
     lines = [f"(2) Influence ||d h_t / d x_s|| from autograd over the first {r.masked.influence.shape[0]} positions "
              f"({how});", "    the entries above the diagonal (s > t) are the future's influence on the past:"]
     for checks in (r.masked, r.unmasked):
-        upper = checks.influence_above_diagonal
+        upper = above_diagonal(checks.influence)
         lines.append(f"      {checks.label:<13} max {fmt(checks.max_influence_above_diagonal):>7}, exactly 0.0 in "
                      f"{int((upper == 0).sum())}/{upper.numel()} (for scale: median on the diagonal "
                      f"{fmt(checks.influence.diagonal().median().item())})")
@@ -149,7 +147,7 @@ def _perturbation_summary(p: PerturbationResult) -> dict[str, Any]:
 
 
 def _checks_summary(c: ModelChecks) -> dict[str, Any]:
-    upper = c.influence_above_diagonal
+    upper = above_diagonal(c.influence)
     out: dict[str, Any] = {
         "label": c.label,
         "perturbation": _perturbation_summary(c.perturbation),

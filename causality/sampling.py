@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -198,21 +198,17 @@ class Sample:
 
 
 def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, max_new_tokens: int,
-                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  use_cache: bool = True, generator: torch.Generator | None = None,
-                  write: Callable[[str], None] = lambda s: None, vocab_limit: int | None = None,
-                  stop_id: int | None = None) -> Sample:
+                  write: Callable[[str], None] = lambda s: None, **sampling: Any) -> Sample:
     """Generate one continuation of prompt_ids, calling write(piece) with each completed piece of text
     as soon as its token is made (Tokenizer.decode_stream holds back half a UTF-8 character). Mixed
-    precision is the caller's. stop_id: end at that token (end-of-text), neither written nor kept."""
+    precision is the caller's. sampling: generate_tokens' settings (temperature, top_k, top_p,
+    use_cache, generator, vocab_limit; stop_id ends at that token, neither written nor kept)."""
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=model.wte.weight.device)  # (1, T)
     new_ids: list[int] = []
     pieces: list[str] = []
 
     def ids() -> Iterator[int]:
-        for tok in generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, use_cache=use_cache, generator=generator, vocab_limit=vocab_limit,
-                                   stop_id=stop_id):
+        for tok in generate_tokens(model, idx, max_new_tokens, **sampling):
             new_ids.append(int(tok[0, 0]))  # waits for the GPU: the token is needed to print it
             yield new_ids[-1]
 
