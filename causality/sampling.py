@@ -138,18 +138,14 @@ def encode_prompt(tokenizer: Tokenizer, text: str, block_size: int) -> list[int]
         tok = start_token(tokenizer)
         log.warning("empty prompt: starting from token %d (%s)", tok, label(tokenizer, tok))
         return [tok]
-    try:
-        ids = tokenizer.encode(text)
-    except DataError as e:  # a char vocabulary: name every character it lacks, not just the first
-        bad = sorted(set(text) - set(tokenizer.chars)) if isinstance(tokenizer, CharTokenizer) else []
-        if not bad:
-            raise
-        names = ", ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in bad)
-        raise DataError(f"the prompt has {len(bad)} character(s) outside the model's char vocabulary: {names}; "
-                        "remove or replace them") from e
-    if (unk_id := getattr(tokenizer, "unk_id", None)) is not None and unk_id in ids:
+    if isinstance(tokenizer, CharTokenizer) and (bad := sorted(set(text) - set(tokenizer.chars))):
+        if tokenizer.unk_id is None:  # name every character the vocabulary lacks, not just the first
+            names = ", ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in bad)
+            raise DataError(f"the prompt has {len(bad)} character(s) outside the model's char vocabulary: {names}; "
+                            "remove or replace them")
         log.warning("%d prompt character(s) are outside the char vocabulary and were read as <unk>",
-                    ids.count(unk_id))
+                    sum(map(text.count, bad)))
+    ids = tokenizer.encode(text)
     if len(ids) > block_size:
         log.warning("the prompt is %d tokens, longer than the model's context of %d: keeping the last %d",
                     len(ids), block_size, block_size)
