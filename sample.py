@@ -164,11 +164,9 @@ def leakage(cfg: SampleConfig, loaded: Loaded, rt: Runtime, idx: torch.Tensor, o
     n = report.masked.influence.shape[0]
     png = plot_influence(report.masked.influence, report.unmasked.influence, out / "influence.png",
                          [label(loaded.tokenizer, i) for i in idx[0, :n].tolist()])
-    data = summary(report, source=loaded.source, device=rt.device.type, precision=rt.precision,
-                   prompt_ids=idx[0].tolist(), files={"influence": str(png)})
-    # NaN and infinities (a broken model's numbers) become the strings "nan", "inf", "-inf": strict JSON.
-    strict = json.loads(json.dumps(data), parse_constant=lambda c: str(float(c)))
-    (out / "leakage.json").write_text(json.dumps(strict, indent=1, allow_nan=False))
+    write_json(out / "leakage.json", summary(report, source=loaded.source, device=rt.device.type,
+                                             precision=rt.precision, prompt_ids=idx[0].tolist(),
+                                             files={"influence": str(png)}))
     header = (f"Causal-mask leakage check: {loaded.source}, {rt.device.type}, {rt.precision}, "
               f"prompt of {idx.shape[1]} tokens")
     stdout.write(format_report(report, header, rt.dtype) + "\n")
@@ -179,19 +177,23 @@ def leakage(cfg: SampleConfig, loaded: Loaded, rt: Runtime, idx: torch.Tensor, o
 
 
 def attention(cfg: SampleConfig, loaded: Loaded, rt: Runtime, idx: torch.Tensor, out: Path, stdout: TextIO) -> int:
-    from causality.attention_maps import write_attention_maps  # matplotlib, as above
+    from causality.report import write_attention_maps  # matplotlib, as above
     maps = write_attention_maps(loaded.model, idx, out, [label(loaded.tokenizer, i) for i in idx[0].tolist()],
                                 rt.autocast())
-    (out / "attention.json").write_text(json.dumps(
-        {"source": loaded.source, "prompt_ids": idx[0].tolist(), **maps.summary()}, indent=1))
+    write_json(out / "attention.json", {"source": loaded.source, "prompt_ids": idx[0].tolist(), **maps.summary()})
     n_layer, n_head = maps.weights.shape[:2]
     stdout.write(f"attention weights of {loaded.source} for a {idx.shape[1]}-token prompt: {n_layer} layers x "
                  f"{n_head} heads\n{maps.path_line()}\n{maps.zero_line()}\n"
                  f"files: {maps.grid_file} (all heads), {out}/layer<L>_head<H>.png, {out / 'attention.json'}\n")
-    images = {"attention/grid": maps.grid_file,
-              **{f"attention/layer{layer}_head{head}": p for (layer, head), p in maps.head_files.items()}}
+    images = {f"attention/{name}": p for name, p in {"grid": maps.grid_file, **maps.head_files}.items()}
     log_images(cfg, out, images, {"max_weight_above_diagonal": maps.max_above_diagonal})
     return 1 if maps.broken_mask else 0
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Strict JSON: NaN and infinities (a broken model's numbers) become the strings "nan", "inf", "-inf"."""
+    strict = json.loads(json.dumps(data), parse_constant=lambda c: str(float(c)))
+    path.write_text(json.dumps(strict, indent=1, allow_nan=False))
 
 
 def log_images(cfg: SampleConfig, out: Path, images: dict[str, Path], values: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from .leakage_tests import (  # cache_consistency and logit_tolerance: re-export
     cache_consistency,
     count_nonfinite,
     influence_matrix,
+    largest_above_diagonal,
     logit_tolerance,  # noqa: F401
     nan_or,
     perturbation_test,
@@ -74,15 +75,8 @@ class ModelChecks:
     other_impl: tuple[str, PerturbationResult] | None = None  # the perturbation test, other attention path
 
     @property
-    def influence_above_diagonal(self) -> torch.Tensor:
-        """The entries with s > t: what the future contributes to the past."""
-        return above_diagonal(self.influence)
-
-    @property
     def max_influence_above_diagonal(self) -> float:
-        """The future's largest influence on the past (0.0 for a one-token map; NaN if any entry is)."""
-        upper = self.influence_above_diagonal
-        return upper.max().item() if upper.numel() else 0.0
+        return largest_above_diagonal(self.influence)
 
     @property
     def perturbations(self) -> list[tuple[str, PerturbationResult]]:
@@ -146,7 +140,7 @@ class LeakageReport:
     @property
     def control_ok(self) -> bool:
         """The mask-off control shows what the tests are there to catch."""
-        upper = self.unmasked.influence_above_diagonal
+        upper = above_diagonal(self.unmasked.influence)  # s > t: the future's influence on the past
         return (self.unmasked.perturbation.max_past > self.settings.control_min
                 and bool(upper.numel()) and upper.min().item() > 0.0)
 

@@ -53,6 +53,12 @@ def above_diagonal(m: torch.Tensor) -> torch.Tensor:
     return m[..., torch.ones(m.shape[-2:], dtype=torch.bool).triu(1)]
 
 
+def largest_above_diagonal(m: torch.Tensor) -> float:
+    """The largest of above_diagonal(m): 0.0 when there is none (T = 1), NaN if any entry is."""
+    upper = above_diagonal(m)
+    return upper.max().item() if upper.numel() else 0.0
+
+
 def variant(model: GPT, **changes) -> GPT:
     """The same weights run another way (a new module), e.g. causal=False for the mask-off control."""
     other = GPT(dataclasses.replace(model.config, **changes)).to(model.wte.weight.device).eval()
@@ -221,8 +227,7 @@ class ConsistencyResult:
     def near_tie(self) -> bool:
         """The tokens differ only where two tokens were tied within tie_margin and both paths agreed
         within tie_margin: rounding, not information from the future."""
-        return (not self.equal and self.flip_logit_diff is not None and self.flip_gap is not None
-                and self.flip_logit_diff <= self.tie_margin and self.flip_gap <= self.tie_margin)
+        return not self.equal and self.flip_logit_diff <= self.tie_margin and self.flip_gap <= self.tie_margin
 
 
 @contextlib.contextmanager

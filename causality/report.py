@@ -1,17 +1,25 @@
-"""What a leakage check and the attention maps show a reader: the printed report, the JSON summary,
-and the heatmap PNGs (influence maps, attention weights).
+"""What a leakage check and the attention maps show a reader: the printed report, the JSON summaries,
+and the heatmap PNGs (influence maps; attention weights per layer and head).
 
 The report is written for someone who doubts the claim: every "0.0" sits next to the number the same
 test gives without the mask, and next to evidence that the perturbation did change the future; a NaN
-prints as nan, never as a zero. Figures are matplotlib Figures without pyplot (no display, no global
-state), exact zeros white (they are exactly zero, not merely dark), and each image's size in pixels
-is figsize x DPI (`heatmap_inches`, `grid_inches`), so tests can check it.
+prints as nan, never as a zero. The attention weights come from the explicit path, the only one that
+returns them; their zeros above the diagonal hold by construction (the mask puts -inf there before the
+softmax), so they show that the mask is applied, not that nothing leaks, which mode=leakage tests.
+Figures are matplotlib Figures without pyplot (no display, no global state), exact zeros white (they
+are exactly zero, not merely dark), and each image's size in pixels is figsize x DPI (`heatmap_inches`,
+`grid_inches`), so tests can check it.
+
+Shapes: L layers, nh heads, T time, V vocab.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +28,10 @@ import torch
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from model import GPT
+
 from .leakage import LeakageReport, ModelChecks, PerturbationResult
-from .leakage_tests import above_diagonal, count_nonfinite, nan_or
+from .leakage_tests import above_diagonal, count_nonfinite, largest_above_diagonal, nan_or
 
 
 def fmt(x: float) -> str:
@@ -30,9 +40,7 @@ def fmt(x: float) -> str:
 
 
 def _rows(n: int, shown: int = 8) -> list[int]:
-    """About `shown` positions spread over 0..n-1, always including the first and the last."""
-    if n <= shown:
-        return list(range(n))
+    """About `shown` positions spread over 0..n-1, the first and the last included (all of them for n <= shown)."""
     return sorted({round(i * (n - 1) / (shown - 1)) for i in range(shown)})
 
 
@@ -66,7 +74,7 @@ def _influence_lines(r: LeakageReport) -> list[str]:
     lines = [f"(2) Influence ||d h_t / d x_s|| from autograd over the first {r.masked.influence.shape[0]} positions "
              f"({how});", "    the entries above the diagonal (s > t) are the future's influence on the past:"]
     for checks in (r.masked, r.unmasked):
-        upper = checks.influence_above_diagonal
+        upper = above_diagonal(checks.influence)
         lines.append(f"      {checks.label:<13} max {fmt(checks.max_influence_above_diagonal):>7}, exactly 0.0 in "
                      f"{int((upper == 0).sum())}/{upper.numel()} (for scale: median on the diagonal "
                      f"{fmt(checks.influence.diagonal().median().item())})")
@@ -139,7 +147,7 @@ def _perturbation_summary(p: PerturbationResult) -> dict[str, Any]:
 
 
 def _checks_summary(c: ModelChecks) -> dict[str, Any]:
-    upper = c.influence_above_diagonal
+    upper = above_diagonal(c.influence)
     out: dict[str, Any] = {
         "label": c.label,
         "perturbation": _perturbation_summary(c.perturbation),
@@ -187,15 +195,12 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _label_axes(ax, labels: list[str] | None, n: int, xlabel: str, ylabel: str) -> None:
-    """Ticks at most every MAX_TICKS-th position: the token (and its position, on y) or the position."""
+def _label_axes(ax, labels: list[str], n: int, xlabel: str, ylabel: str) -> None:
+    """Ticks at most every MAX_TICKS-th position: the token (and its position, on y)."""
     ticks = list(range(0, n, max(1, math.ceil(n / MAX_TICKS))))
-    if labels is None:
-        ax.set(xticks=ticks, yticks=ticks)
-    else:
-        shown = [labels[i].replace("$", r"\$") for i in ticks]  # a pair of $ would start matplotlib's mathtext
-        ax.set_xticks(ticks, shown, rotation=90)
-        ax.set_yticks(ticks, [f"{text} {i}" for text, i in zip(shown, ticks, strict=True)])
+    shown = [labels[i].replace("$", r"\$") for i in ticks]  # a pair of $ would start matplotlib's mathtext
+    ax.set_xticks(ticks, shown, rotation=90)
+    ax.set_yticks(ticks, [f"{text} {i}" for text, i in zip(shown, ticks, strict=True)])
     ax.tick_params(labelsize=7)
     ax.set(xlabel=xlabel, ylabel=ylabel)
 
@@ -207,8 +212,7 @@ def _show(ax, m: torch.Tensor, **kw):
     return ax.imshow(np.ma.masked_where(a == 0.0, a), cmap="viridis", interpolation="nearest", **kw)
 
 
-def plot_influence(masked: torch.Tensor, unmasked: torch.Tensor, path: str | Path,
-                   labels: list[str] | None = None) -> Path:
+def plot_influence(masked: torch.Tensor, unmasked: torch.Tensor, path: str | Path, labels: list[str]) -> Path:
     """The two influence maps (T, T) side by side on one log colour scale; exact zeros white."""
     n = masked.shape[0]
     side = heatmap_inches(n)
@@ -233,7 +237,7 @@ def plot_influence(masked: torch.Tensor, unmasked: torch.Tensor, path: str | Pat
     return _save(fig, path)
 
 
-def plot_attention(weights: torch.Tensor, path: str | Path, labels: list[str] | None, title: str) -> Path:
+def plot_attention(weights: torch.Tensor, path: str | Path, labels: list[str], title: str) -> Path:
     """One head's attention weights (T, T): row t is the query, column s the key; exact zeros white."""
     n = weights.shape[0]
     side = heatmap_inches(n)
@@ -260,3 +264,77 @@ def plot_attention_grid(weights: torch.Tensor, path: str | Path, title: str) -> 
             ax.set_ylabel(f"layer {layer + 1}", fontsize=8)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+# ---- attention maps ------------------------------------------------------------------------------
+WEIGHTS_PATH = "explicit"  # the only attention path that can return its weights
+
+
+@dataclass
+class AttentionMaps:
+    weights: torch.Tensor  # (L, nh, T, T), float32, CPU
+    causal: bool  # the model's mask setting
+    configured_attn: str  # the attention path the model runs
+    logits_diff: float | None  # max |logits| difference, explicit path vs the configured one (None: the same)
+    head_files: dict[str, Path] = field(default_factory=dict)  # "layer{L}_head{H}", 1-based -> PNG
+    grid_file: Path | None = None
+
+    @property
+    def max_above_diagonal(self) -> float:
+        """The largest weight any query gives a later key: 0.0 exactly with the causal mask."""
+        return largest_above_diagonal(self.weights)
+
+    @property
+    def broken_mask(self) -> bool:
+        """A causal model that gives weight to a later token."""
+        return self.causal and self.max_above_diagonal != 0
+
+    def path_line(self) -> str:
+        if self.configured_attn == WEIGHTS_PATH:
+            return f"weights from attn={WEIGHTS_PATH}, the path this model runs"
+        return (f"weights from attn={WEIGHTS_PATH} (the formula step by step): this model runs "
+                f"attn={self.configured_attn}, whose fused kernel returns no weights; same parameters, and the "
+                f"two paths' logits for this prompt differ by at most {fmt(self.logits_diff or 0.0)}")
+
+    def zero_line(self) -> str:
+        head = f"largest weight any token gives a later token: {fmt(self.max_above_diagonal)}"
+        if not self.causal:
+            return f"{head} (causal=False: no mask)"
+        if self.broken_mask:
+            return f"{head}: a causal model attends to the future, the mask is not applied"
+        return (f"{head}, exactly zero by construction: the causal mask sets those scores to -inf before the "
+                "softmax, and exp(-inf) = 0. This shows the mask is applied, not that nothing leaks: "
+                "mode=leakage tests that")
+
+    def summary(self) -> dict[str, Any]:
+        return {"max_weight_above_diagonal": self.max_above_diagonal, "causal": self.causal,
+                "zero_above_diagonal_by_construction": self.causal and self.max_above_diagonal == 0,
+                "weights_path": WEIGHTS_PATH, "configured_attn": self.configured_attn,
+                "logits_max_diff_vs_configured": self.logits_diff, "grid": str(self.grid_file),
+                "heads": {name: str(p) for name, p in self.head_files.items()}}
+
+
+@torch.no_grad()
+def write_attention_maps(model: GPT, idx: torch.Tensor, out_dir: str | Path, labels: list[str],
+                         autocast: contextlib.AbstractContextManager | None = None) -> AttentionMaps:
+    """The attention weights for the prompt idx (1, T), drawn as one PNG per layer and head
+    (layer{L}_head{H}.png) and one grid of all heads (grid.png)."""
+    model.eval()
+    with autocast or contextlib.nullcontext():
+        trace = model.trace(idx, need_weights=True)
+        configured = None if model.config.attn == WEIGHTS_PATH else model(idx)[0]  # (1, T, V)
+    weights = torch.stack([w[0] for w in trace.attentions]).float().cpu()  # L x (nh, T, T) -> (L, nh, T, T)
+    diff = None if configured is None else (trace.logits.float() - configured.float()).abs().max().item()
+    maps = AttentionMaps(weights, model.config.causal, model.config.attn, diff)
+
+    out_dir, (n_layer, n_head) = Path(out_dir), weights.shape[:2]
+    mask = "causal mask" if maps.causal else "NO causal mask"
+    for layer, head in itertools.product(range(n_layer), range(n_head)):
+        name = f"layer{layer + 1}_head{head + 1}"
+        maps.head_files[name] = plot_attention(weights[layer, head], out_dir / f"{name}.png", labels,
+                                               f"layer {layer + 1}, head {head + 1} ({mask})")
+    zeros = "white = exactly 0 by construction" if maps.causal else "white = exactly 0"
+    maps.grid_file = plot_attention_grid(
+        weights, out_dir / "grid.png",
+        f"attention weights: {n_layer} layers x {n_head} heads, {idx.shape[1]} tokens\n({mask}; {zeros})")
+    return maps

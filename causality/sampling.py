@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -138,18 +138,14 @@ def encode_prompt(tokenizer: Tokenizer, text: str, block_size: int) -> list[int]
         tok = start_token(tokenizer)
         log.warning("empty prompt: starting from token %d (%s)", tok, label(tokenizer, tok))
         return [tok]
-    try:
-        ids = tokenizer.encode(text)
-    except DataError as e:  # a char vocabulary: name every character it lacks, not just the first
-        bad = sorted(set(text) - set(tokenizer.chars)) if isinstance(tokenizer, CharTokenizer) else []
-        if not bad:
-            raise
-        names = ", ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in bad)
-        raise DataError(f"the prompt has {len(bad)} character(s) outside the model's char vocabulary: {names}; "
-                        "remove or replace them") from e
-    if (unk_id := getattr(tokenizer, "unk_id", None)) is not None and unk_id in ids:
+    if isinstance(tokenizer, CharTokenizer) and (bad := sorted(set(text) - set(tokenizer.chars))):
+        if tokenizer.unk_id is None:  # name every character the vocabulary lacks, not just the first
+            names = ", ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in bad)
+            raise DataError(f"the prompt has {len(bad)} character(s) outside the model's char vocabulary: {names}; "
+                            "remove or replace them")
         log.warning("%d prompt character(s) are outside the char vocabulary and were read as <unk>",
-                    ids.count(unk_id))
+                    sum(map(text.count, bad)))
+    ids = tokenizer.encode(text)
     if len(ids) > block_size:
         log.warning("the prompt is %d tokens, longer than the model's context of %d: keeping the last %d",
                     len(ids), block_size, block_size)
@@ -198,21 +194,17 @@ class Sample:
 
 
 def stream_sample(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], *, max_new_tokens: int,
-                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  use_cache: bool = True, generator: torch.Generator | None = None,
-                  write: Callable[[str], None] = lambda s: None, vocab_limit: int | None = None,
-                  stop_id: int | None = None) -> Sample:
+                  write: Callable[[str], None] = lambda s: None, **sampling: Any) -> Sample:
     """Generate one continuation of prompt_ids, calling write(piece) with each completed piece of text
     as soon as its token is made (Tokenizer.decode_stream holds back half a UTF-8 character). Mixed
-    precision is the caller's. stop_id: end at that token (end-of-text), neither written nor kept."""
+    precision is the caller's. sampling: generate_tokens' settings (temperature, top_k, top_p,
+    use_cache, generator, vocab_limit; stop_id ends at that token, neither written nor kept)."""
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=model.wte.weight.device)  # (1, T)
     new_ids: list[int] = []
     pieces: list[str] = []
 
     def ids() -> Iterator[int]:
-        for tok in generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, use_cache=use_cache, generator=generator, vocab_limit=vocab_limit,
-                                   stop_id=stop_id):
+        for tok in generate_tokens(model, idx, max_new_tokens, **sampling):
             new_ids.append(int(tok[0, 0]))  # waits for the GPU: the token is needed to print it
             yield new_ids[-1]
 
