@@ -110,11 +110,9 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
             break
 
         # ---- the optimisation step: no host sync in it (engine/step.py) ----------------------------
-        meter.start()
         lr = lr_at(loop.step, cfg.optim, cfg.max_iters)
-        with phases("compile" if rt.compile and loop.step - start_step < 2 else "train"):  # first steps compile
+        with phases("compile" if rt.compile and loop.step - start_step < 2 else "train"), meter:  # first steps compile
             loss, norm, _ = train_step(loop, run.train_model, [s.next_batch() for s in run.streams], lr, cfg.grad_clip)
-            meter.stop()
         bar.update(1)
 
         # ---- every log_interval steps: read the loss, count skipped steps, log; the stop flag ------

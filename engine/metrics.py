@@ -51,7 +51,7 @@ class RunLogger:
                  wandb_id: str | None = None, resume_step: int | None = None) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
-        self.wandb = None
+        self.wandb = self.wandb_id = None  # the W&B run and its id: None without W&B
         self.samples: list[list] = []
         self.last_step: int | None = None
         if not enabled:
@@ -72,11 +72,8 @@ class RunLogger:
         # W&B's internal, strictly increasing step would drop.
         self.wandb.define_metric("step")
         self.wandb.define_metric("*", step_metric="step")
-        log.info("W&B run %s (%s)", self.wandb.id, mode)
-
-    @property
-    def wandb_id(self) -> str | None:
-        return self.wandb.id if self.wandb is not None else None
+        self.wandb_id = self.wandb.id
+        log.info("W&B run %s (%s)", self.wandb_id, mode)
 
     def log(self, record: dict) -> None:
         """Write one record; it must hold "step". Non-finite floats become null (valid JSON)."""
@@ -157,7 +154,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 class StepMeter:
     """Tokens/s and ms per step since the last log line, without the warm-up steps (compilation, first
-    allocations). The step does not wait for the device: `read()` counts the log step's wait for it."""
+    allocations): `with meter: step()` times one. The step does not wait for the device: `read()`
+    counts the log step's wait for it."""
 
     def __init__(self, tokens_per_step: int, warmup_steps: int = 1) -> None:
         self.tokens_per_step = tokens_per_step
@@ -165,10 +163,11 @@ class StepMeter:
         self.seconds, self.steps = 0.0, 0
         self._t0 = self._t_end = 0.0
 
-    def start(self) -> None:
+    def __enter__(self) -> StepMeter:
         self._t0 = time.perf_counter()
+        return self
 
-    def stop(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._t_end = time.perf_counter()
         if self.warmup_left > 0:
             self.warmup_left -= 1
