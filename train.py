@@ -34,7 +34,7 @@ from data.progress import Progress
 from data.tokenizer import Tokenizer, load_tokenizer
 from engine.checkpoint import check_fits_data, remove_leftovers
 from engine.config import TrainConfig
-from engine.evaluate import estimate_loss, fixed_batches, generate_sample, perplexity
+from engine.evaluate import estimate_loss, fixed_batches, generate_sample
 from engine.formats.pretrained import load_pretrained
 from engine.metrics import Phases, RunLogger, StepMeter
 from engine.optim import build_optimizer, lr_at
@@ -83,9 +83,10 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
         run = set_up(cfg, rt, explicit, phases)
     if on_start is not None and rt.is_main:
         on_start(run.out_dir)
-    loop, logger, out_dir = run.state, run.logger, run.out_dir  # loop: the TrainState's counters
+    loop, logger = run.state, run.logger  # loop: the TrainState's counters
     start_step, stopping = loop.step, False
     meter = StepMeter(run.tokens_per_step, warmup_steps=2 if rt.compile else 1)
+    peak_flops = rt.peak_flops(cfg.peak_flops)  # None: no MFU (CPU, fp32, a GPU not in the table)
     # A bar on a terminal (log lines print above it); the log lines below are the record elsewhere.
     bar = Progress("train", cfg.max_iters, unit="steps", enabled=rt.is_main, every_s=math.inf, logger=log)
     bar.update(loop.step)
@@ -95,7 +96,7 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
         # ---- every eval_interval steps and at the end: eval losses, a sample, best.pt --------------
         if not stopping and (done or loop.step % cfg.eval_interval == 0) and loop.last_eval_step != loop.step:
             with phases("eval"):
-                losses = evaluate(run, cfg, rt)
+                losses = evaluate(run)
             log.info("step %d: %s", loop.step, ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items()))
             if losses.get("val", math.inf) < loop.best_val:
                 loop.best_val = losses["val"]
@@ -109,22 +110,19 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
             break
 
         # ---- the optimisation step: no host sync in it (engine/step.py) ----------------------------
-        meter.start()
         lr = lr_at(loop.step, cfg.optim, cfg.max_iters)
-        with phases("compile" if rt.compile and loop.step - start_step < 2 else "train"):  # first steps compile
+        with phases("compile" if rt.compile and loop.step - start_step < 2 else "train"), meter:  # first steps compile
             loss, norm, _ = train_step(loop, run.train_model, [s.next_batch() for s in run.streams], lr, cfg.grad_clip)
-            meter.stop()
         bar.update(1)
 
         # ---- every log_interval steps: read the loss, count skipped steps, log; the stop flag ------
         if loop.step % cfg.log_interval == 0 or loop.step == cfg.max_iters:
             train_loss, grad_norm = log_values(loss, norm, rt)  # the sync; the loss averaged over ranks
-            meter.synced()
-            if n_bad := loop.read_bad_steps():
-                check_bad_steps(loop, n_bad, cfg.max_bad_steps, train_loss, grad_norm, out_dir, logger)
             perf = meter.read()  # tokens_per_s, step_ms (none while only warm-up steps ran)
-            if run.peak_flops and "tokens_per_s" in perf:
-                perf["mfu"] = run.model.estimate_mfu(perf["tokens_per_s"], run.peak_flops * rt.world_size)
+            if n_bad := loop.read_bad_steps():
+                check_bad_steps(run, n_bad, train_loss, grad_norm)
+            if peak_flops and "tokens_per_s" in perf:
+                perf["mfu"] = run.model.estimate_mfu(perf["tokens_per_s"], peak_flops * rt.world_size)
             logger.log({"step": loop.step, "train/loss": train_loss, "train/tokens_seen": loop.tokens_seen,
                         "opt/lr": lr, "opt/grad_norm": grad_norm, "perf/mem_mb": peak_memory_mb(rt),
                         **{f"perf/{k}": v for k, v in perf.items()}})
@@ -133,13 +131,11 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
                      f"{perf['step_ms']:.1f}" if "step_ms" in perf else "-")
         # One process: look at the flag every step. Under torchrun every rank must agree, which takes
         # a collective: only at log steps (a stop waits at most log_interval steps).
-        if not rt.distributed:
-            stopping = stop.requested
-        elif loop.step % cfg.log_interval == 0:
+        if not rt.distributed or loop.step % cfg.log_interval == 0:
             stopping = bool(rt.max_over_ranks(stop.requested))
     bar.close()
     with phases("eval"):
-        summary = finish(run, cfg, rt, stop.signum if stopping else None)
+        summary = finish(run, stop.signum if stopping else None)
     log.info("%s", phases.line())
     return summary
 
@@ -148,21 +144,19 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest, explicit: set[str] 
 @dataclass
 class Run:
     """Everything the loop works with, built once by set_up()."""
+    cfg: TrainConfig
     out_dir: Path
     prepared: Path
     tokenizer: Tokenizer
     state: TrainState  # model (the plain GPT: saving, sampling, FLOP counts), optimizer, counters, ...
     train_model: torch.nn.Module  # compiled / DDP / FSDP2, what the step calls
     eval_model: torch.nn.Module
-    eval_sets: dict[str, list]
+    eval_sets: dict[str, list]  # {"train": batches, "val": batches}; empty with eval_iters=0
     logger: RunLogger
-    prompt: list[int]
     tokens_per_step: int
     lockstep: bool  # FSDP: every rank runs every forward (weights are all-gathered in each)
-    peak_flops: float | None
-    token_bytes: torch.Tensor | None = None  # (vocab,) UTF-8 bytes per token id: val/bpb
-    keep_last: int = 0  # step-numbered checkpoints kept beside last.pt
-    phases: Phases = dataclasses.field(default_factory=Phases)  # wall time per phase (the closing line)
+    token_bytes: torch.Tensor  # (vocab,) UTF-8 bytes per token id: val/bpb
+    phases: Phases  # wall time per phase (the closing line)
 
     @property
     def model(self) -> GPT:
@@ -178,7 +172,7 @@ class Run:
 
     def save(self, name: str) -> None:
         with self.phases("save"):
-            self.state.save(self.out_dir / name, keep_last=self.keep_last if name == "last.pt" else 0)
+            self.state.save(self.out_dir / name, keep_last=self.cfg.keep_last if name == "last.pt" else 0)
 
 
 def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None, phases: Phases | None = None) -> Run:
@@ -195,22 +189,20 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None, phas
     with phases("data"):  # every rank; one builds, the others wait on its file lock
         prepared = prepare(cfg.data, progress=rt.is_main)
     meta, tokenizer = read_meta(prepared), load_tokenizer(prepared)
-    init_weights: dict | None = None
+    src = load_pretrained(cfg.init_from) if ckpt is None and cfg.init_from else None  # to fine-tune from
     if ckpt is not None:
         check_fits_data(ckpt, ckpt_path, tokenizer.to_json(), meta["vocab_size"], use="resume")
         model_cfg = ModelConfig(**ckpt["model_config"])  # the checkpoint's architecture wins
         warn_if_resume_differs(ckpt, _with_vocab(cfg.model, meta["vocab_size"]), meta, explicit)
-    elif cfg.init_from:
-        src = load_pretrained(cfg.init_from)
+    elif src is not None:
         check_fits_data(src, cfg.init_from, tokenizer.to_json(), meta["vocab_size"], use="init_from")
         model_cfg = ModelConfig(**{**src["model_config"], "dropout": cfg.model.dropout})  # this run's dropout
-        init_weights = src["model"]
     else:
         model_cfg = _with_vocab(cfg.model, meta["vocab_size"])
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(model_cfg).to(rt.device)
-    if init_weights is not None:  # fine-tuning: weights only; optimizer and step start fresh
-        model.load_state_dict(init_weights)
+    if src is not None:  # fine-tuning: weights only; optimizer and step start fresh
+        model.load_state_dict(src["model"])
     train_model, eval_model = wrap_model(model, rt, cfg.distributed)
 
     # Micro-batch g = rank * accum + micro of every step comes from stream g of world * accum streams,
@@ -219,7 +211,8 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None, phas
     n_streams = rt.world_size * accum
     streams = [BatchLoader(prepared, "train", cfg.batch_size, T, device=rt.device, seed=cfg.seed,
                            rank=rt.rank * accum + m, world_size=n_streams) for m in range(accum)]
-    eval_sets = {s: fixed_batches(prepared, s, cfg.batch_size, T, cfg.eval_iters, rt) for s in ("train", "val")}
+    eval_sets = {s: fixed_batches(prepared, s, cfg.batch_size, T, cfg.eval_iters, rt)
+                 for s in ("train", "val") if cfg.eval_iters}
 
     corpus = _name_corpus(cfg, meta)  # what it really trains on: W&B tags and name, the done: line, plots
     # The config as run: the model with its real vocabulary size, and the corpus used.
@@ -241,66 +234,63 @@ def set_up(cfg: TrainConfig, rt: Runtime, explicit: set[str] | None = None, phas
     log.info("%s params, %d tokens per step, run dir %s", f"{model.num_params():,}", tokens_per_step, out_dir)
     if ckpt is None:  # a resumed run has it in its metrics.jsonl already
         logger.log({"step": state.step, "model/params": model.num_params(), "corpus": corpus})
-    return Run(out_dir, prepared, tokenizer, state, train_model, eval_model, eval_sets, logger,
-               [start_token(tokenizer, fallback=0)], tokens_per_step,
-               lockstep=rt.distributed and cfg.distributed == "fsdp", peak_flops=rt.peak_flops(cfg.peak_flops),
-               token_bytes=torch.as_tensor(tokenizer.token_bytes(), device=rt.device), keep_last=cfg.keep_last, phases=phases)
+    return Run(cfg, out_dir, prepared, tokenizer, state, train_model, eval_model, eval_sets, logger, tokens_per_step,
+               lockstep=rt.distributed and cfg.distributed == "fsdp",
+               token_bytes=torch.as_tensor(tokenizer.token_bytes(), device=rt.device), phases=phases)
 
 
 # ---- the pieces the loop calls -----------------------------------------------------------------------
-def evaluate(run: Run, cfg: TrainConfig, rt: Runtime) -> dict[str, float]:
+def evaluate(run: Run) -> dict[str, float]:
     """Eval losses on the fixed batches (engine/evaluate.py), plus a sample; logged. Returns {split: loss}."""
+    cfg, rt, tok, step = run.cfg, run.rt, run.tokenizer, run.state.step
     # Every rank joins every split's all-reduce, also a rank whose share of the batches is empty.
     results = {s: estimate_loss(run.eval_model, b, rt, run.lockstep, desc=s,
                                 token_bytes=run.token_bytes if s == "val" else None)
-               for s, b in run.eval_sets.items() if cfg.eval_iters}
-    losses = {s: r.loss for s, r in results.items()}
-    run.state.last_eval_step = run.state.step
-    record = {"step": run.state.step, **{("val/loss" if s == "val" else "train/eval_loss"): v
-                                        for s, v in losses.items()}}
-    if "val" in losses:  # beside the loss: perplexity, and bits per byte, which no tokenizer changes
-        record.update({"val/ppl": perplexity(losses["val"]), "val/bpb": results["val"].bpb})
+               for s, b in run.eval_sets.items()}
+    run.state.last_eval_step = step
+    record = {"step": step}
+    if results:  # beside the val loss: perplexity, and bits per byte, which no tokenizer changes
+        record |= {"train/eval_loss": results["train"].loss, **results["val"].metrics("val/")}
     if cfg.sample_tokens and (rt.is_main or run.lockstep):
-        ids = generate_sample(run.model, run.prompt, cfg.sample_tokens, rt, seed=cfg.seed + run.state.step,
-                              vocab_limit=run.tokenizer.vocab_size,  # a padded vocabulary's extra ids never drawn
-                              stop_id=run.tokenizer.eot_id)  # the sample ends at the end of its text
-        record["val/sample"] = run.tokenizer.decode(ids)
-        run.logger.log_samples(run.state.step, [record["val/sample"]])
+        ids = generate_sample(run.model, [start_token(tok, fallback=0)], cfg.sample_tokens, rt, seed=cfg.seed + step,
+                              vocab_limit=tok.vocab_size,  # a padded vocabulary's extra ids never drawn
+                              stop_id=tok.eot_id)  # the sample ends at the end of its text
+        record["val/sample"] = tok.decode(ids)
+        run.logger.log_samples(step, [record["val/sample"]])
     run.logger.log(record)
-    return losses
+    return {s: r.loss for s, r in results.items()}
 
 
-def check_bad_steps(loop: TrainState, n_bad: int, max_bad_steps: int, train_loss: float, grad_norm: float,
-                    out_dir: Path, logger: RunLogger) -> None:
+def check_bad_steps(run: Run, n_bad: int, train_loss: float, grad_norm: float) -> None:
     """Report steps skipped since the last log; stop the run when there were too many."""
+    loop, limit = run.state, run.cfg.max_bad_steps
     log.warning("%d step(s) up to step %d skipped: loss %s, grad norm %s (%d/%d)", n_bad, loop.step, train_loss,
-                grad_norm, loop.bad_steps, max_bad_steps)
-    logger.log({"step": loop.step, "train/skipped_steps": loop.bad_steps})
-    if loop.bad_steps > max_bad_steps:
-        last = out_dir / "last.pt"
+                grad_norm, loop.bad_steps, limit)
+    run.logger.log({"step": loop.step, "train/skipped_steps": loop.bad_steps})
+    if loop.bad_steps > limit:
+        last = run.out_dir / "last.pt"
         raise TrainingError(
-            f"the loss was NaN/inf on {loop.bad_steps} steps (max_bad_steps={max_bad_steps}); "
+            f"the loss was NaN/inf on {loop.bad_steps} steps (max_bad_steps={limit}); "
             f"stopped at step {loop.step}. Last good checkpoint: "
             f"{last if last.exists() else 'none yet'}. Try a lower optim.lr or precision=fp32")
 
 
-def finish(run: Run, cfg: TrainConfig, rt: Runtime, signum: int | None) -> dict:
+def finish(run: Run, signum: int | None) -> dict:
     """The final whole-split eval (unless stopped early), the W&B summary, and the run's summary."""
-    out_dir = run.out_dir
-    stopping = signum is not None or run.state.step < cfg.max_iters  # signum None: another rank's signal
-    summary = {"run_dir": str(out_dir), "step": run.state.step, "best_val": run.state.best_val, "stopped": stopping,
+    cfg, out_dir, step = run.cfg, run.out_dir, run.state.step
+    stopping = signum is not None or step < cfg.max_iters  # signum None: another rank's signal
+    summary = {"run_dir": str(out_dir), "step": step, "best_val": run.state.best_val, "stopped": stopping,
                "corpus": run.state.static["config"]["corpus"], "signal": signum,
                "checkpoint": str(out_dir / ("best.pt" if (out_dir / "best.pt").exists() else "last.pt"))}
     if cfg.final_eval_iters and not stopping:
-        final = fixed_batches(run.prepared, "val", cfg.batch_size, run.model.config.block_size, cfg.final_eval_iters, rt)
+        final = fixed_batches(run.prepared, "val", cfg.batch_size, run.model.config.block_size, cfg.final_eval_iters, run.rt)
         log.info("final eval: %s", "the whole val split" if cfg.final_eval_iters < 0 else f"{cfg.final_eval_iters} val batches")
-        result = estimate_loss(run.eval_model, final, rt, lockstep=True, desc="final val", token_bytes=run.token_bytes)
+        result = estimate_loss(run.eval_model, final, run.rt, lockstep=True, desc="final val", token_bytes=run.token_bytes)
         summary["final_val"], summary["final_bpb"] = result.loss, result.bpb
-        run.logger.log({"step": run.state.step, "val/final_loss": summary["final_val"],
-                        "val/final_ppl": perplexity(summary["final_val"]), "val/final_bpb": summary["final_bpb"]})
-    run.logger.summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        run.logger.log({"step": step, **result.metrics("val/final_")})
     run.logger.finish(128 + (signum or signal.SIGTERM) if stopping else 0, preempted=stopping,
-                      checkpoint=Path(summary["checkpoint"]) if cfg.logger.log_checkpoints else None)
+                      checkpoint=Path(summary["checkpoint"]) if cfg.logger.log_checkpoints else None,
+                      summary={k: v for k, v in summary.items() if isinstance(v, int | float)})
     return summary
 
 

@@ -42,15 +42,20 @@ def fixed_batches(prepared_dir: Path, split: str, batch_size: int, block_size: i
     if n_batches < 0:
         return list(val_batches(prepared_dir, split, batch_size, block_size, None, device=rt.device,
                                 rank=rt.rank, world_size=rt.world_size))
-    batches = list(val_batches(prepared_dir, split, batch_size, block_size, n_batches, device=rt.device,
-                               seed=EVAL_SEED))
-    return batches[rt.rank::rt.world_size]
+    return list(val_batches(prepared_dir, split, batch_size, block_size, n_batches, device=rt.device,
+                            seed=EVAL_SEED))[rt.rank::rt.world_size]
 
 
 @dataclass(frozen=True)
 class EvalResult:
     loss: float  # mean nats per target token, over every target (nan without batches)
     bpb: float | None  # bits per byte of the targets with bytes; None without a byte table
+
+    def metrics(self, prefix: str) -> dict[str, float | None]:
+        """{prefix + "loss", "ppl", "bpb"}: the metrics.jsonl / W&B keys (val/loss, val/final_loss, ...).
+        Perplexity: exp(loss), inf where that overflows a float."""
+        ppl = math.exp(self.loss) if self.loss < 700 else math.inf
+        return {f"{prefix}loss": self.loss, f"{prefix}ppl": ppl, f"{prefix}bpb": self.bpb}
 
 
 @torch.no_grad()
@@ -66,18 +71,17 @@ def estimate_loss(model: nn.Module, batches: Batches, rt: Runtime, lockstep: boo
     sums = torch.zeros(4, device=rt.device, dtype=torch.float64)
     n_passes = int(rt.max_over_ranks(len(batches))) if lockstep else len(batches)
     dummy = torch.zeros((1, 1), dtype=torch.long, device=rt.device)  # (B, T) for a rank with no batch
-    progress = Progress(f"eval {desc}", n_passes, unit="batches", enabled=desc is not None and rt.is_main,
-                        every_s=PROGRESS_EVERY_S, logger=log)
-    for i in range(n_passes):
-        x, y = batches[i] if i < len(batches) else batches[0] if batches else (dummy, dummy)
-        with rt.autocast():
-            logits, loss = model(x, y) if token_bytes is None else model(x)  # logits (B, T, V)
-        if i < len(batches):
-            sums += _batch_sums(logits, loss, y, token_bytes)
-        progress.update(1)
+    with Progress(f"eval {desc}", n_passes, unit="batches", enabled=desc is not None and rt.is_main,
+                  every_s=PROGRESS_EVERY_S, logger=log) as progress:
+        for i in range(n_passes):
+            x, y = batches[i] if i < len(batches) else batches[0] if batches else (dummy, dummy)
+            with rt.autocast():
+                logits, loss = model(x, y) if token_bytes is None else model(x)  # logits (B, T, V)
+            if i < len(batches):
+                sums += _batch_sums(logits, loss, y, token_bytes)
+            progress.update(1)
     if rt.distributed:
         dist.all_reduce(sums)
-    progress.close()
     model.train(was_training)
     total, tokens, counted, n_bytes = sums.tolist()
     loss = total / tokens if tokens > 0 else float("nan")
@@ -98,11 +102,6 @@ def _batch_sums(logits: torch.Tensor, loss: torch.Tensor | None, y: torch.Tensor
 def bits_per_byte(nats: float, n_bytes: float) -> float:
     """bpb = nats / (ln 2 * bytes), the nats summed over the targets that stand for text; nan without bytes."""
     return nats / (math.log(2) * n_bytes) if n_bytes > 0 else float("nan")
-
-
-def perplexity(loss: float) -> float:
-    """exp(mean loss in nats per token); inf where that overflows a float."""
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 @torch.no_grad()

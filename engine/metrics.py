@@ -51,7 +51,7 @@ class RunLogger:
                  wandb_id: str | None = None, resume_step: int | None = None) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
-        self.wandb = None
+        self.wandb = self.wandb_id = None  # the W&B run and its id: None without W&B
         self.samples: list[list] = []
         self.last_step: int | None = None
         if not enabled:
@@ -72,11 +72,8 @@ class RunLogger:
         # W&B's internal, strictly increasing step would drop.
         self.wandb.define_metric("step")
         self.wandb.define_metric("*", step_metric="step")
-        log.info("W&B run %s (%s)", self.wandb.id, mode)
-
-    @property
-    def wandb_id(self) -> str | None:
-        return self.wandb.id if self.wandb is not None else None
+        self.wandb_id = self.wandb.id
+        log.info("W&B run %s (%s)", self.wandb_id, mode)
 
     def log(self, record: dict) -> None:
         """Write one record; it must hold "step". Non-finite floats become null (valid JSON)."""
@@ -93,15 +90,14 @@ class RunLogger:
         would be a new artifact version each time); metrics.jsonl gets each via log."""
         self.samples.extend([step, t] for t in texts)
 
-    def summary(self, values: dict) -> None:
-        if self.wandb is not None:
-            self.wandb.summary.update(values)
-
-    def finish(self, exit_code: int = 0, preempted: bool = False, checkpoint: Path | None = None) -> None:
-        """End the W&B run: the samples table, the checkpoint as a model artifact when given, then
-        finished (exit_code 0) or failed; preempted (stopped by a signal after a clean save) tells W&B so."""
+    def finish(self, exit_code: int = 0, preempted: bool = False, checkpoint: Path | None = None,
+               summary: dict | None = None) -> None:
+        """End the W&B run: the summary values, the samples table, the checkpoint as a model artifact when
+        given, then finished (exit_code 0) or failed; preempted (stopped by a signal after a clean save) tells W&B so."""
         if self.wandb is not None:
             import wandb
+            if summary:
+                self.wandb.summary.update(summary)
             if self.samples:
                 self.wandb.log({"samples": wandb.Table(columns=["step", "text"], data=self.samples)})
             if checkpoint is not None and checkpoint.is_file():
@@ -158,7 +154,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 class StepMeter:
     """Tokens/s and ms per step since the last log line, without the warm-up steps (compilation, first
-    allocations). The step does not wait for the device; `synced()` adds the log step's wait for it."""
+    allocations): `with meter: step()` times one. The step does not wait for the device: `read()`
+    counts the log step's wait for it."""
 
     def __init__(self, tokens_per_step: int, warmup_steps: int = 1) -> None:
         self.tokens_per_step = tokens_per_step
@@ -166,10 +163,11 @@ class StepMeter:
         self.seconds, self.steps = 0.0, 0
         self._t0 = self._t_end = 0.0
 
-    def start(self) -> None:
+    def __enter__(self) -> StepMeter:
         self._t0 = time.perf_counter()
+        return self
 
-    def stop(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._t_end = time.perf_counter()
         if self.warmup_left > 0:
             self.warmup_left -= 1
@@ -177,15 +175,12 @@ class StepMeter:
         self.seconds += self._t_end - self._t0
         self.steps += 1
 
-    def synced(self) -> None:
-        """Call right after the host has waited for the device: that wait belongs to the counted steps."""
-        if self.steps:
-            self.seconds += time.perf_counter() - self._t_end
-
     def read(self) -> dict[str, float]:
-        """{"tokens_per_s", "step_ms"} since the last read (empty while only warm-up steps ran); resets."""
+        """{"tokens_per_s", "step_ms"} since the last read (empty while only warm-up steps ran); resets.
+        Call right after the host has waited for the device: that wait belongs to the counted steps."""
         if not self.steps:
             return {}
+        self.seconds += time.perf_counter() - self._t_end
         out = {"tokens_per_s": self.tokens_per_step * self.steps / max(self.seconds, 1e-9),
                "step_ms": 1000 * self.seconds / self.steps}
         self.seconds, self.steps = 0.0, 0

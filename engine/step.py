@@ -102,5 +102,4 @@ def log_values(loss: torch.Tensor, norm: torch.Tensor, rt: Runtime) -> tuple[flo
     if rt.distributed:
         dist.all_reduce(loss)  # a sum (gloo has no AVG), then / world_size
         loss /= rt.world_size
-    train_loss, grad_norm = torch.stack([loss, norm.detach().float().to(loss.device)]).tolist()
-    return train_loss, grad_norm
+    return tuple(torch.stack([loss, norm.detach().float().to(loss.device)]).tolist())
