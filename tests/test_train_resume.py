@@ -94,7 +94,8 @@ def test_sigterm_saves_last_pt_and_exits_143(tiny_overrides, tmp_path):
     assert f"resume:     python train.py {' '.join(args)} max_iters=100000" in out
     assert f"resume=auto out_dir={run}" in out
     last = torch.load(run / "last.pt", weights_only=True)
-    assert 3 <= last["step"] < 100000
+    # 4 lines: the params and step-0 eval records, then steps 1 and 2; the signal can land at once
+    assert 2 <= last["step"] < 100000
     assert last["loader_state"]["step"] == last["step"]
 
 
