@@ -187,10 +187,8 @@ def find_resume(resume: str | None, out_dir: Path, rt: Runtime) -> tuple[Path, d
 
     chosen = together(rt, choose, here=rt.is_main)
     path = gather_objects(None if chosen is None else str(chosen[0]), rt)[0]
-    if path is None:
-        return None
-    loaded = together(rt, lambda: open_checkpoint(path, training_state=True), here=not rt.is_main)
-    return chosen if rt.is_main else loaded
+    loaded = together(rt, lambda: open_checkpoint(path, training_state=True), here=path is not None and not rt.is_main)
+    return chosen or loaded
 
 
 def _parts(optimizer: Any) -> dict[str, torch.optim.Optimizer]:
