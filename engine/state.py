@@ -61,11 +61,10 @@ class TrainState:
     last_eval_step: int = -1  # the step of the latest eval (a resumed run does not redo it)
     wandb_id: str | None = None
     # Skipped steps not yet read: a device tensor the step adds to without a host sync.
-    pending_bad: torch.Tensor | None = None
+    pending_bad: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.pending_bad is None:
-            self.pending_bad = torch.zeros((), device=self.rt.device)
+        self.pending_bad = torch.zeros((), device=self.rt.device)
 
     def read_bad_steps(self) -> int:
         """Move the skipped steps counted on the device into bad_steps; returns how many were new."""
@@ -245,9 +244,8 @@ def gather_objects(obj: object, rt: Runtime) -> list:
 
 
 def together(rt: Runtime, fn: Callable[[], Any], here: bool = True) -> Any:
-    """fn() on the ranks where `here` holds (None elsewhere), then a collective that every rank calls,
-    in place of a barrier: if fn raised on any rank, every rank raises, its own error where it has
-    one, else RankFailed."""
+    """fn() on the ranks where `here` holds (None elsewhere), then, in place of a barrier, the
+    collective that shares its outcome (above): every rank returns, or every rank raises."""
     result, error = None, None
     if here:
         try:
@@ -264,7 +262,6 @@ def together(rt: Runtime, fn: Callable[[], Any], here: bool = True) -> Any:
 
 
 def one_line(error: BaseException) -> str:
-    """An error as the one line a user reads: the message of the errors we raise for users, the
-    type and message of anything else."""
+    """An error as the one line a user reads: the message of a user error, else type and message."""
     text = " ".join(str(error).split())
     return text if isinstance(error, ValueError | RankFailed) else f"{type(error).__name__}: {text}"
