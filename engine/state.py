@@ -191,7 +191,7 @@ def find_resume(resume: str | None, out_dir: Path, rt: Runtime) -> tuple[Path, d
 
 
 def _parts(optimizer: Any) -> dict[str, torch.optim.Optimizer]:
-    """The optimizers a checkpoint keeps one state of each: Muon + AdamW's parts, or AdamW alone."""
+    """The optimizers whose states a checkpoint holds, by name: MuonAdamW's parts, or {"adamw": AdamW}."""
     return getattr(optimizer, "parts", None) or {"adamw": optimizer}
 
 
