@@ -220,8 +220,7 @@ def _load_file(path: Path, map_location: str | torch.device) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a causalgpt checkpoint "
                               f"({type(e).__name__}); pick another checkpoint (a run directory keeps "
                               "ckpt-<step>.pt files) or retrain") from e
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
-            or not isinstance(ckpt.get("model_config"), dict):
+    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "model_config"))):
         raise CheckpointError(f"checkpoint {path} has no model weights/config: not a causalgpt checkpoint")
     if (version := ckpt.get("format_version")) != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {version}, this code reads version "

@@ -18,13 +18,9 @@ from .runtime import Runtime
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain GPT inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
+    while hasattr(model, "_orig_mod") or isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
 
 
 def wrap_model(model: nn.Module, rt: Runtime, distributed: str) -> tuple[nn.Module, nn.Module]:

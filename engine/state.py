@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import CheckpointError, candidates, open_checkpoint, save_checkpoint
+from .checkpoint import candidates, open_checkpoint, save_checkpoint
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,10 @@ class TrainState:
     last_eval_step: int = -1  # the step of the latest eval (a resumed run does not redo it)
     wandb_id: str | None = None
     # Skipped steps not yet read: a device tensor the step adds to without a host sync.
-    pending_bad: torch.Tensor | None = None
+    pending_bad: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.pending_bad is None:
-            self.pending_bad = torch.zeros((), device=self.rt.device)
+        self.pending_bad = torch.zeros((), device=self.rt.device)
 
     def read_bad_steps(self) -> int:
         """Move the skipped steps counted on the device into bad_steps; returns how many were new."""
@@ -80,16 +79,15 @@ class TrainState:
         rank's RNG state is gathered)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
         opts = _full()
-        parts = getattr(self.optimizer, "parts", None) or {None: self.optimizer}
         # Before the first step there is no optimizer state, and get_optimizer_state_dict would make
         # one by running a step with lr=0 (which bumps Adam's step count in the live optimizer).
         optim = {name: get_optimizer_state_dict(self.model, opt, options=opts) if opt.state
-                 else {"state": {}, "param_groups": []} for name, opt in parts.items()}
+                 else {"state": {}, "param_groups": []} for name, opt in _parts(self.optimizer).items()}
         return {**self.static, "step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
                 "loop": {"bad_steps": self.bad_steps + int(self.pending_bad.item()),
                          "last_eval_step": self.last_eval_step},
                 "model": get_model_state_dict(self.model, options=opts),
-                "optimizer": optim.get(None, optim), "scaler": self.scaler.state_dict(),
+                "optimizer": optim if len(optim) > 1 else optim["adamw"], "scaler": self.scaler.state_dict(),
                 "loader_state": self.loaders[0].state_dict() if self.loaders else {},
                 "rng": gather_objects(rng_state(), self.rt), "world_size": self.rt.world_size,
                 "precision": self.rt.precision, "device": self.rt.device_type, "wandb_run_id": self.wandb_id}
@@ -99,17 +97,15 @@ class TrainState:
         in the set-up: after it nothing may draw random numbers."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
         set_model_state_dict(self.model, ckpt["model"], options=_full(cpu_offload=False))
-        parts = getattr(self.optimizer, "parts", None)
-        mine = "+".join(sorted(parts)) if parts is not None else "adamw"
-        saved = "adamw" if "state" in ckpt["optimizer"] else "+".join(sorted(ckpt["optimizer"]))
-        if saved != mine:
-            raise ValueError(f"the checkpoint holds {saved} optimizer state but this run's optimizer is {mine}: "
-                             "resume with the optim= it was trained with, or use init_from=<checkpoint> to "
-                             "keep its weights with a fresh optimizer")
-        for name, opt in (parts or {None: self.optimizer}).items():
-            sd = ckpt["optimizer"] if name is None else ckpt["optimizer"][name]
-            if sd["state"]:  # saved before the first step: the fresh optimizer is that state already
-                set_optimizer_state_dict(self.model, opt, sd, options=_full(cpu_offload=False))
+        mine, saved = _parts(self.optimizer), ckpt["optimizer"]
+        saved = {"adamw": saved} if "state" in saved else saved
+        if saved.keys() != mine.keys():
+            raise ValueError(f"the checkpoint holds {'+'.join(sorted(saved))} optimizer state but this run's "
+                             f"optimizer is {'+'.join(sorted(mine))}: resume with the optim= it was trained with, "
+                             "or use init_from=<checkpoint> to keep its weights with a fresh optimizer")
+        for name, opt in mine.items():
+            if saved[name]["state"]:  # saved before the first step: the fresh optimizer is that state already
+                set_optimizer_state_dict(self.model, opt, saved[name], options=_full(cpu_offload=False))
         loop = ckpt.get("loop", {})
         self.step, self.tokens_seen = int(ckpt["step"]), int(ckpt.get("tokens_seen", 0))
         self.best_val = float(ckpt.get("best_val", math.inf))
@@ -146,18 +142,17 @@ class TrainState:
             notes.append(f"the checkpoint was written on {device}, this run is on {rt.device_type}"
                          + (": its CUDA RNG states are not used" if device == "cuda" else ""))
 
-        rngs, derived = ckpt["rng"], np.random.SeedSequence([self.seed, self.step, rt.rank])
+        rngs = ckpt["rng"]
         mine = rngs[rt.rank] if rt.rank < len(rngs) else None
-        if mine is not None:
-            set_rng_state(mine)
-        else:  # a rank the checkpoint has no state of
-            seed = int(derived.generate_state(1)[0])
+        seed = int(np.random.SeedSequence([self.seed, self.step, rt.rank]).generate_state(1)[0])  # what it lacks
+        if mine is None:  # a rank the checkpoint has no state of (torch.manual_seed seeds CUDA's too)
             random.seed(seed)
-            np.random.seed(seed % 2**32)
+            np.random.seed(seed)
             torch.manual_seed(seed)
-        if rt.device_type == "cuda" and (mine is None or len(mine["cuda"]) != torch.cuda.device_count()):
-            torch.cuda.manual_seed_all(int(derived.generate_state(2)[1]))
-            if mine is not None:
+        else:
+            set_rng_state(mine)
+            if rt.device_type == "cuda" and len(mine["cuda"]) != torch.cuda.device_count():
+                torch.cuda.manual_seed_all(seed)
                 notes.append(f"the checkpoint holds CUDA RNG states for {len(mine['cuda'])} GPU(s), this "
                              f"machine has {torch.cuda.device_count()}: the CUDA generators are seeded from seed")
         if len(rngs) != rt.world_size:
@@ -183,8 +178,6 @@ def find_resume(resume: str | None, out_dir: Path, rt: Runtime) -> tuple[Path, d
     target = Path(out_dir) if auto else Path(resume).expanduser()
 
     def choose() -> tuple[Path, dict] | None:
-        if not auto and not target.exists():
-            raise CheckpointError(f"resume={resume}: checkpoint {target} does not exist")
         if auto and not candidates(target):
             log.warning("resume=auto: no checkpoint in %s yet, starting fresh (to continue an earlier run, "
                         "pass out_dir=<its run directory> or resume=<its last.pt>)", target)
@@ -193,10 +186,13 @@ def find_resume(resume: str | None, out_dir: Path, rt: Runtime) -> tuple[Path, d
 
     chosen = together(rt, choose, here=rt.is_main)
     path = gather_objects(None if chosen is None else str(chosen[0]), rt)[0]
-    if path is None:
-        return None
-    loaded = together(rt, lambda: open_checkpoint(path, training_state=True), here=not rt.is_main)
-    return chosen if rt.is_main else loaded
+    loaded = together(rt, lambda: open_checkpoint(path, training_state=True), here=path is not None and not rt.is_main)
+    return chosen or loaded
+
+
+def _parts(optimizer: Any) -> dict[str, torch.optim.Optimizer]:
+    """The optimizers whose states a checkpoint holds, by name: MuonAdamW's parts, or {"adamw": AdamW}."""
+    return getattr(optimizer, "parts", None) or {"adamw": optimizer}
 
 
 def _full(cpu_offload: bool = True):
@@ -248,9 +244,8 @@ def gather_objects(obj: object, rt: Runtime) -> list:
 
 
 def together(rt: Runtime, fn: Callable[[], Any], here: bool = True) -> Any:
-    """fn() on the ranks where `here` holds (None elsewhere), then a collective that every rank calls,
-    in place of a barrier: if fn raised on any rank, every rank raises, its own error where it has
-    one, else RankFailed."""
+    """fn() on the ranks where `here` holds (None elsewhere), then, in place of a barrier, the
+    collective that shares its outcome (above): every rank returns, or every rank raises."""
     result, error = None, None
     if here:
         try:
@@ -267,7 +262,6 @@ def together(rt: Runtime, fn: Callable[[], Any], here: bool = True) -> Any:
 
 
 def one_line(error: BaseException) -> str:
-    """An error as the one line a user reads: the message of the errors we raise for users, the
-    type and message of anything else."""
+    """An error as the one line a user reads: the message of a user error, else type and message."""
     text = " ".join(str(error).split())
     return text if isinstance(error, ValueError | RankFailed) else f"{type(error).__name__}: {text}"

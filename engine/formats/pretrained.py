@@ -96,8 +96,12 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{path} was being overwritten when its writer stopped ({INCOMPLETE_MARKER} is "
                               "still there), so its files may come from two different models: export again "
                               "(overwrite=true)")
-    config = _read_json(path / CONFIG_FILE) if path.is_dir() else {}
-    if config is None:
+    try:  # {} when there is none: a run directory
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")) if path.is_dir() \
+            and (path / CONFIG_FILE).is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        config = None
+    if not isinstance(config, dict):
         raise CheckpointError(f"{path / CONFIG_FILE} is not a JSON object (truncated or corrupt): export again, "
                               "or restore the file")
     if config.get("format") == EXPORT_FORMAT:
@@ -135,15 +139,6 @@ def _from_hub(name: str) -> Path:
 
 _ACCEPTED = ("pass a checkpoint (.pt), a run directory, an export directory (scripts/export.py) "
              "or a Hugging Face GPT-2 directory")
-
-
-def _read_json(path: Path) -> dict | None:
-    """A JSON object file, {} when it is absent, None when it is not a JSON object."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> GPT:
