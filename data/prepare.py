@@ -273,7 +273,7 @@ def _write_split(docs: Iterable[str], tok: Tokenizer, path: Path, dtype: np.dtyp
     """Encode docs into path as a flat dtype array (atomically); returns the token count and the
     sha256 of the bytes, hashed as written. Progress counts tokens against the budget when there is
     one, else characters against n_chars when the corpus knows it."""
-    n = n_docs = 0
+    n = 0
     digest = hashlib.sha256()
     by_chars = budget is None and n_chars is not None
     bar = Progress(f"tokenizing {path.stem}", n_chars if by_chars else budget, unit="chars" if by_chars else "tokens",
@@ -281,10 +281,8 @@ def _write_split(docs: Iterable[str], tok: Tokenizer, path: Path, dtype: np.dtyp
     with atomic_open(path, "wb") as f, bar:
         for batch in _batches(docs):
             for (piece, starts_doc), ids in zip(batch, tok.encode_arrays([p for p, _ in batch]), strict=True):
-                if starts_doc:
-                    if n_docs and tok.eot_id is not None:  # a separator between documents
-                        ids = np.concatenate(([tok.eot_id], ids))
-                    n_docs += 1
+                if starts_doc and n and tok.eot_id is not None:  # a separator between documents
+                    ids = np.concatenate(([tok.eot_id], ids))
                 if budget is not None:
                     ids = ids[: budget - n]
                 arr = np.ascontiguousarray(ids, dtype=dtype)
