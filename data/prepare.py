@@ -43,7 +43,7 @@ from data.atomic import (
     remove_temps,
     temp_prefix,
 )
-from data.config import MAX_VOCAB, DataConfig, DataError, resolve_cache_dir, warn_user
+from data.config import MAX_VOCAB, DataConfig, DataError, warn_user
 from data.prepared import FORMAT_VERSION, META_FILE, TOKENIZER_FILE, check_prepared, file_sha256, read_meta
 from data.progress import Progress
 from data.sources import Corpus, open_corpus, take_chars
@@ -75,7 +75,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
     """Prepare (or find in the cache) the token files cfg describes; returns their directory."""
-    cache_root = resolve_cache_dir(cfg.cache_dir)
+    cache_root = cfg.cache_root
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
