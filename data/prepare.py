@@ -244,10 +244,7 @@ def _threads(num_proc: int) -> Iterator[None]:
 def _pieces(doc: str) -> Iterator[str]:
     """doc in pieces of about PIECE_CHARS, cut only where the BPE pre-tokenizer splits anyway."""
     start = 0
-    while len(doc) - start > PIECE_CHARS:
-        cut = _SAFE_CUT.search(doc, start + PIECE_CHARS)
-        if cut is None:
-            break
+    while len(doc) - start > PIECE_CHARS and (cut := _SAFE_CUT.search(doc, start + PIECE_CHARS)):
         yield doc[start : cut.end()]
         start = cut.end()
     yield doc[start:]

@@ -177,16 +177,10 @@ class ShakespeareUnavailable(Exception):
     """Download failed or gave the wrong bytes (internal: turned into a fallback or a DataError)."""
 
 
-def _valid_copy(path: Path, say: bool = True) -> bytes | None:
-    """The cached copy's bytes when they are tiny Shakespeare's, else None (warning when say)."""
-    if not path.is_file():
-        return None
-    raw = path.read_bytes()
-    if hashlib.sha256(raw).hexdigest() == SHAKESPEARE_SHA256:
-        return raw
-    if say:
-        warn_user(f"the cached copy {path} is truncated or corrupt ({len(raw)} bytes, wrong sha256); downloading it again")
-    return None
+def _valid_copy(path: Path) -> bytes | None:
+    """The cached copy's bytes when they are tiny Shakespeare's, else None."""
+    raw = path.read_bytes() if path.is_file() else b""
+    return raw if hashlib.sha256(raw).hexdigest() == SHAKESPEARE_SHA256 else None
 
 
 def _cached_shakespeare(cached: Path) -> bytes:
@@ -197,8 +191,11 @@ def _cached_shakespeare(cached: Path) -> bytes:
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(cached.parent / f".{cached.name}.lock", waiting_for=f"another process downloading {cached}"):
-            if (raw := _valid_copy(cached, say=False)) is not None:  # downloaded by another process meanwhile
+            if (raw := _valid_copy(cached)) is not None:  # downloaded by another process meanwhile
                 return raw
+            if cached.is_file():
+                warn_user(f"the cached copy {cached} is truncated or corrupt ({cached.stat().st_size} bytes, wrong "
+                          "sha256); downloading it again")
             remove_temps(cached)
             log.info("downloading tiny Shakespeare from %s", SHAKESPEARE_URL)
             try:
