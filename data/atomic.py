@@ -55,11 +55,9 @@ def _new_temp(path: Path, make: Callable[[Path], None]) -> Path:
     # 0600/0700 entries, and a cache shared by a team must keep the umask's permissions.
     while True:
         candidate = path.parent / f"{temp_prefix(path)}{secrets.token_hex(4)}"
-        try:
+        with contextlib.suppress(FileExistsError):  # taken: draw another name
             make(candidate)
             return candidate
-        except FileExistsError:
-            continue
 
 
 def make_temp_dir(path: str | os.PathLike) -> Path:
@@ -82,8 +80,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[bytes]
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
@@ -103,8 +100,7 @@ def remove_temps(path: str | os.PathLike) -> list[Path]:
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale)
         else:
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+            stale.unlink(missing_ok=True)
     return removed
 
 

@@ -126,15 +126,13 @@ def _written_so_far(final: Path) -> str:
 def _remove_leftovers(cache_root: Path, final: Path) -> None:
     """Under final's lock: remove what killed builds left (of final, and of other datasets whose lock
     is free), and move an unsound final directory out of the way."""
-    for stale in remove_temps(final):
-        log.info("removed %s, left by an interrupted build", stale)
+    removed = remove_temps(final)
     for name in sorted({p.name[1:].rsplit(TEMP_INFIX, 1)[0] for p in cache_root.glob(f".*{TEMP_INFIX}*")}):
-        try:
-            with exclusive_lock(cache_root / f".{name}.lock", timeout_s=0):
-                for stale in remove_temps(cache_root / name):
-                    log.info("removed %s, left by an interrupted build", stale)
-        except TimeoutError:  # being built right now by another process
-            continue
+        # TimeoutError: its lock is held, it is being built right now by another process.
+        with contextlib.suppress(TimeoutError), exclusive_lock(cache_root / f".{name}.lock", timeout_s=0):
+            removed += remove_temps(cache_root / name)
+    for stale in removed:
+        log.info("removed %s, left by an interrupted build", stale)
     if final.exists():
         # Renamed first (a temporary name, removed with the leftovers should this be killed), so the
         # final name never points at a half-deleted directory.
