@@ -337,9 +337,8 @@ def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path, revision: str 
             return ds.to_iterable_dataset() if cfg.streaming else ds
         # Never run a repository's code: datasets>=3 refuses loading scripts unless asked, and we
         # say no explicitly (datasets 4+ has no scripts at all and ignores a False here).
-        kwargs: dict[str, Any] = {"split": split, "streaming": cfg.streaming, "trust_remote_code": False}
-        if revision is not None:
-            kwargs["revision"] = revision
+        kwargs: dict[str, Any] = {"split": split, "streaming": cfg.streaming, "trust_remote_code": False,
+                                  "revision": revision}  # None: the default branch
         if cfg.path is not None:
             kwargs["data_files"] = [str(p) for p in resolve_files(cfg.paths)]
             if not cfg.streaming:
