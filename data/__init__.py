@@ -6,9 +6,5 @@ are prepared.py) -> loader.py (BatchLoader, val_batches). config.py holds DataCo
 hub.py what comes from the Hugging Face hub; atomic.py atomic writes and the builders' file lock;
 progress.py the progress of long work.
 
-Only the config is imported here, so `import data` stays cheap; import the modules you use.
+Nothing is imported here, so `import data` stays cheap; import the modules you use.
 """
-
-from data.config import DataConfig, DataError
-
-__all__ = ["DataConfig", "DataError"]

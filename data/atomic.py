@@ -17,6 +17,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import IO
 
@@ -54,11 +55,9 @@ def _new_temp(path: Path, make: Callable[[Path], None]) -> Path:
     # 0600/0700 entries, and a cache shared by a team must keep the umask's permissions.
     while True:
         candidate = path.parent / f"{temp_prefix(path)}{secrets.token_hex(4)}"
-        try:
+        with contextlib.suppress(FileExistsError):  # taken: draw another name
             make(candidate)
             return candidate
-        except FileExistsError:
-            continue
 
 
 def make_temp_dir(path: str | os.PathLike) -> Path:
@@ -81,8 +80,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[bytes]
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
@@ -97,13 +95,12 @@ def remove_temps(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and directories that writers of path left beside it; returns them.
     Call it only where no writer of path is running (under its lock), or a live write is lost."""
     path = Path(path)
-    removed = sorted(path.parent.glob(f"{temp_prefix(path)}*")) if path.parent.is_dir() else []
+    removed = sorted(path.parent.glob(f"{temp_prefix(path)}*"))  # none when the directory does not exist
     for stale in removed:
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale)
         else:
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+            stale.unlink(missing_ok=True)
     return removed
 
 
@@ -119,24 +116,14 @@ def exclusive_lock(path: str | os.PathLike, *, waiting_for: str = "another proce
     wait = 0.0  # the first try does not wait, so that a waiter says at once what it waits for
     while True:
         try:
-            lock.acquire(timeout=wait, poll_interval=LOCK_POLL_S)
+            held = lock.acquire(timeout=wait, poll_interval=LOCK_POLL_S)  # a context manager that releases
             break
         except filelock.Timeout:
             waited = time.monotonic() - start
             if timeout_s is not None and waited >= timeout_s:
                 raise TimeoutError(f"{path} is locked by another process") from None
             detail = f"{status()}, " if status is not None else ""
-            log.info("waiting for %s (%swaited %s; lock %s)", waiting_for, detail, _duration(waited), path)
+            log.info("waiting for %s (%swaited %s; lock %s)", waiting_for, detail, timedelta(seconds=round(waited)), path)
             wait = LOCK_LOG_EVERY_S if timeout_s is None else min(LOCK_LOG_EVERY_S, timeout_s - waited)
-    try:
+    with held:
         yield
-    finally:
-        lock.release()
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

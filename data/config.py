@@ -161,8 +161,7 @@ class DataConfig:
         """The BPE target vocabulary, with 0 resolved to the default."""
         return self.vocab_size or DEFAULT_BPE_VOCAB
 
-
-def resolve_cache_dir(cache_dir: str | None = None) -> Path:
-    """The cache root: the argument, else $CAUSALGPT_CACHE, else ~/.cache/causalgpt."""
-    root = cache_dir or os.environ.get("CAUSALGPT_CACHE") or os.path.join("~", ".cache", "causalgpt")
-    return Path(root).expanduser()
+    @property
+    def cache_root(self) -> Path:
+        """Where prepared data is cached: data.cache_dir, else $CAUSALGPT_CACHE, else ~/.cache/causalgpt."""
+        return Path(self.cache_dir or os.environ.get("CAUSALGPT_CACHE") or "~/.cache/causalgpt").expanduser()

@@ -46,14 +46,14 @@ def dataset_commit(repo_id: str, revision: str | None) -> str | None:
         return None
 
 
-def download_tokenizer(repo_id: str, revision: str | None, filename: str = "tokenizer.json") -> tuple[Path, str | None]:
-    """(local path of filename in hub repo repo_id at revision, its commit sha, else the revision as
-    given). DataError for a revision that does not exist; HubUnreachable for any other failure."""
+def download_tokenizer(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
+    """(local path of tokenizer.json in hub repo repo_id at revision, its commit sha, else the revision
+    as given). DataError for a revision that does not exist; HubUnreachable for any other failure."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import RevisionNotFoundError
 
     try:
-        path = Path(hf_hub_download(repo_id, filename, revision=revision))
+        path = Path(hf_hub_download(repo_id, "tokenizer.json", revision=revision))
     except RevisionNotFoundError:
         raise DataError(f"data.tokenizer_revision={revision!r} is not a branch, tag or commit of {repo_id!r}; "
                         f"see https://huggingface.co/{repo_id}/commits for the ones it has") from None

@@ -26,8 +26,6 @@ def _open_split(prepared_dir: str | Path, split: str, block_size: int) -> tuple[
     if block_size < 1:
         raise DataError(f"block_size={block_size} must be at least 1")
     meta = read_meta(prepared_dir)  # DataError naming meta.json when it is cut short or corrupt
-    dtype = np.dtype(meta["dtype"])
-    path = Path(prepared_dir) / f"{split}.bin"
     # Its size must be what meta.json records: a cut-short file would otherwise be read as data.
     if problem := split_problem(Path(prepared_dir), split, meta):
         raise DataError(f"prepared data {problem}; {REBUILD_HINT}")
@@ -37,7 +35,7 @@ def _open_split(prepared_dir: str | Path, split: str, block_size: int) -> tuple[
     if n < block_size + 1:
         raise DataError(f"the {split} split of {prepared_dir} has {n} tokens but block_size={block_size} needs "
                         f"at least {block_size + 1}; use a smaller model.block_size or more data")
-    return path, dtype, n
+    return Path(prepared_dir) / f"{split}.bin", np.dtype(meta["dtype"]), n
 
 
 def _seed(*parts: int) -> int:
@@ -75,12 +73,11 @@ class BatchLoader:
         self.split, self.batch_size, self.block_size = split, batch_size, block_size
         self.device, self.seed, self.rank, self.world_size = torch.device(device), seed, rank, world_size
         self.step = 0  # batches drawn so far (the whole resumable state)
-        self._generator = torch.Generator()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y), each (B, T) int64 on the loader's device."""
-        self._generator.manual_seed(_seed(self.seed, self.rank, self.step))
-        starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self._generator)
+        g = torch.Generator().manual_seed(_seed(self.seed, self.rank, self.step))
+        starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=g)
         self.step += 1
         return _batch(self.path, self.dtype, self.n_tokens, starts.numpy(), self.block_size, self.device)
 

@@ -43,7 +43,7 @@ from data.atomic import (
     remove_temps,
     temp_prefix,
 )
-from data.config import MAX_VOCAB, DataConfig, DataError, resolve_cache_dir, warn_user
+from data.config import MAX_VOCAB, DataConfig, DataError, warn_user
 from data.prepared import FORMAT_VERSION, META_FILE, TOKENIZER_FILE, check_prepared, file_sha256, read_meta
 from data.progress import Progress
 from data.sources import Corpus, open_corpus, take_chars
@@ -75,7 +75,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def prepare(cfg: DataConfig, *, progress: bool = True) -> Path:
     """Prepare (or find in the cache) the token files cfg describes; returns their directory."""
-    cache_root = resolve_cache_dir(cfg.cache_dir)
+    cache_root = cfg.cache_root
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -126,15 +126,13 @@ def _written_so_far(final: Path) -> str:
 def _remove_leftovers(cache_root: Path, final: Path) -> None:
     """Under final's lock: remove what killed builds left (of final, and of other datasets whose lock
     is free), and move an unsound final directory out of the way."""
-    for stale in remove_temps(final):
-        log.info("removed %s, left by an interrupted build", stale)
+    removed = remove_temps(final)
     for name in sorted({p.name[1:].rsplit(TEMP_INFIX, 1)[0] for p in cache_root.glob(f".*{TEMP_INFIX}*")}):
-        try:
-            with exclusive_lock(cache_root / f".{name}.lock", timeout_s=0):
-                for stale in remove_temps(cache_root / name):
-                    log.info("removed %s, left by an interrupted build", stale)
-        except TimeoutError:  # being built right now by another process
-            continue
+        # TimeoutError: its lock is held, it is being built right now by another process.
+        with contextlib.suppress(TimeoutError), exclusive_lock(cache_root / f".{name}.lock", timeout_s=0):
+            removed += remove_temps(cache_root / name)
+    for stale in removed:
+        log.info("removed %s, left by an interrupted build", stale)
     if final.exists():
         # Renamed first (a temporary name, removed with the leftovers should this be killed), so the
         # final name never points at a half-deleted directory.
@@ -244,10 +242,7 @@ def _threads(num_proc: int) -> Iterator[None]:
 def _pieces(doc: str) -> Iterator[str]:
     """doc in pieces of about PIECE_CHARS, cut only where the BPE pre-tokenizer splits anyway."""
     start = 0
-    while len(doc) - start > PIECE_CHARS:
-        cut = _SAFE_CUT.search(doc, start + PIECE_CHARS)
-        if cut is None:
-            break
+    while len(doc) - start > PIECE_CHARS and (cut := _SAFE_CUT.search(doc, start + PIECE_CHARS)):
         yield doc[start : cut.end()]
         start = cut.end()
     yield doc[start:]
@@ -273,7 +268,7 @@ def _write_split(docs: Iterable[str], tok: Tokenizer, path: Path, dtype: np.dtyp
     """Encode docs into path as a flat dtype array (atomically); returns the token count and the
     sha256 of the bytes, hashed as written. Progress counts tokens against the budget when there is
     one, else characters against n_chars when the corpus knows it."""
-    n = n_docs = 0
+    n = 0
     digest = hashlib.sha256()
     by_chars = budget is None and n_chars is not None
     bar = Progress(f"tokenizing {path.stem}", n_chars if by_chars else budget, unit="chars" if by_chars else "tokens",
@@ -281,10 +276,8 @@ def _write_split(docs: Iterable[str], tok: Tokenizer, path: Path, dtype: np.dtyp
     with atomic_open(path, "wb") as f, bar:
         for batch in _batches(docs):
             for (piece, starts_doc), ids in zip(batch, tok.encode_arrays([p for p, _ in batch]), strict=True):
-                if starts_doc:
-                    if n_docs and tok.eot_id is not None:  # a separator between documents
-                        ids = np.concatenate(([tok.eot_id], ids))
-                    n_docs += 1
+                if starts_doc and n and tok.eot_id is not None:  # a separator between documents
+                    ids = np.concatenate(([tok.eot_id], ids))
                 if budget is not None:
                     ids = ids[: budget - n]
                 arr = np.ascontiguousarray(ids, dtype=dtype)

@@ -48,33 +48,32 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def parse_json(path: Path) -> tuple[Any, Problem | None]:
-    """(the parsed file, None), or (None, what is wrong with it: missing, unreadable, cut short...)."""
+def parse_json(path: Path) -> Any:
+    """The parsed file, or the Problem with it (missing, unreadable, empty, cut short, not JSON)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return None, Problem(path, "is missing")
+        return Problem(path, "is missing")
     except UnicodeDecodeError as e:
-        return None, Problem(path, f"is corrupt (not UTF-8 at byte offset {e.start})")
+        return Problem(path, f"is corrupt (not UTF-8 at byte offset {e.start})")
     except OSError as e:
-        return None, Problem(path, f"cannot be read ({e.strerror})")
+        return Problem(path, f"cannot be read ({e.strerror})")
     if not text.strip():
-        return None, Problem(path, "is empty")
+        return Problem(path, "is empty")
     try:
-        return json.loads(text), None
+        return json.loads(text)
     except json.JSONDecodeError as e:
         # A write cut short (a kill, a full disk) leaves the parser wanting more at the very end,
         # or inside a string that never closes.
         cut = e.pos >= len(text.rstrip()) - 1 or e.msg.startswith("Unterminated string")
-        return None, Problem(path, f"{'is truncated' if cut else 'is not valid JSON'} ({e})")
+        return Problem(path, f"{'is truncated' if cut else 'is not valid JSON'} ({e})")
 
 
 def meta_or_problem(directory: Path) -> dict[str, Any] | Problem:
     """meta.json's content when it is whole and of this format, else the Problem."""
     path = directory / META_FILE
-    meta, problem = parse_json(path)
-    if problem is not None:
-        return problem
+    if isinstance(meta := parse_json(path), Problem):
+        return meta
     if not isinstance(meta, dict):
         return Problem(path, "is not a JSON object")
     if missing := [k for k in REQUIRED_KEYS if k not in meta]:
@@ -123,17 +122,14 @@ def tokenizer_problem(directory: Path, meta: dict[str, Any]) -> Problem | None:
     recorded = (meta.get("files") or {}).get(TOKENIZER_FILE, {}).get("sha256")
     if recorded and path.is_file() and file_sha256(path) == recorded:
         return None
-    _, problem = parse_json(path)
-    if problem is None and recorded:  # whole JSON, other bytes
-        return Problem(path, f"is corrupt: its sha256 differs from the one in {META_FILE}")
-    return problem
+    if isinstance(parsed := parse_json(path), Problem):
+        return parsed
+    return Problem(path, f"is corrupt: its sha256 differs from the one in {META_FILE}") if recorded else None
 
 
 def check_prepared(directory: str | Path, verify_bytes: int = VERIFY_MAX_BYTES) -> Problem | None:
     """None when directory is a sound prepared directory, else the first Problem found."""
     directory = Path(directory)
-    if not directory.is_dir():
-        return Problem(directory, "is missing")
     if isinstance(meta := meta_or_problem(directory), Problem):
         return meta
     for split in SPLITS:

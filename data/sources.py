@@ -177,16 +177,10 @@ class ShakespeareUnavailable(Exception):
     """Download failed or gave the wrong bytes (internal: turned into a fallback or a DataError)."""
 
 
-def _valid_copy(path: Path, say: bool = True) -> bytes | None:
-    """The cached copy's bytes when they are tiny Shakespeare's, else None (warning when say)."""
-    if not path.is_file():
-        return None
-    raw = path.read_bytes()
-    if hashlib.sha256(raw).hexdigest() == SHAKESPEARE_SHA256:
-        return raw
-    if say:
-        warn_user(f"the cached copy {path} is truncated or corrupt ({len(raw)} bytes, wrong sha256); downloading it again")
-    return None
+def _valid_copy(path: Path) -> bytes | None:
+    """The cached copy's bytes when they are tiny Shakespeare's, else None."""
+    raw = path.read_bytes() if path.is_file() else b""
+    return raw if hashlib.sha256(raw).hexdigest() == SHAKESPEARE_SHA256 else None
 
 
 def _cached_shakespeare(cached: Path) -> bytes:
@@ -197,8 +191,11 @@ def _cached_shakespeare(cached: Path) -> bytes:
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(cached.parent / f".{cached.name}.lock", waiting_for=f"another process downloading {cached}"):
-            if (raw := _valid_copy(cached, say=False)) is not None:  # downloaded by another process meanwhile
+            if (raw := _valid_copy(cached)) is not None:  # downloaded by another process meanwhile
                 return raw
+            if cached.is_file():
+                warn_user(f"the cached copy {cached} is truncated or corrupt ({cached.stat().st_size} bytes, wrong "
+                          "sha256); downloading it again")
             remove_temps(cached)
             log.info("downloading tiny Shakespeare from %s", SHAKESPEARE_URL)
             try:
@@ -289,28 +286,25 @@ def hf_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
     # The commit to load: pinned ones are resolved now, since the fingerprint holds them (offline,
     # the name as given); an unpinned hub dataset is resolved when it is first loaded, so a cache
     # hit needs no network, and meta.json still says which commit the tokens came from.
-    revision: dict[str, str | None] = {}
     if cfg.revision is not None:
         kind = hf_kind(cfg.hf_name)
         if kind != "hub":
             what = "a directory on this machine" if kind == "local" else "a builder that reads data.path"
             raise DataError(f"data.revision pins hub datasets, but data.hf_name={cfg.hf_name!r} is a {kind} ({what}); unset it")
-        revision["commit"] = dataset_commit(cfg.hf_name, cfg.revision) or cfg.revision
-        identity["revision"] = info["revision"] = revision["commit"]
+        identity["revision"] = info["revision"] = dataset_commit(cfg.hf_name, cfg.revision) or cfg.revision
 
     @functools.cache
     def load(split: str) -> Any:
-        if "commit" not in revision:
-            revision["commit"] = dataset_commit(cfg.hf_name, None) if hf_kind(cfg.hf_name) == "hub" else None
-            info["revision"] = revision["commit"]
-        return _load_hf_split(cfg, split, cache_root, revision["commit"])
+        if "revision" not in info:
+            info["revision"] = dataset_commit(cfg.hf_name, None) if hf_kind(cfg.hf_name) == "hub" else None
+        return _load_hf_split(cfg, split, cache_root, info["revision"])
 
     def docs(split: str) -> Iterator[str]:
         if cfg.hf_val_split is not None:
-            yield from _texts(load(cfg.hf_split if split == "train" else cfg.hf_val_split), cfg.text_field, cfg.hf_name)
+            yield from _texts(load(cfg.hf_split if split == "train" else cfg.hf_val_split), cfg)
         elif cfg.streaming:
             k = max(2, round(1 / cfg.val_fraction))
-            for i, text in enumerate(_texts(load(cfg.hf_split), cfg.text_field, cfg.hf_name)):
+            for i, text in enumerate(_texts(load(cfg.hf_split), cfg)):
                 if (i % k == k - 1) == (split == "val"):
                     yield text
         else:
@@ -321,7 +315,7 @@ def hf_corpus(cfg: DataConfig, cache_root: Path) -> Corpus:
                 raise DataError(f"dataset {cfg.hf_name!r} has {n} document(s), too few to hold out a val split; "
                                 "add documents or name a validation split with data.hf_val_split")
             rows = range(n - n_val) if split == "train" else range(n - n_val, n)
-            yield from _texts(ds.select(rows), cfg.text_field, cfg.hf_name)
+            yield from _texts(ds.select(rows), cfg)
 
     return Corpus(name="hf", identity=identity, docs=docs, info=info)
 
@@ -343,9 +337,8 @@ def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path, revision: str 
             return ds.to_iterable_dataset() if cfg.streaming else ds
         # Never run a repository's code: datasets>=3 refuses loading scripts unless asked, and we
         # say no explicitly (datasets 4+ has no scripts at all and ignores a False here).
-        kwargs: dict[str, Any] = {"split": split, "streaming": cfg.streaming, "trust_remote_code": False}
-        if revision is not None:
-            kwargs["revision"] = revision
+        kwargs: dict[str, Any] = {"split": split, "streaming": cfg.streaming, "trust_remote_code": False,
+                                  "revision": revision}  # None: the default branch
         if cfg.path is not None:
             kwargs["data_files"] = [str(p) for p in resolve_files(cfg.paths)]
             if not cfg.streaming:
@@ -360,27 +353,22 @@ def _load_hf_split(cfg: DataConfig, split: str, cache_root: Path, revision: str 
                         f"{first_line(e)}; check data.hf_name, data.hf_config and the split names") from e
 
 
-def _texts(ds: Any, text_field: str, name: str) -> Iterator[str]:
-    """The non-empty texts of ds's text_field, read in column batches (much faster than one dict per
-    example); a connection lost mid-stream is a one-line DataError."""
-    columns = getattr(ds, "column_names", None)  # None for streams whose features are unknown
-    if columns is not None:
-        if text_field not in columns:
-            raise _no_field(text_field, columns)
-        ds = ds.select_columns([text_field])  # skip decoding the other columns
+def _texts(ds: Any, cfg: DataConfig) -> Iterator[str]:
+    """The non-empty texts of ds's data.text_field, read in column batches (much faster than one dict
+    per example); a missing field, or a connection lost mid-stream, is a one-line DataError."""
+    field = cfg.text_field
+    if field in (getattr(ds, "column_names", None) or ()):  # None for streams whose features are unknown
+        ds = ds.select_columns([field])  # skip decoding the other columns
     try:
         for batch in ds.iter(batch_size=1000):
-            if text_field not in batch:
-                raise _no_field(text_field, batch)
-            for value in batch[text_field]:
+            if field not in batch:
+                raise DataError(f"the dataset has no field {field!r}; its fields are {', '.join(batch)} "
+                                "(set data.text_field)")
+            for value in batch[field]:
                 if value is not None and not isinstance(value, str):
-                    raise DataError(f"field {text_field!r} holds {type(value).__name__}, not text; set data.text_field")
+                    raise DataError(f"field {field!r} holds {type(value).__name__}, not text; set data.text_field")
                 if value:
                     yield value
     except OSError as e:  # ConnectionError, timeouts, resets: the download stopped part way
-        raise DataError(f"reading dataset {name!r} failed part way ({type(e).__name__}: {first_line(e)}); nothing "
-                        "was kept, check the network and run again") from e
-
-
-def _no_field(text_field: str, fields: Any) -> DataError:
-    return DataError(f"the dataset has no field {text_field!r}; its fields are {', '.join(fields)} (set data.text_field)")
+        raise DataError(f"reading dataset {cfg.hf_name!r} failed part way ({type(e).__name__}: {first_line(e)}); "
+                        "nothing was kept, check the network and run again") from e
