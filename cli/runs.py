@@ -21,6 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from engine.config import NO_RESUME
+
 from .errors import RUN_LOG, log_files
 from .sweeps import _shown_overrides, _sweep_plan
 
@@ -138,7 +140,6 @@ def buffer_logs() -> None:
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 STEP_CHECKPOINTS = "ckpt-*.pt"
 LOCK_FILE = ".lock"
-NO_RESUME = ("", "none", "null", "false", "never")  # resume= values that start a fresh run
 
 
 @contextlib.contextmanager

@@ -13,6 +13,8 @@ from model import ModelConfig
 
 MISSING = "???"  # omegaconf.MISSING, spelled out: nothing below the entry points imports OmegaConf
 
+NO_RESUME = ("", "none", "null", "false", "never")  # resume= values that start a fresh run (any case)
+
 
 def _validate(cfg: object, prefix: str, choices: dict[str, tuple[str, ...]],
               errors: Sequence[tuple[bool, str]] = ()) -> None:

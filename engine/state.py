@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import candidates, open_checkpoint, save_checkpoint
+from .config import NO_RESUME
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def find_resume(resume: str | None, out_dir: Path, rt: Runtime) -> tuple[Path, d
     that loads, in engine/checkpoint.py's order; none there: start fresh); a run directory (the
     same, but none is an error); or a file. Rank 0 chooses and the others load its choice, so every
     rank resumes from the same file; when rank 0 finds nothing usable, every rank raises."""
-    if resume is None or str(resume).lower() in ("", "none", "null", "false", "never"):
+    if resume is None or str(resume).lower() in NO_RESUME:
         return None
     auto = str(resume).lower() == "auto"
     target = Path(out_dir) if auto else Path(resume).expanduser()
