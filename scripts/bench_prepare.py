@@ -70,7 +70,7 @@ def run_one(case: str, threads: int, workdir: Path, vocab_size: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", type=Path, required=True, help="a text file, e.g. tiny Shakespeare")
     parser.add_argument("--mb", type=float, default=100.0, help="corpus size to build, in megabytes")
     parser.add_argument("--runs", type=int, default=3)

@@ -43,7 +43,7 @@ from model.gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", help="a file of configs/model/ (tiny, small, gpt2, gpt2-medium)")
     p.add_argument("--vocab-size", type=int, default=None, help="default: the preset's, else 65 (tiny Shakespeare)")
     p.add_argument("--batch", type=int, default=1)

@@ -36,7 +36,7 @@ from model import GPT, ModelConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", help="model preset (tiny, small, gpt2, gpt2-medium)")
     p.add_argument("--n-layer", type=int), p.add_argument("--n-head", type=int)
     p.add_argument("--n-embd", type=int), p.add_argument("--block-size", type=int)

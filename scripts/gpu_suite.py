@@ -137,7 +137,7 @@ def markdown(report: dict, rows: dict[str, list]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="directory for gpu_suite.json, gpu_suite.md and gpu_suite.log")
     p.add_argument("--dry-run", action="store_true", help="the same code on CPU with tiny sizes (< 2 minutes)")
     p.add_argument("--wheels", type=Path, help="install the *.whl files in this directory first (offline)")

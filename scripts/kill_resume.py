@@ -104,7 +104,7 @@ def last_step(run: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=20, help="SIGKILLs in all (spread over the rounds)")
     p.add_argument("--rounds", type=int, default=4, help="runs killed and resumed, each from nothing")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill times")

@@ -78,7 +78,7 @@ def corpus(records: list[dict]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory (or its metrics.jsonl), or a sweep directory")
     parser.add_argument("--out", type=Path, default=None, help="output PNG (default <run_dir>/loss.png)")
     parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
