@@ -21,8 +21,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from engine.config import NO_RESUME
-
 from .errors import RUN_LOG, log_files
 from .sweeps import _shown_overrides, _sweep_plan
 
@@ -167,16 +165,21 @@ def hold_run_dir(out_dir: Path, resume: str | None, overwrite: bool, enabled: bo
         lock.release()
 
 
+def _starts_fresh(resume: str | None) -> bool:
+    from engine.config import NO_RESUME  # here, not at the top: `import cli` stays free of torch
+    return str(resume).lower() in NO_RESUME
+
+
 def _resuming(resume: str | None, out_dir: Path) -> bool:
     """Whether resume= continues a checkpoint (resume=auto only when out_dir has one to continue)."""
     value, out_dir = str(resume).lower(), Path(out_dir)
-    return value not in NO_RESUME and (value != "auto" or (out_dir / "last.pt").exists()
+    return not _starts_fresh(resume) and (value != "auto" or (out_dir / "last.pt").exists()
                                        or any(out_dir.glob(STEP_CHECKPOINTS)))
 
 
 def _check_run_dir(out_dir: Path, resume: str | None, overwrite: bool) -> None:
     auto = str(resume).lower() == "auto"
-    if overwrite and str(resume).lower() not in NO_RESUME:
+    if overwrite and not _starts_fresh(resume):
         raise ValueError(f"resume={resume} continues a run and overwrite=true starts over: give one of them")
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     found += sorted(p.name for p in out_dir.glob(STEP_CHECKPOINTS))

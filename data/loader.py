@@ -70,8 +70,13 @@ class BatchLoader:
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
         self.path, self.dtype, self.n_tokens = _open_split(prepared_dir, split, block_size)
-        self.split, self.batch_size, self.block_size = split, batch_size, block_size
-        self.device, self.seed, self.rank, self.world_size = torch.device(device), seed, rank, world_size
+        self.split = split
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.step = 0  # batches drawn so far (the whole resumable state)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

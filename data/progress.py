@@ -37,10 +37,13 @@ class Progress:
 
     def __init__(self, desc: str, total: float | None = None, unit: str = "items", enabled: bool = True,
                  every_s: float | None = None, logger: logging.Logger | None = None) -> None:
-        self.desc, self.total, self.unit, self.log = desc, total, unit, logger or log
+        self.desc, self.total, self.unit = desc, total, unit
+        self.log = logger or log
         self.every_s = EVERY_S if every_s is None else every_s
         self.enabled = enabled and total != 0
-        self.done, self.lines, self.bar = 0.0, 0, None
+        self.done = 0.0  # units done
+        self.lines = 0  # log lines written
+        self.bar = None
         self.start = time.perf_counter()
         self.next_line = self.start + self.every_s
 
