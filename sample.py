@@ -266,4 +266,4 @@ def main(dcfg: DictConfig) -> None:
 if __name__ == "__main__":
     register_configs()
     sys.argv = cli.quote_free_text(sys.argv, cli.SAMPLE_TEXT)  # prompts, paths, names exactly as typed
-    main()
+    cli.run_and_exit(main)

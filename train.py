@@ -369,4 +369,4 @@ def main(dcfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv = cli.quote_free_text(sys.argv, cli.TRAIN_TEXT)  # prompts, paths, names exactly as typed
-    main()
+    cli.run_and_exit(main)

@@ -5,14 +5,15 @@ sweeps.py: one table of every job of a -m run; runs.py: run stamps, the run dire
 names; scripts.py: key=value arguments and the model presets for the scripts without Hydra.
 
 An entry point calls cli.register_configs() once, wraps its task function in @cli.main_guard below
-@hydra.main(config_path=cli.CONFIG_DIR, ...), and passes argv through cli.quote_free_text first.
+@hydra.main(config_path=cli.CONFIG_DIR, ...), passes argv through cli.quote_free_text first, and runs it
+as cli.run_and_exit(main).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import main_guard
+from .errors import main_guard, run_and_exit
 from .runs import (
     buffer_logs,
     hold_run_dir,
@@ -30,8 +31,8 @@ from .text import SAMPLE_TEXT, TRAIN_TEXT, as_typed, check_added_keys, quote_fre
 
 __all__ = ["CONFIG_DIR", "SAMPLE_TEXT", "TRAIN_TEXT", "RunResult", "SweepSummary", "as_typed", "buffer_logs",
            "check_added_keys", "fail", "hold_run_dir", "main_guard", "mark_fresh", "model_preset", "name_wandb_run",
-           "parse_args", "quote_free_text", "register_configs", "remove_if_unstarted", "run_dir", "run_stamp",
-           "start_run_files", "summarise"]
+           "parse_args", "quote_free_text", "register_configs", "remove_if_unstarted", "run_and_exit", "run_dir",
+           "run_stamp", "start_run_files", "summarise"]
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 

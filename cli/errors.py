@@ -1,4 +1,5 @@
-"""User errors as one line: `main_guard` around a Hydra task function.
+"""User errors as one line: `main_guard` around a Hydra task function; `run_and_exit`, the end of an
+entry point's process.
 
 DataError, CheckpointError and other ValueErrors, and TrainingError end as `error: ...` on stderr and
 in the job's log file, with exit status 2; in a sweep (-m) the guard raises instead, so that Hydra
@@ -14,7 +15,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
@@ -60,6 +61,35 @@ def main_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise JobFailed(_one_line(e)) from e
             sys.exit(2)
     return wrapper
+
+
+def run_and_exit(main: Callable[[], Any]) -> NoReturn:
+    """Run an entry point's main, then end the process with its exit status but without the interpreter's
+    teardown: freeing torch's modules one by one takes 0.4-0.7 s on 2 cores, a sixth of a short run.
+    Nothing is lost: every file a run writes is closed by the time main returns, the log files are closed
+    and the console flushed here, and W&B is torn down as its own exit hook would. An exception other than
+    SystemExit, and a failed rank under torchrun, end the process the usual way."""
+    try:
+        main()
+        code: Any = 0
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):  # sys.exit("text"): printed, status 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
+    if code and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A failed rank under torchrun ends the usual way: torchrun stops the others once it has gone,
+        # and the teardown's moment lets them first report that they lost it (their own error line).
+        sys.exit(code)
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that left (`| head`), or a stream closed for that reason
+            pass
+    os._exit(code or 0)
 
 
 def _one_line(e: BaseException) -> str:

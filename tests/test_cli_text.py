@@ -47,7 +47,8 @@ PROMPTS = [
 
 # Runs sample.py's `if __name__ == "__main__":` block once per argv, each with its own stdout/stderr.
 DRIVER = r"""
-import contextlib, io, json, runpy, sys
+import contextlib, io, json, os, runpy, sys
+os._exit = sys.exit  # cli.run_and_exit's end of the process, as the SystemExit caught below
 results = []
 for argv in json.load(open(sys.argv[1], encoding="utf-8")):
     sys.argv = ["sample.py", *argv]
