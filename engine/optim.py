@@ -15,6 +15,7 @@ The schedule is a pure function of the step, so a resumed run needs only the ste
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -48,11 +49,39 @@ def muon_split(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[t
     return muon, adamw
 
 
+class Unguarded:
+    """torch.optim.Optimizer's methods without their torch.compile guards (torch._dynamo.disable, graph
+    breaks): each guard imports the compiler on its first call, ~1 s of a short run on 2 cores, and these
+    optimizers only ever run eagerly, where the guards do nothing. inspect.unwrap reaches the method a
+    guard wraps (functools.wraps); should a later torch wrap otherwise, it returns the guarded one: slower,
+    never different."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        inspect.unwrap(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        inspect.unwrap(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict:
+        return inspect.unwrap(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        inspect.unwrap(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+
+class AdamW(Unguarded, torch.optim.AdamW):
+    """torch.optim.AdamW, unguarded: the same update and state dict (tests/test_numbers.py compares)."""
+
+    @torch.no_grad()  # what the guard set: grad mode = defaults["differentiable"], False here
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        return inspect.unwrap(torch.optim.AdamW.step)(self, closure)
+
+
 # torch.optim.Muon where torch has it (>= 2.9); build_optimizer refuses optim=muon otherwise.
 _MuonBase = getattr(torch.optim, "Muon", torch.optim.Optimizer)
 
 
-class Muon(_MuonBase):
+class Muon(Unguarded, _MuonBase):
     """torch.optim.Muon, where a parameter may be a stack of k matrices by rows (split: {id(param): k}),
     its update orthogonalised block by block with each block's own lr adjustment; the others get torch's
     update exactly (tests/test_numbers.py compares). State and state dict are torch.optim.Muon's."""
@@ -134,8 +163,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     """AdamW over param_groups(model) (optim.name=adamw), or MuonAdamW over muon_split(model) (muon)."""
     fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
 
-    def adamw(params: list[tuple[str, nn.Parameter]] | None = None) -> torch.optim.AdamW:
-        return torch.optim.AdamW(param_groups(model, cfg.weight_decay, params), lr=cfg.lr, betas=tuple(cfg.betas),
+    def adamw(params: list[tuple[str, nn.Parameter]] | None = None) -> AdamW:
+        return AdamW(param_groups(model, cfg.weight_decay, params), lr=cfg.lr, betas=tuple(cfg.betas),
                                  eps=cfg.eps, fused=fused)
     if cfg.name == "adamw":
         return adamw()

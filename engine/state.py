@@ -78,16 +78,11 @@ class TrainState:
     def state_dict(self) -> dict:
         """The checkpoint payload. A collective: call on every rank (FSDP gathers the shards, every
         rank's RNG state is gathered)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-        opts = _full()
-        # Before the first step there is no optimizer state, and get_optimizer_state_dict would make
-        # one by running a step with lr=0 (which bumps Adam's step count in the live optimizer).
-        optim = {name: get_optimizer_state_dict(self.model, opt, options=opts) if opt.state
-                 else {"state": {}, "param_groups": []} for name, opt in _parts(self.optimizer).items()}
+        model, optim = named_states(self.model, _parts(self.optimizer), self.rt.distributed)
         return {**self.static, "step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
                 "loop": {"bad_steps": self.bad_steps + int(self.pending_bad.item()),
                          "last_eval_step": self.last_eval_step},
-                "model": get_model_state_dict(self.model, options=opts),
+                "model": model,
                 "optimizer": optim if len(optim) > 1 else optim["adamw"], "scaler": self.scaler.state_dict(),
                 "loader_state": self.loaders[0].state_dict() if self.loaders else {},
                 "rng": gather_objects(rng_state(), self.rt), "world_size": self.rt.world_size,
@@ -96,17 +91,13 @@ class TrainState:
     def load_state_dict(self, ckpt: dict) -> None:
         """Put a checkpoint back: weights, optimizer, counters, data position, scaler, RNG. Call it last
         in the set-up: after it nothing may draw random numbers."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-        set_model_state_dict(self.model, ckpt["model"], options=_full(cpu_offload=False))
         mine, saved = _parts(self.optimizer), ckpt["optimizer"]
         saved = {"adamw": saved} if "state" in saved else saved
         if saved.keys() != mine.keys():
             raise ValueError(f"the checkpoint holds {'+'.join(sorted(saved))} optimizer state but this run's "
                              f"optimizer is {'+'.join(sorted(mine))}: resume with the optim= it was trained with, "
                              "or use init_from=<checkpoint> to keep its weights with a fresh optimizer")
-        for name, opt in mine.items():
-            if saved[name]["state"]:  # saved before the first step: the fresh optimizer is that state already
-                set_optimizer_state_dict(self.model, opt, saved[name], options=_full(cpu_offload=False))
+        load_named_states(self.model, mine, ckpt["model"], saved, self.rt.distributed)
         loop = ckpt.get("loop", {})
         self.step, self.tokens_seen = int(ckpt["step"]), int(ckpt.get("tokens_seen", 0))
         self.best_val = float(ckpt.get("best_val", math.inf))
@@ -196,7 +187,60 @@ def _parts(optimizer: Any) -> dict[str, torch.optim.Optimizer]:
     return getattr(optimizer, "parts", None) or {"adamw": optimizer}
 
 
-def _full(cpu_offload: bool = True):
+def named_states(model: nn.Module, parts: dict[str, torch.optim.Optimizer], distributed: bool) -> tuple[dict, dict]:
+    """The model's and each optimizer part's full state dicts, keyed by parameter name, on the CPU. Under
+    torchrun torch.distributed.checkpoint makes them (it gathers FSDP2's shards). One process holds every
+    tensor whole and names them itself, in DCP's format (tests/test_model_checkpoint.py compares): DCP's
+    helpers import torch._dynamo, ~1 s of a short run on 2 cores, only to look for a compiled wrapper.
+    An optimizer before its first step has no state: {"state": {}, "param_groups": []} (DCP would make
+    one by running a step with lr=0, which bumps Adam's step count in the live optimizer)."""
+    empty = {"state": {}, "param_groups": []}
+    if distributed:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        opts = _full(cpu_offload=True)
+        return get_model_state_dict(model, options=opts), {
+            name: get_optimizer_state_dict(model, opt, options=opts) if opt.state else empty
+            for name, opt in parts.items()}
+    optim = {}
+    for name, opt in parts.items():
+        names = _param_names(model, opt)  # torch's state dict numbers the parameters in this order
+        sd = opt.state_dict() if opt.state else empty
+        optim[name] = {"state": {names[i]: {k: _cpu(v) for k, v in s.items()} for i, s in sd["state"].items()},
+                       "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    return {k: _cpu(v) for k, v in model.state_dict().items()}, optim
+
+
+def load_named_states(model: nn.Module, parts: dict[str, torch.optim.Optimizer], model_state: dict,
+                      optim_states: dict[str, dict], distributed: bool) -> None:
+    """Put named_states' dicts back (an optimizer saved before its first step stays fresh)."""
+    if distributed:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        set_model_state_dict(model, model_state, options=_full(cpu_offload=False))
+    else:
+        model.load_state_dict(model_state)
+    for name, opt in parts.items():
+        saved = optim_states[name]
+        if not saved["state"]:  # the fresh optimizer is that state already
+            continue
+        if distributed:
+            set_optimizer_state_dict(model, opt, saved, options=_full(cpu_offload=False))
+            continue
+        index = {n: i for i, n in enumerate(_param_names(model, opt))}
+        opt.load_state_dict({"state": {index[n]: s for n, s in saved["state"].items()},
+                             "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                              for g in saved["param_groups"]]})
+
+
+def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for g in opt.param_groups for p in g["params"]]
+
+
+def _cpu(v: Any) -> Any:
+    return v.detach().cpu() if isinstance(v, torch.Tensor) else v
+
+
+def _full(cpu_offload: bool):
     """Full (unsharded) state dicts, on the CPU when saving."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)

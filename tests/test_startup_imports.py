@@ -1,7 +1,7 @@
-"""Start-up pays only for what a run uses, and the end of a process for nothing it need not: sample.py (eager) imports neither torch._dynamo nor
-transformers, datasets or wandb, and a training run with logger=none on a local file imports none of
-the last three (training cannot skip torch._dynamo: torch.optim's Optimizer.step imports it); cli.run_and_exit
-ends an entry point with its status, its output and log files complete, and no interpreter teardown."""
+"""Start-up pays only for what a run uses, and the end of a process for nothing: neither sample.py (eager)
+nor a training run with logger=none on a local file imports torch._dynamo (the compiler: ~1 s on 2 cores),
+transformers, datasets or wandb; cli.run_and_exit ends an entry point with its status, its output and its
+log files complete, and no interpreter teardown."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_sample_imports_no_compiler_and_no_optional_package(tmp_path):
 
 def test_training_on_a_local_file_imports_no_optional_package(tiny_overrides):
     result = probe("train.py", *tiny_overrides, "max_iters=2", "eval_interval=2")
-    assert result["code"] == 0 and result["loaded"] == ["torch._dynamo"]
+    assert result == {"code": 0, "loaded": []}
 
 
 # main() for cli.run_and_exit: a log record and a print that no newline flushes, then the exit given.
