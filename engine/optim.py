@@ -165,7 +165,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
 
     def adamw(params: list[tuple[str, nn.Parameter]] | None = None) -> AdamW:
         return AdamW(param_groups(model, cfg.weight_decay, params), lr=cfg.lr, betas=tuple(cfg.betas),
-                                 eps=cfg.eps, fused=fused)
+                     eps=cfg.eps, fused=fused)
     if cfg.name == "adamw":
         return adamw()
     if not hasattr(torch.optim, "Muon"):

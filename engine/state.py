@@ -201,12 +201,8 @@ def named_states(model: nn.Module, parts: dict[str, torch.optim.Optimizer], dist
         return get_model_state_dict(model, options=opts), {
             name: get_optimizer_state_dict(model, opt, options=opts) if opt.state else empty
             for name, opt in parts.items()}
-    optim = {}
-    for name, opt in parts.items():
-        names = _param_names(model, opt)  # torch's state dict numbers the parameters in this order
-        sd = opt.state_dict() if opt.state else empty
-        optim[name] = {"state": {names[i]: {k: _cpu(v) for k, v in s.items()} for i, s in sd["state"].items()},
-                       "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    optim = {name: _rekeyed(opt.state_dict() if opt.state else empty, _param_names(model, opt))
+             for name, opt in parts.items()}  # torch numbers the parameters in _param_names' order
     return {k: _cpu(v) for k, v in model.state_dict().items()}, optim
 
 
@@ -225,15 +221,19 @@ def load_named_states(model: nn.Module, parts: dict[str, torch.optim.Optimizer],
         if distributed:
             set_optimizer_state_dict(model, opt, saved, options=_full(cpu_offload=False))
             continue
-        index = {n: i for i, n in enumerate(_param_names(model, opt))}
-        opt.load_state_dict({"state": {index[n]: s for n, s in saved["state"].items()},
-                             "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
-                                              for g in saved["param_groups"]]})
+        opt.load_state_dict(_rekeyed(saved, {n: i for i, n in enumerate(_param_names(model, opt))}))
 
 
 def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
     names = {p: n for n, p in model.named_parameters()}
     return [names[p] for g in opt.param_groups for p in g["params"]]
+
+
+def _rekeyed(sd: dict, key: Any) -> dict:
+    """An optimizer state dict with each parameter's key mapped through key (index -> name, or back),
+    its tensors on the CPU."""
+    return {"state": {key[i]: {k: _cpu(v) for k, v in s.items()} for i, s in sd["state"].items()},
+            "param_groups": [{**g, "params": [key[i] for i in g["params"]]} for g in sd["param_groups"]]}
 
 
 def _cpu(v: Any) -> Any:
